@@ -1,0 +1,1 @@
+"""fedrec ClientApp: one silo's local training and evaluation."""

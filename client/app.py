@@ -1,0 +1,66 @@
+"""fedrec ClientApp: wires Flower messages to a silo's training and evaluation."""
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client import silo, state
+from common import records
+from common.config import AppConfig, NodeConfig
+from common.data.pipeline import SiloData, silo_data
+from common.models import shared_state
+
+app = ClientApp()
+
+
+def _silo_data(cfg: AppConfig, node: NodeConfig, context: Context) -> SiloData:
+    """The silo's data: from node state, else loaded once and kept there."""
+    data = state.load_silo_data(context.state)
+    if data is None:
+        data = silo_data(
+            cfg.data, cfg.seed, node.partition_id, node.num_partitions, node.data_path
+        )
+        state.save_silo_data(context.state, data)
+    return data
+
+
+def _prepare(msg: Message, context: Context) -> tuple[AppConfig, NodeConfig, SiloData, silo.Recommender]:
+    cfg = AppConfig.from_run_config(context.run_config)
+    node = NodeConfig.from_node_config(context.node_config)
+    data = _silo_data(cfg, node, context)
+    model = silo.new_model(cfg, data, node.partition_id)
+    shared = msg.content.array_records[records.ARRAYS].to_torch_state_dict()
+    silo.load_shared(model, dict(shared))
+    state.restore_user_params(context.state, model)
+    return cfg, node, data, model
+
+
+# ---------------------------------------------------------------- handlers
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the silo's users on the received shared model; return shared params only."""
+    cfg, node, data, model = _prepare(msg, context)
+    server_round = int(msg.content.config_records[records.CONFIG][records.SERVER_ROUND])
+    stats = silo.train_round(model, cfg, data, node.partition_id, server_round)
+    state.save_user_params(context.state, model)
+    content = RecordDict(
+        {
+            records.ARRAYS: ArrayRecord(torch_state_dict=shared_state(model)),
+            records.METRICS: MetricRecord(
+                {
+                    records.NUM_EXAMPLES: stats.num_examples,
+                    records.TRAIN_LOSS: stats.mean_loss,
+                    records.TRAIN_SECONDS: stats.seconds,
+                }
+            ),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the silo's own users; return sums the server can add up."""
+    cfg, _, data, model = _prepare(msg, context)
+    sums = silo.evaluate_users(model, cfg, data)
+    metrics = MetricRecord({records.NUM_EXAMPLES: int(sums["test-users"]), **sums})
+    return Message(content=RecordDict({records.METRICS: metrics}), reply_to=msg)

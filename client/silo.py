@@ -1,0 +1,69 @@
+"""One silo's round: build the model, train locally, evaluate its own users.
+
+No Flower imports: the ClientApp handlers translate messages to these calls.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from common.config import AppConfig
+from common.data.pipeline import SiloData
+from common.evaluation import EvalProtocol, SumValue, evaluation_sums
+from common.models import Recommender, build_model, load_partial_state
+from common.seeding import derive_seed, numpy_rng
+from common.training import TrainStats, train_epochs
+
+
+def device() -> torch.device:
+    """CUDA when available, CPU otherwise."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def new_model(cfg: AppConfig, data: SiloData, partition_id: int) -> Recommender:
+    """A model sized for this silo, user rows initialised from (seed, silo)."""
+    torch.manual_seed(derive_seed(cfg.seed, "user-init", partition_id))
+    return build_model(
+        cfg.model.name,
+        num_users=data.split.num_users,
+        num_items=data.split.num_items,
+        dim=cfg.model.dim,
+        mlp_layers=cfg.model.mlp_layers,
+    )
+
+
+def load_shared(model: Recommender, shared: dict[str, torch.Tensor]) -> None:
+    """Load the server's shared parameters; a mismatch is a protocol error."""
+    load_partial_state(model, shared, private=False)
+
+
+def train_round(
+    model: Recommender,
+    cfg: AppConfig,
+    data: SiloData,
+    partition_id: int,
+    server_round: int,
+) -> TrainStats:
+    """Train this silo's users for ``train.local-epochs`` epochs."""
+    rng = numpy_rng(cfg.seed, "train", partition_id, server_round)
+    torch.manual_seed(derive_seed(cfg.seed, "train-torch", partition_id, server_round))
+    dev = device()
+    model.to(dev)
+    stats = train_epochs(
+        model, data.split, cfg.train, epochs=cfg.train.local_epochs, rng=rng, device=dev
+    )
+    model.cpu()
+    return stats
+
+
+def evaluate_users(model: Recommender, cfg: AppConfig, data: SiloData) -> dict[str, SumValue]:
+    """Evaluation sums of this silo's users (validation and test items)."""
+    dev = device()
+    protocol = EvalProtocol(
+        k=cfg.eval.k,
+        full_ranking=cfg.eval.full_ranking,
+        full_ranking_k=cfg.eval.full_ranking_k,
+    )
+    sums = evaluation_sums(model.to(dev), data.split, protocol, data.item_popularity, dev)
+    model.cpu()
+    return sums

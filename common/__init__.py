@@ -1,0 +1,1 @@
+"""fedrec shared code: config, data, models, metrics and privacy (no Flower runtime)."""

@@ -1,0 +1,318 @@
+"""Typed, validated settings parsed once from Flower's run config and node config.
+
+Defaults live only in ``[tool.flwr.app.config]`` of ``pyproject.toml``; the parser
+requires every key, rejects unknown ones and names the key in every error.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from common.errors import ConfigError
+
+Scalar = bool | int | float | str
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+@dataclass(frozen=True, slots=True)
+class SyntheticSettings:
+    """Shape of the embedded synthetic data set."""
+
+    num_users: int
+    num_items: int
+    dim: int
+    num_categories: int
+    mean_interactions: int
+
+
+@dataclass(frozen=True, slots=True)
+class DataSettings:
+    """Which data set, how it is split and partitioned."""
+
+    dataset: Literal["synthetic", "ml-100k", "ml-1m", "csv", "parquet"]
+    path: str
+    partition: Literal["silos", "by-user"]
+    skew: Literal["iid", "dirichlet"]
+    dirichlet_alpha: float
+    eval_negatives: int
+    user_col: str
+    item_col: str
+    timestamp_col: str
+    synthetic: SyntheticSettings
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSettings:
+    """Recommender architecture."""
+
+    name: Literal["mf", "neumf"]
+    dim: int
+    mlp_layers: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TrainSettings:
+    """Local training in each silo."""
+
+    local_epochs: int
+    batch_size: int
+    lr: float
+    l2: float
+    loss: Literal["bce", "bpr"]
+    num_negatives: int
+
+
+@dataclass(frozen=True, slots=True)
+class EvalSettings:
+    """Evaluation protocol."""
+
+    k: int
+    full_ranking: bool
+    full_ranking_k: int
+    every: int
+
+
+@dataclass(frozen=True, slots=True)
+class StrategySettings:
+    """Server-side round settings."""
+
+    fraction_train: float
+    fraction_evaluate: float
+    min_nodes: int
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class AppConfig:
+    """All settings of one fedrec run."""
+
+    num_server_rounds: int
+    seed: int
+    run_dir: str
+    data: DataSettings
+    model: ModelSettings
+    train: TrainSettings
+    eval: EvalSettings
+    strategy: StrategySettings
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Scalar]) -> AppConfig:
+        """Parse Flower's flattened run config (``"train.lr" -> 0.001``).
+
+        Raises
+        ------
+        ConfigError
+            Naming the key, for an unknown, missing, ill-typed or out-of-range value.
+        """
+        r = _Reader(run_config)
+        cfg = cls(
+            num_server_rounds=r.int("num-server-rounds", lo=1),
+            seed=r.int("seed", lo=0),
+            run_dir=r.str("run-dir"),
+            data=DataSettings(
+                dataset=r.choice(
+                    "data.dataset", ("synthetic", "ml-100k", "ml-1m", "csv", "parquet")
+                ),
+                path=r.str("data.path"),
+                partition=r.choice("data.partition", ("silos", "by-user")),
+                skew=r.choice("data.skew", ("iid", "dirichlet")),
+                dirichlet_alpha=r.float("data.dirichlet-alpha", lo=0.0, lo_open=True),
+                eval_negatives=r.int("data.eval-negatives", lo=1),
+                user_col=r.str("data.user-col"),
+                item_col=r.str("data.item-col"),
+                timestamp_col=r.str("data.timestamp-col"),
+                synthetic=SyntheticSettings(
+                    num_users=r.int("data.synthetic.num-users", lo=3),
+                    num_items=r.int("data.synthetic.num-items", lo=200),
+                    dim=r.int("data.synthetic.dim", lo=1),
+                    num_categories=r.int("data.synthetic.num-categories", lo=1),
+                    mean_interactions=r.int("data.synthetic.mean-interactions", lo=5),
+                ),
+            ),
+            model=ModelSettings(
+                name=r.choice("model.name", ("mf", "neumf")),
+                dim=r.int("model.dim", lo=1),
+                mlp_layers=r.int_list("model.mlp-layers"),
+            ),
+            train=TrainSettings(
+                local_epochs=r.int("train.local-epochs", lo=1),
+                batch_size=r.int("train.batch-size", lo=1),
+                lr=r.float("train.lr", lo=0.0, lo_open=True),
+                l2=r.float("train.l2", lo=0.0),
+                loss=r.choice("train.loss", ("bce", "bpr")),
+                num_negatives=r.int("train.num-negatives", lo=1),
+            ),
+            eval=EvalSettings(
+                k=r.int("eval.k", lo=1),
+                full_ranking=r.bool("eval.full-ranking"),
+                full_ranking_k=r.int("eval.full-ranking-k", lo=1),
+                every=r.int("eval.every", lo=1),
+            ),
+            strategy=StrategySettings(
+                fraction_train=r.float("strategy.fraction-train", lo=0.0, hi=1.0, lo_open=True),
+                fraction_evaluate=r.float("strategy.fraction-evaluate", lo=0.0, hi=1.0),
+                min_nodes=r.int("strategy.min-nodes", lo=1),
+                timeout=r.float("strategy.timeout", lo=0.0, lo_open=True),
+            ),
+        )
+        r.reject_unknown()
+        if cfg.data.dataset != "synthetic" and not cfg.data.path:
+            raise ConfigError(
+                f"data.path: dataset {cfg.data.dataset!r} needs a path to its files "
+                "(e.g. -c data.path=../shared/data/ml-100k)"
+            )
+        if cfg.model.name == "neumf" and cfg.model.mlp_layers[0] % 2:
+            raise ConfigError("model.mlp-layers: the first width must be even")
+        return cfg
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """Facts about the node a ClientApp runs on (Flower's node config).
+
+    In simulation Flower sets ``partition-id`` and ``num-partitions``; in deployment
+    the operator passes them with ``--node-config``, plus ``data-path``.
+    """
+
+    partition_id: int
+    num_partitions: int
+    data_path: str
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Scalar]) -> NodeConfig:
+        """Parse the node config; ``data-path`` is optional (default: run config's)."""
+        r = _Reader(node_config)
+        num_partitions = r.int("num-partitions", lo=1)
+        partition_id = r.int("partition-id", lo=0, hi=num_partitions - 1)
+        data_path = r.str("data-path") if "data-path" in node_config else ""
+        return cls(partition_id, num_partitions, data_path)
+
+
+def load_default_run_config(pyproject: Path = PYPROJECT) -> dict[str, Scalar]:
+    """The defaults of ``[tool.flwr.app.config]``, flattened the way Flower does."""
+    with pyproject.open("rb") as f:
+        table = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
+    return flatten(table)
+
+
+def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Scalar]:
+    """Flatten nested TOML tables into dotted keys."""
+    out: dict[str, Scalar] = {}
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = cast(Scalar, value)
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Scalar]:
+    """Parse one ``key=value`` override; the value is read as a TOML value.
+
+    Bare words that are not valid TOML (``mode=local``) are taken as strings.
+    """
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} must look like key=value")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    if isinstance(value, (list, dict)):
+        raise ConfigError(f"{key}: lists and tables are not supported, got {raw!r}")
+    return key, cast(Scalar, value)
+
+
+def merge_overrides(
+    base: Mapping[str, Scalar], overrides: Mapping[str, Scalar]
+) -> dict[str, Scalar]:
+    """``base`` updated with ``overrides``; an override of an unknown key is an error."""
+    unknown = sorted(set(overrides) - set(base))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {unknown[0]!r}; known keys: {', '.join(sorted(base))}"
+        )
+    return {**base, **overrides}
+
+
+class _Reader:
+    """Typed access to a flat config mapping that remembers which keys were read."""
+
+    def __init__(self, values: Mapping[str, Scalar]) -> None:
+        self._values = values
+        self._read: set[str] = set()
+
+    def _get(self, key: str) -> Scalar:
+        if key not in self._values:
+            raise ConfigError(f"{key}: missing setting (see [tool.flwr.app.config])")
+        self._read.add(key)
+        return self._values[key]
+
+    def int(self, key: str, *, lo: int | None = None, hi: int | None = None) -> int:
+        value = self._get(key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise ConfigError(f"{key}: must be in [{lo}, {hi}], got {value}")
+        return value
+
+    def float(
+        self,
+        key: str,
+        *,
+        lo: float | None = None,
+        hi: float | None = None,
+        lo_open: bool = False,
+    ) -> float:
+        value = self._get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        number = float(value)
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: must be finite, got {value!r}")
+        too_low = lo is not None and (number <= lo if lo_open else number < lo)
+        if too_low or (hi is not None and number > hi):
+            low = f"({lo}" if lo_open else f"[{lo}"
+            raise ConfigError(f"{key}: must be in {low}, {hi}], got {value}")
+        return number
+
+    def bool(self, key: str) -> bool:
+        value = self._get(key)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+
+    def str(self, key: str) -> str:
+        value = self._get(key)
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+
+    def choice(self, key: str, choices: tuple[str, ...]) -> Any:
+        value = self.str(key)
+        if value not in choices:
+            raise ConfigError(f"{key}: expected one of {', '.join(choices)}; got {value!r}")
+        return value
+
+    def int_list(self, key: str) -> tuple[int, ...]:
+        text = self.str(key)
+        try:
+            widths = tuple(int(part) for part in text.split(","))
+        except ValueError:
+            raise ConfigError(
+                f"{key}: expected comma-separated integers, got {text!r}"
+            ) from None
+        if not widths or min(widths) < 1:
+            raise ConfigError(f"{key}: widths must be positive, got {text!r}")
+        return widths
+
+    def reject_unknown(self) -> None:
+        unknown = sorted(set(self._values) - self._read)
+        if unknown:
+            raise ConfigError(f"unknown config key {unknown[0]!r}")

@@ -1,0 +1,1 @@
+"""Interaction data: loaders, synthetic generator, splits and partitioners."""

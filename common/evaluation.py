@@ -1,0 +1,184 @@
+"""Evaluate a recommender on a set of users, as sums that silos can add up.
+
+Federated evaluation cannot pool users, so each silo returns *sums* (hits, DCG,
+user counts, exposure and activity histograms) and the server divides the pooled
+sums. :func:`summarize` turns pooled sums into the reported metrics; the
+centralized baseline uses the same two functions on one "silo" holding everyone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from common import metrics
+from common.data.split import NO_ITEM, UserSplit
+from common.models import Recommender
+
+MAX_ACTIVITY = 1000  # activity histogram: train counts clipped to this value
+SumValue = float | list[float]
+
+
+@dataclass(frozen=True, slots=True)
+class EvalProtocol:
+    """Cutoffs and options of the evaluation protocol."""
+
+    k: int = 10
+    full_ranking: bool = True
+    full_ranking_k: int = 20
+    batch_users: int = 1024
+
+
+@torch.no_grad()
+def evaluation_sums(
+    model: Recommender,
+    split: UserSplit,
+    protocol: EvalProtocol,
+    item_popularity: NDArray[np.float64],
+    device: torch.device,
+) -> dict[str, SumValue]:
+    """Score the validation and test items of every user of ``split``; return sums.
+
+    Sampled protocol: the held-out item is ranked among its fixed sampled negatives
+    (ties count against it). Full ranking (test only): the held-out item is ranked
+    among all items the user has not trained on.
+
+    Returns
+    -------
+    dict
+        ``{phase}-users``, ``{phase}-hits@K``, ``{phase}-ndcg@K`` for phase in
+        (val, test); with full ranking also ``test-full-recall@K``,
+        ``test-full-ndcg@K`` for K in (k, full_ranking_k), ``exposure`` (I,),
+        ``arp`` (sum of per-user ARP), ``activity-users`` and ``activity-hits``
+        histograms (index = train count, clipped to ``MAX_ACTIVITY``).
+    """
+    model.eval()
+    k = protocol.k
+    sums: dict[str, SumValue] = {}
+    for phase, target, negatives in (
+        ("val", split.val_item, split.val_negatives),
+        ("test", split.test_item, split.test_negatives),
+    ):
+        users = np.flatnonzero(target != NO_ITEM)
+        items = np.concatenate([target[users, None], negatives[users]], axis=1)
+        scores = _score(model, users, items, device)
+        ranks = metrics.sampled_rank(scores[:, 0], scores[:, 1:])
+        hits = metrics.hits_at_k(ranks, k)
+        sums[f"{phase}-users"] = float(len(users))
+        sums[f"{phase}-hits@{k}"] = float(hits.sum())
+        sums[f"{phase}-ndcg@{k}"] = float(metrics.dcg_at_k(ranks, k).sum())
+        if phase == "test":
+            activity = np.minimum(split.train_counts()[users], MAX_ACTIVITY)
+            counts, hit_sums = metrics.activity_histogram_sums(hits, activity, MAX_ACTIVITY)
+            sums["activity-users"] = counts.astype(float).tolist()
+            sums["activity-hits"] = hit_sums.astype(float).tolist()
+    if protocol.full_ranking:
+        sums.update(_full_ranking_sums(model, split, protocol, item_popularity, device))
+    return sums
+
+
+def _score(
+    model: Recommender,
+    users: NDArray[np.int64],
+    items: NDArray[np.int64],
+    device: torch.device,
+    batch: int = 4096,
+) -> NDArray[np.float64]:
+    """Logits of ``items`` (U, T) for local ``users`` (U,)."""
+    out = [
+        model(
+            torch.from_numpy(users[lo : lo + batch]).to(device),
+            torch.from_numpy(items[lo : lo + batch]).to(device),
+        ).double().cpu().numpy()
+        for lo in range(0, len(users), batch)
+    ]
+    return np.concatenate(out) if out else np.empty((0, items.shape[1]))
+
+
+def _full_ranking_sums(
+    model: Recommender,
+    split: UserSplit,
+    protocol: EvalProtocol,
+    item_popularity: NDArray[np.float64],
+    device: torch.device,
+) -> dict[str, SumValue]:
+    users = np.flatnonzero(split.test_item != NO_ITEM)
+    cutoffs = sorted({protocol.k, protocol.full_ranking_k})
+    recall = dict.fromkeys(cutoffs, 0.0)
+    ndcg = dict.fromkeys(cutoffs, 0.0)
+    exposure = np.zeros(split.num_items, dtype=np.int64)
+    arp = 0.0
+    # Train items of each user, as a CSR-like index for building exclusion masks.
+    order = np.argsort(split.train_user, kind="stable")
+    starts = np.searchsorted(split.train_user[order], np.arange(split.num_users + 1))
+    train_items = split.train_item[order]
+    for lo in range(0, len(users), protocol.batch_users):
+        chunk = users[lo : lo + protocol.batch_users]
+        scores = (
+            model.score_all(torch.from_numpy(chunk).to(device)).double().cpu().numpy()
+        )  # (B, I)
+        exclude = np.zeros(scores.shape, dtype=bool)
+        lengths = starts[chunk + 1] - starts[chunk]
+        rows = np.repeat(np.arange(len(chunk)), lengths)
+        cols = np.concatenate([train_items[starts[u] : starts[u + 1]] for u in chunk])
+        exclude[rows, cols] = True
+        exclude[np.arange(len(chunk)), split.test_item[chunk]] = False
+        ranks = metrics.full_ranking_ranks(scores, split.test_item[chunk], exclude)
+        for c in cutoffs:
+            recall[c] += float(metrics.hits_at_k(ranks, c).sum())
+            ndcg[c] += float(metrics.dcg_at_k(ranks, c).sum())
+        top = metrics.top_k_items(scores, exclude, protocol.k)
+        exposure += metrics.item_exposure_counts(top, split.num_items)
+        arp += float(metrics.arp_per_user(top, item_popularity).sum())
+    sums: dict[str, SumValue] = {}
+    for c in cutoffs:
+        sums[f"test-full-recall@{c}"] = recall[c]
+        sums[f"test-full-ndcg@{c}"] = ndcg[c]
+    sums["exposure"] = exposure.astype(float).tolist()
+    sums["arp"] = arp
+    return sums
+
+
+def add_sums(parts: Sequence[Mapping[str, SumValue]]) -> dict[str, SumValue]:
+    """Element-wise sum of several silos' sums (same keys required)."""
+    keys = set(parts[0])
+    for part in parts[1:]:
+        if set(part) != keys:
+            raise ValueError(f"evaluation sums disagree on keys: {sorted(keys ^ set(part))}")
+    total: dict[str, SumValue] = {}
+    for key in parts[0]:
+        values = [part[key] for part in parts]
+        if isinstance(values[0], list):
+            total[key] = np.sum(np.asarray(values, dtype=float), axis=0).tolist()
+        else:
+            total[key] = float(sum(values))  # type: ignore[arg-type]
+    return total
+
+
+def summarize(sums: Mapping[str, SumValue], k: int) -> dict[str, float]:
+    """Turn pooled sums into metrics: means over users, coverage, ARP, quintile gap."""
+    out: dict[str, float] = {}
+    for phase in ("val", "test"):
+        n = float(sums[f"{phase}-users"])  # type: ignore[arg-type]
+        for name in (f"hits@{k}", f"ndcg@{k}"):
+            label = name.replace("hits", "hr")
+            out[f"{phase}-{label}"] = float(sums[f"{phase}-{name}"]) / n if n else float("nan")  # type: ignore[arg-type]
+    counts = np.rint(np.asarray(sums["activity-users"], dtype=float)).astype(np.int64)
+    hit_sums = np.asarray(sums["activity-hits"], dtype=float)
+    out[f"test-hr@{k}-gap-least-most-active"] = metrics.quintile_gap_from_histogram(
+        counts, hit_sums
+    )
+    if "exposure" in sums:
+        n = float(sums["test-users"])  # type: ignore[arg-type]
+        for key, value in sums.items():
+            if key.startswith("test-full-"):
+                out[key] = float(value) / n if n else float("nan")  # type: ignore[arg-type]
+        out[f"coverage@{k}"] = metrics.coverage_from_counts(
+            np.rint(np.asarray(sums["exposure"], dtype=float)).astype(np.int64)
+        )
+        out[f"arp@{k}"] = float(sums["arp"]) / n if n else float("nan")  # type: ignore[arg-type]
+    return out

@@ -1,0 +1,190 @@
+"""Embedding recommenders (biased MF, NeuMF) with a private/shared parameter split.
+
+Every parameter whose name starts with ``user_`` belongs to one silo's users and
+never leaves that silo; everything else (item tables, biases, MLP tower, output
+layer) is the shared model that the server aggregates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+PRIVATE_PREFIX = "user_"
+ModelName = Literal["mf", "neumf"]
+
+
+class GlobalBias(nn.Module):
+    """A single learned offset (a submodule, so Opacus' functorch mode can wrap it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.value = nn.Parameter(torch.zeros(1))
+
+    def forward(self, logits: Tensor) -> Tensor:
+        """Add the offset to ``logits``."""
+        return logits + self.value
+
+
+class MF(nn.Module):
+    """Biased matrix factorisation: ``s(u, i) = <p_u, q_i> + b_u + b_i + b``.
+
+    Parameters
+    ----------
+    num_users, num_items : int
+        Rows of the user (private) and item (shared) tables.
+    dim : int
+        Embedding dimension.
+    init_std : float
+        Standard deviation of the normal initialisation of embeddings.
+    """
+
+    def __init__(
+        self, num_users: int, num_items: int, dim: int, init_std: float = 0.1
+    ) -> None:
+        super().__init__()
+        self.user_embedding = nn.Embedding(num_users, dim)
+        self.user_bias = nn.Embedding(num_users, 1)
+        self.item_embedding = nn.Embedding(num_items, dim)
+        self.item_bias = nn.Embedding(num_items, 1)
+        self.global_bias = GlobalBias()
+        for table in (self.user_embedding, self.item_embedding):
+            nn.init.normal_(table.weight, std=init_std)
+        nn.init.zeros_(self.user_bias.weight)
+        nn.init.zeros_(self.item_bias.weight)
+
+    def forward(self, users: Tensor, items: Tensor) -> Tensor:
+        """Score ``items`` (B, T) for ``users`` (B,); returns logits (B, T)."""
+        p = self.user_embedding(users)  # (B, D)
+        q = self.item_embedding(items)  # (B, T, D)
+        dot = torch.einsum("bd,btd->bt", p, q)
+        bias = self.user_bias(users) + self.item_bias(items).squeeze(-1)  # (B, T)
+        return self.global_bias(dot + bias)
+
+    def score_all(self, users: Tensor) -> Tensor:
+        """Score every catalogue item for ``users`` (B,); returns (B, I)."""
+        p = self.user_embedding(users)
+        logits = p @ self.item_embedding.weight.T + self.user_bias(users)
+        return self.global_bias(logits + self.item_bias.weight.T)
+
+    def l2_terms(self, users: Tensor, items: Tensor) -> Tensor:
+        """Squared norm of the embedding rows a batch touches, per sample (B,)."""
+        return self.user_embedding(users).pow(2).sum(-1) + self.item_embedding(
+            items
+        ).pow(2).sum((-2, -1))
+
+
+class NeuMF(nn.Module):
+    """Neural matrix factorisation (He et al., WWW 2017): GMF and MLP towers fused.
+
+    ``s(u, i) = h^T [p_u ⊙ q_i ; MLP([p'_u ; q'_i])] + b``. User tables of both towers
+    are private; item tables, the MLP and the output layer are shared.
+    """
+
+    def __init__(
+        self,
+        num_users: int,
+        num_items: int,
+        dim: int,
+        mlp_layers: Sequence[int] = (64, 32, 16),
+        init_std: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if not mlp_layers or mlp_layers[0] % 2:
+            raise ValueError("mlp_layers must be non-empty and start with an even width")
+        mlp_dim = mlp_layers[0] // 2
+        self.user_gmf = nn.Embedding(num_users, dim)
+        self.user_mlp = nn.Embedding(num_users, mlp_dim)
+        self.item_gmf = nn.Embedding(num_items, dim)
+        self.item_mlp = nn.Embedding(num_items, mlp_dim)
+        layers: list[nn.Module] = []
+        for fan_in, fan_out in zip(mlp_layers[:-1], mlp_layers[1:], strict=True):
+            layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
+        self.mlp = nn.Sequential(*layers)
+        self.output = nn.Linear(dim + mlp_layers[-1], 1)
+        for table in (self.user_gmf, self.user_mlp, self.item_gmf, self.item_mlp):
+            nn.init.normal_(table.weight, std=init_std)
+
+    def forward(self, users: Tensor, items: Tensor) -> Tensor:
+        """Score ``items`` (B, T) for ``users`` (B,); returns logits (B, T)."""
+        t = items.shape[1]
+        gmf = self.user_gmf(users).unsqueeze(1) * self.item_gmf(items)  # (B, T, D)
+        u_mlp = self.user_mlp(users).unsqueeze(1).expand(-1, t, -1)  # (B, T, M)
+        mlp = self.mlp(torch.cat([u_mlp, self.item_mlp(items)], dim=-1))  # (B, T, L)
+        return self.output(torch.cat([gmf, mlp], dim=-1)).squeeze(-1)
+
+    def score_all(self, users: Tensor) -> Tensor:
+        """Score every catalogue item for ``users`` (B,); returns (B, I)."""
+        items = torch.arange(self.item_gmf.num_embeddings, device=users.device)
+        return self.forward(users, items.expand(len(users), -1))
+
+    def l2_terms(self, users: Tensor, items: Tensor) -> Tensor:
+        """Squared norm of the embedding rows a batch touches, per sample (B,)."""
+        user = self.user_gmf(users).pow(2).sum(-1) + self.user_mlp(users).pow(2).sum(-1)
+        item = self.item_gmf(items).pow(2).sum((-2, -1))
+        return user + item + self.item_mlp(items).pow(2).sum((-2, -1))
+
+
+Recommender = MF | NeuMF
+
+
+def build_model(
+    name: ModelName,
+    num_users: int,
+    num_items: int,
+    dim: int,
+    mlp_layers: Sequence[int] = (64, 32, 16),
+) -> Recommender:
+    """Build a recommender by name."""
+    if name == "mf":
+        return MF(num_users, num_items, dim)
+    if name == "neumf":
+        return NeuMF(num_users, num_items, dim, mlp_layers)
+    raise ValueError(f"unknown model {name!r}; use 'mf' or 'neumf'")
+
+
+def is_private(name: str) -> bool:
+    """Whether the parameter ``name`` belongs to a silo's users (never shared)."""
+    return name.startswith(PRIVATE_PREFIX)
+
+
+def shared_state(model: nn.Module) -> dict[str, Tensor]:
+    """The shared parameters (detached copies on CPU), keyed by name."""
+    return {
+        k: v.detach().cpu().clone()
+        for k, v in model.state_dict().items()
+        if not is_private(k)
+    }
+
+
+def private_state(model: nn.Module) -> dict[str, Tensor]:
+    """The private (per-user) parameters (detached copies on CPU), keyed by name."""
+    return {
+        k: v.detach().cpu().clone() for k, v in model.state_dict().items() if is_private(k)
+    }
+
+
+def load_partial_state(model: nn.Module, state: dict[str, Tensor], *, private: bool) -> None:
+    """Load exactly the shared (``private=False``) or private parameters into ``model``.
+
+    Raises
+    ------
+    ValueError
+        If ``state`` lacks a key of that part, has an extra key, or a shape differs.
+    """
+    expected = {k: v for k, v in model.state_dict().items() if is_private(k) == private}
+    part = "private" if private else "shared"
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise ValueError(f"{part} parameters mismatch: missing {missing}, unexpected {extra}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise ValueError(
+                f"{part} parameter {k!r} has shape {tuple(v.shape)}, "
+                f"model expects {tuple(expected[k].shape)}"
+            )
+    model.load_state_dict(state, strict=False)

@@ -1,0 +1,1 @@
+"""fedrec ServerApp: aggregation of the shared model, checkpoints and the run report."""

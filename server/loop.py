@@ -1,0 +1,89 @@
+"""The round loop: drive a Flower strategy round by round, recording each round.
+
+Flower's ``Strategy.start`` runs all rounds in one call and returns at the end; fedrec
+needs to checkpoint after every round, count traffic, evaluate every N rounds and
+(for resuming) start at a later round, so it drives the strategy's own
+``configure_*``/``aggregate_*`` methods instead.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from logging import INFO
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
+
+from server.metered_grid import MeteredGrid
+from server.reporting import RoundRecord
+
+
+def run_rounds(
+    strategy: Strategy,
+    grid: MeteredGrid,
+    arrays: ArrayRecord,
+    *,
+    first_round: int,
+    last_round: int,
+    timeout: float,
+    evaluate_every: int,
+    on_round_end: Callable[[RoundRecord, ArrayRecord], None],
+) -> ArrayRecord:
+    """Run rounds ``first_round..last_round``; return the final shared arrays.
+
+    ``on_round_end`` receives each round's record and the aggregated arrays
+    (checkpointing happens there, before the next round starts).
+    """
+    for server_round in range(first_round, last_round + 1):
+        start = time.perf_counter()
+        replies = grid.send_and_receive(
+            strategy.configure_train(server_round, arrays, ConfigRecord(), grid),  # type: ignore[arg-type]
+            timeout=timeout,
+        )
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        if new_arrays is not None:
+            arrays = new_arrays
+        eval_metrics: MetricRecord | None = None
+        if server_round % evaluate_every == 0 or server_round == last_round:
+            eval_replies = grid.send_and_receive(
+                strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),  # type: ignore[arg-type]
+                timeout=timeout,
+            )
+            eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
+        traffic = grid.reset()
+        rejected = tuple(
+            (node, reason)
+            for rnd, node, reason in getattr(strategy, "rejected", [])
+            if rnd == server_round
+        )
+        record = RoundRecord(
+            server_round=server_round,
+            seconds=time.perf_counter() - start,
+            train=dict(train_metrics or {}),  # type: ignore[arg-type]
+            evaluate=dict(eval_metrics or {}),  # type: ignore[arg-type]
+            bytes_sent=traffic.sent,
+            bytes_received=traffic.received,
+            missing_nodes=traffic.missing_nodes,
+            rejected=rejected,
+        )
+        on_round_end(record, arrays)
+        log(INFO, "fedrec %s", progress_line(record, last_round))
+    return arrays
+
+
+def progress_line(record: RoundRecord, last_round: int) -> str:
+    """One human-readable line per round."""
+    parts = [f"round {record.server_round}/{last_round}"]
+    loss = record.train.get("train-loss")
+    if loss is not None:
+        parts.append(f"loss {loss:.4f}")
+    for key, value in record.evaluate.items():
+        if key.startswith(("val-hr@", "test-hr@", "test-ndcg@", "test-full-recall@")) and "gap" not in key:
+            parts.append(f"{key} {value:.4f}")
+    parts.append(f"{record.seconds:.1f}s")
+    parts.append(f"up {record.bytes_received / 1e6:.2f} MB / down {record.bytes_sent / 1e6:.2f} MB")
+    if record.missing_nodes:
+        parts.append(f"missing nodes {list(record.missing_nodes)}")
+    return " | ".join(parts)

@@ -1,0 +1,67 @@
+"""A Grid wrapper that counts the payload bytes of every message each round."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+_SCALAR_BYTES = 8  # a metric/config number travels as a 64-bit value
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of arrays plus 8 bytes per metric/config value (framing excluded)."""
+    total = sum(len(arr.data) for rec in content.array_records.values() for arr in rec.values())
+    for rec in [*content.metric_records.values(), *content.config_records.values()]:
+        for value in rec.values():
+            total += _SCALAR_BYTES * (len(value) if isinstance(value, (list, bytes, str)) else 1)
+    return total
+
+
+@dataclass
+class Traffic:
+    """Bytes sent to and received from silos, and messages that got no reply."""
+
+    sent: int = 0
+    received: int = 0
+    messages: int = 0
+    replies: int = 0
+    missing_nodes: tuple[int, ...] = ()
+
+
+class MeteredGrid:
+    """Delegates to a Flower Grid and counts traffic in :attr:`traffic`.
+
+    Strategies only call ``get_node_ids`` and ``send_and_receive``; everything else is
+    forwarded unchanged.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self.traffic = Traffic()
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self._grid, name)
+
+    def reset(self) -> Traffic:
+        """Return the traffic so far and start counting from zero."""
+        traffic, self.traffic = self.traffic, Traffic()
+        return traffic
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Send, wait for replies, and count both directions."""
+        messages = list(messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        t = self.traffic
+        t.sent += sum(payload_bytes(m.content) for m in messages)
+        t.received += sum(payload_bytes(r.content) for r in replies if not r.has_error())
+        t.messages += len(messages)
+        t.replies += len(replies)
+        answered = {r.metadata.src_node_id for r in replies}
+        missing = {m.metadata.dst_node_id for m in messages} - answered
+        t.missing_nodes = tuple(sorted({*t.missing_nodes, *missing}))
+        return replies

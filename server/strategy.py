@@ -1,0 +1,114 @@
+"""FedAvg over the shared parameters, with reply validation and sum-based evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore import log
+
+from common import records
+from common.config import StrategySettings
+from common.evaluation import add_sums, summarize
+
+
+class SharedModelFedAvg(FedAvg):
+    """Federated averaging of the shared model, weighted by training positives.
+
+    Differences from Flower's :class:`FedAvg`, all by wrapping its methods:
+
+    * a training reply is used only if its arrays have exactly the keys, shapes and
+      dtypes of the current shared model and are finite; anything else (a silo that
+      sends user embeddings, a corrupted or hostile update) is rejected and recorded
+      in :attr:`rejected`;
+    * evaluation replies carry *sums*, which are added up and then turned into
+      metrics (:func:`common.evaluation.summarize`) rather than averaged;
+    * training metrics: loss is the example-weighted mean, time is the slowest silo.
+    """
+
+    def __init__(self, settings: StrategySettings, k: int) -> None:
+        super().__init__(
+            fraction_train=settings.fraction_train,
+            fraction_evaluate=settings.fraction_evaluate,
+            min_train_nodes=settings.min_nodes,
+            min_evaluate_nodes=settings.min_nodes if settings.fraction_evaluate else 0,
+            min_available_nodes=settings.min_nodes,
+            weighted_by_key=records.NUM_EXAMPLES,
+            arrayrecord_key=records.ARRAYS,
+            configrecord_key=records.CONFIG,
+            train_metrics_aggr_fn=_aggregate_train_metrics,
+            evaluate_metrics_aggr_fn=lambda contents, _: _aggregate_eval_sums(contents, k),
+        )
+        self.current: ArrayRecord | None = None
+        self.rejected: list[tuple[int, int, str]] = []  # (round, node id, reason)
+
+    def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+        """Remember the arrays sent, to validate replies against them."""
+        self.current = arrays
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Drop malformed updates (recorded in :attr:`rejected`), then FedAvg."""
+        accepted = []
+        for msg in replies:
+            reason = None if msg.has_error() else self._invalid_reason(msg.content)
+            if reason is None:
+                accepted.append(msg)
+            else:
+                node = msg.metadata.src_node_id
+                self.rejected.append((server_round, node, reason))
+                log(WARNING, "round %d: rejected update of node %d: %s", server_round, node, reason)
+        return super().aggregate_train(server_round, accepted)
+
+    def _invalid_reason(self, content: RecordDict) -> str | None:
+        if self.current is None:
+            return "no shared model was sent this round"
+        if records.ARRAYS not in content.array_records:
+            return "reply has no shared parameters"
+        got = content.array_records[records.ARRAYS]
+        if set(got) != set(self.current):
+            extra = sorted(set(got) - set(self.current))
+            missing = sorted(set(self.current) - set(got))
+            return f"parameter names differ (unexpected {extra}, missing {missing})"
+        for name, ref in self.current.items():
+            arr = got[name]
+            if tuple(arr.shape) != tuple(ref.shape) or arr.dtype != ref.dtype:
+                return f"{name}: shape/dtype {arr.shape}/{arr.dtype}, expected {ref.shape}/{ref.dtype}"
+            if not np.isfinite(arr.numpy()).all():
+                return f"{name}: contains NaN or infinite values"
+        metrics = content.metric_records.get(records.METRICS)
+        if metrics is None or records.NUM_EXAMPLES not in metrics:
+            return f"reply has no '{records.NUM_EXAMPLES}'"
+        weight = metrics[records.NUM_EXAMPLES]
+        if not isinstance(weight, (int, float)) or not weight > 0:
+            return f"'{records.NUM_EXAMPLES}' must be positive, got {weight!r}"
+        return None
+
+
+def _aggregate_train_metrics(contents: list[RecordDict], weight_key: str) -> MetricRecord:
+    metrics = [c.metric_records[records.METRICS] for c in contents]
+    weights = np.array([float(m[weight_key]) for m in metrics])  # type: ignore[arg-type]
+    losses = np.array([float(m[records.TRAIN_LOSS]) for m in metrics])  # type: ignore[arg-type]
+    return MetricRecord(
+        {
+            records.NUM_EXAMPLES: int(weights.sum()),
+            records.TRAIN_LOSS: float(weights @ losses / weights.sum()),
+            records.TRAIN_SECONDS: max(float(m[records.TRAIN_SECONDS]) for m in metrics),  # type: ignore[arg-type]
+            "silos": len(metrics),
+        }
+    )
+
+
+def _aggregate_eval_sums(contents: list[RecordDict], k: int) -> MetricRecord:
+    parts = []
+    for c in contents:
+        m = dict(c.metric_records[records.METRICS])
+        m.pop(records.NUM_EXAMPLES)
+        parts.append(m)
+    summary = summarize(add_sums(parts), k)  # type: ignore[arg-type]
+    return MetricRecord({**summary, "silos": len(contents)})

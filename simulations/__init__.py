@@ -1,0 +1,1 @@
+"""fedrec runners: the CLI, simulation launcher, centralized baseline, benchmarks."""

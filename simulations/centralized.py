@@ -1,0 +1,101 @@
+"""Centralized baseline: the same model, split and metrics on the pooled data.
+
+Every federated number has a side-by-side reference trained without federation;
+it also offers the popularity ranking, the floor any personalised model must beat.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from common.config import AppConfig
+from common.data.pipeline import SiloData, load_interactions, split_interactions
+from common.evaluation import EvalProtocol, evaluation_sums, summarize
+from common.models import build_model
+from common.seeding import derive_seed, numpy_rng
+from common.training import train_epochs
+
+
+class Popularity(nn.Module):
+    """Ranks items by training popularity for every user (a non-personalised floor)."""
+
+    def __init__(self, popularity: np.ndarray) -> None:
+        super().__init__()
+        self.register_buffer("score", torch.as_tensor(popularity, dtype=torch.float64))
+
+    def forward(self, users: Tensor, items: Tensor) -> Tensor:
+        """Popularity of ``items`` (B, T)."""
+        return self.score[items]
+
+    def score_all(self, users: Tensor) -> Tensor:
+        """Popularity of every item, repeated per user (B, I)."""
+        return self.score.expand(len(users), -1)
+
+
+@dataclass(frozen=True, slots=True)
+class EpochResult:
+    """Metrics after one epoch of centralized training."""
+
+    epoch: int
+    loss: float
+    seconds: float
+    metrics: dict[str, float]
+
+
+def run_centralized(
+    cfg: AppConfig,
+    epochs: int,
+    *,
+    model_name: str | None = None,
+    on_epoch: Callable[[EpochResult], None] | None = None,
+) -> list[EpochResult]:
+    """Train ``cfg.model`` (or ``popularity``) on all users pooled; evaluate each epoch."""
+    data: SiloData = split_interactions(cfg.data, cfg.seed, load_interactions(cfg.data, cfg.seed))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    protocol = EvalProtocol(cfg.eval.k, cfg.eval.full_ranking, cfg.eval.full_ranking_k)
+    name = model_name or cfg.model.name
+    results: list[EpochResult] = []
+    if name == "popularity":
+        model: nn.Module = Popularity(data.item_popularity)
+        sums = evaluation_sums(model, data.split, protocol, data.item_popularity, device)  # type: ignore[arg-type]
+        results.append(EpochResult(0, float("nan"), 0.0, summarize(sums, cfg.eval.k)))
+        if on_epoch:
+            on_epoch(results[-1])
+        return results
+    torch.manual_seed(derive_seed(cfg.seed, "centralized-init"))
+    model = build_model(
+        name,  # type: ignore[arg-type]
+        data.split.num_users,
+        data.split.num_items,
+        cfg.model.dim,
+        cfg.model.mlp_layers,
+    ).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    for epoch in range(1, epochs + 1):
+        start = time.perf_counter()
+        stats = train_epochs(
+            model,  # type: ignore[arg-type]
+            data.split,
+            cfg.train,
+            epochs=1,
+            rng=numpy_rng(cfg.seed, "centralized", epoch),
+            device=device,
+            optimizer=optimizer,
+        )
+        sums = evaluation_sums(model, data.split, protocol, data.item_popularity, device)  # type: ignore[arg-type]
+        result = EpochResult(epoch, stats.mean_loss, time.perf_counter() - start, summarize(sums, cfg.eval.k))
+        results.append(result)
+        if on_epoch:
+            on_epoch(result)
+    return results
+
+
+def best_epoch(results: list[EpochResult], k: int) -> EpochResult:
+    """The epoch with the highest validation HR@K (the one to report test for)."""
+    return max(results, key=lambda r: r.metrics[f"val-hr@{k}"])
