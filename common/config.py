@@ -226,6 +226,8 @@ def parse_override(text: str) -> tuple[str, Scalar]:
         value = raw.strip()
     if isinstance(value, (list, dict)):
         raise ConfigError(f"{key}: lists and tables are not supported, got {raw!r}")
+    if not isinstance(value, (bool, int, float, str)):  # TOML dates/times: keep the text
+        value = raw.strip()
     return key, cast(Scalar, value)
 
 
@@ -259,7 +261,8 @@ class _Reader:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         if (lo is not None and value < lo) or (hi is not None and value > hi):
-            raise ConfigError(f"{key}: must be in [{lo}, {hi}], got {value}")
+            bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise ConfigError(f"{key}: must be {bounds}, got {value}")
         return value
 
     def float(
@@ -278,8 +281,9 @@ class _Reader:
             raise ConfigError(f"{key}: must be finite, got {value!r}")
         too_low = lo is not None and (number <= lo if lo_open else number < lo)
         if too_low or (hi is not None and number > hi):
-            low = f"({lo}" if lo_open else f"[{lo}"
-            raise ConfigError(f"{key}: must be in {low}, {hi}], got {value}")
+            low = f"> {lo}" if lo_open else f">= {lo}"
+            bounds = low if hi is None else f"{low} and <= {hi}"
+            raise ConfigError(f"{key}: must be {bounds}, got {value}")
         return number
 
     def bool(self, key: str) -> bool:

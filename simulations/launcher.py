@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,10 +153,13 @@ def flwr_run(
     app_dir: Path = REPO,
     run_config: dict[str, object] | None = None,
     federation_config: str = "",
-    echo: bool = True,
+    on_line: Callable[[str], None] | None = None,
     timeout: float | None = None,
 ) -> int:
-    """``flwr run <app> fedrec --stream`` against ``link``; stream its output; return code."""
+    """``flwr run <app> fedrec --stream`` against ``link``; return its exit code.
+
+    Every output line goes to ``on_line`` (default: printed).
+    """
     args = [flower_bin("flwr"), "run", str(app_dir), "fedrec", "--stream"]
     for key, value in (run_config or {}).items():
         args += ["--run-config", f"{key}={toml_value(value)}"]
@@ -170,9 +173,11 @@ def flwr_run(
     try:
         deadline = None if timeout is None else time.monotonic() + timeout
         for raw in proc.stdout:
-            if echo:
-                sys.stdout.write(raw.decode(errors="replace"))
-                sys.stdout.flush()
+            line = raw.decode(errors="replace")
+            if on_line is None:
+                sys.stdout.write(line)
+            else:
+                on_line(line)
             if deadline is not None and time.monotonic() > deadline:
                 raise LaunchError(f"flwr run exceeded {timeout:.0f}s")
         return proc.wait()

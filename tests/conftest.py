@@ -36,6 +36,7 @@ def small_run_config(tmp_path: Path) -> dict[str, bool | int | float | str]:
             "data.synthetic.num-items": 300,
             "data.synthetic.mean-interactions": 20,
             "model.dim": 16,
+            "train.lr": 0.01,
             "eval.full-ranking-k": 20,
         }
     )
