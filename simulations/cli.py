@@ -11,6 +11,7 @@ import math
 import re
 import subprocess
 import sys
+import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
@@ -22,6 +23,7 @@ from rich.table import Table
 from common.config import (
     AppConfig,
     Scalar,
+    flatten,
     load_default_run_config,
     merge_overrides,
     parse_override,
@@ -37,7 +39,9 @@ err = Console(stderr=True)
 
 ConfigOpt = Annotated[
     list[str] | None,
-    typer.Option("--config", "-c", help="Override a run-config key: -c train.lr=0.005 (repeatable)."),
+    typer.Option(
+        "--config", "-c", help="Override: -c train.lr=0.005, or a TOML file of overrides (repeatable)."
+    ),
 ]
 DatasetOpt = Annotated[
     str | None, typer.Option(help="synthetic | ml-100k | ml-1m | csv | parquet (data.dataset).")
@@ -57,12 +61,26 @@ def resolve_config(
     """Defaults + named options + ``-c`` overrides, parsed and validated."""
     values: dict[str, Scalar] = {k: v for k, v in named.items() if v is not None}
     for text in overrides or []:
-        key, value = parse_override(text)
-        values[key] = value
+        if text.endswith(".toml") and "=" not in text:
+            values.update(load_override_file(Path(text)))
+        else:
+            key, value = parse_override(text)
+            values[key] = value
     if isinstance(values.get("data.path"), str) and values["data.path"]:
         values["data.path"] = str(Path(str(values["data.path"])).expanduser().resolve())
     run_config = merge_overrides(load_default_run_config(), values)
     return run_config, AppConfig.from_run_config(run_config)
+
+
+def load_override_file(path: Path) -> dict[str, Scalar]:
+    """Overrides from a TOML file (nested tables or dotted keys), as ``flwr run -c`` takes."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        table = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return flatten(table)
 
 
 def _run_dir(run_dir: Path | None, label: str) -> Path:

@@ -161,8 +161,12 @@ def flwr_run(
     Every output line goes to ``on_line`` (default: printed).
     """
     args = [flower_bin("flwr"), "run", str(app_dir), "fedrec", "--stream"]
-    for key, value in (run_config or {}).items():
-        args += ["--run-config", f"{key}={toml_value(value)}"]
+    if run_config:
+        # One TOML file, not one --run-config per key: flwr 1.41 merges repeated
+        # --run-config flags with dict.update, so a second `data.*` key drops the first.
+        overrides = link.flwr_home.parent / "run-config.toml"
+        overrides.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in run_config.items()))
+        args += ["--run-config", str(overrides)]
     if federation_config:
         args += ["--federation-config", federation_config]
     env = flower_env(link.flwr_home)

@@ -30,6 +30,12 @@ def test_fedrec_simulate_runs_rounds_on_ray_and_cleans_up(tmp_path: Path):
     assert [r["round"] for r in rounds] == [1, 2]
     assert rounds[-1]["evaluate"]["silos"] == 3
     assert (run_dir / "report.md").is_file()
+    # Several keys of one table all reach the ServerApp (flwr merges repeated
+    # --run-config flags lossily; fedrec passes one file).
+    run_config = json.loads((run_dir / "config.json").read_text())["run-config"]
+    assert run_config["data.synthetic.num-users"] == 300
+    assert run_config["data.synthetic.num-items"] == 300
+    assert run_config["model.dim"] == 8
     # The SuperLink we started (and everything under it) is gone.
     pid_lines = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(run_dir / "flower") not in pid_lines

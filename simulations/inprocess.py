@@ -1,7 +1,8 @@
-"""An in-process Grid: runs the real ClientApp for each message, without Ray.
+"""In-process federation: a Grid that runs the real ClientApp for each message, no Ray.
 
 It serialises every message and reply through Flower's protobuf serde, so what a
-test inspects is exactly what would cross the network.
+test inspects is exactly what would cross the network. Used by the tests and by
+the scale benchmark to separate fedrec's own per-client cost from Ray's.
 """
 
 from __future__ import annotations
@@ -91,3 +92,38 @@ class LocalGrid(Grid):
                 self.on_reply(reply)
             replies.append(reply)
         return replies
+
+
+def run_inprocess(
+    run_config: Mapping[str, Scalar],
+    num_nodes: int,
+    on_reply: Callable[[Message], None] | None = None,
+) -> LocalGrid:
+    """Run the whole fedrec server loop over a :class:`LocalGrid`; return the grid."""
+    from pathlib import Path
+
+    from client.app import app as client_app
+    from common.config import AppConfig
+    from common.data.pipeline import load_interactions
+    from server.app import initial_shared_arrays
+    from server.loop import run_rounds
+    from server.metered_grid import MeteredGrid
+    from server.reporting import RunRecorder
+    from server.strategy import SharedModelFedAvg
+
+    cfg = AppConfig.from_run_config(run_config)
+    grid = LocalGrid(client_app, run_config, num_nodes, on_reply=on_reply)
+    recorder = RunRecorder(Path(cfg.run_dir))
+    recorder.start(run_config)
+    final = run_rounds(
+        SharedModelFedAvg(cfg.strategy, cfg.eval.k),
+        MeteredGrid(grid),
+        initial_shared_arrays(cfg, load_interactions(cfg.data, cfg.seed).num_items),
+        first_round=1,
+        last_round=cfg.num_server_rounds,
+        timeout=cfg.strategy.timeout,
+        evaluate_every=cfg.eval.every,
+        on_round_end=recorder.record_round,
+    )
+    recorder.finish(final, cfg.eval.k)
+    return grid
