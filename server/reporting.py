@@ -85,7 +85,18 @@ class RunRecorder:
         self.rounds: list[dict[str, Any]] = []
 
     def start(self, run_config: Mapping[str, Any]) -> None:
-        """Create the directory and write the resolved config with library versions."""
+        """Create the directory and write the resolved config with library versions.
+
+        Raises
+        ------
+        FileExistsError
+            If the directory already holds a run's metrics (nothing is overwritten).
+        """
+        if (self.run_dir / METRICS_FILE).exists():
+            raise FileExistsError(
+                f"{self.run_dir} already holds a run ({METRICS_FILE} exists); "
+                "choose another run directory"
+            )
         (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         atomic_write_json(
             self.run_dir / CONFIG_FILE,

@@ -34,8 +34,8 @@ from common.errors import ConfigError, FedrecError
 from common.seeding import derive_seed
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console()
-err = Console(stderr=True)
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 ConfigOpt = Annotated[
     list[str] | None,
@@ -131,6 +131,8 @@ def simulate(
     except FedrecError as e:
         _fail(e)
     out = _run_dir(run_dir, cfg.data.dataset)
+    if (out / "metrics.jsonl").exists():
+        _fail(ConfigError(f"{out} already holds a run (metrics.jsonl exists); choose another --run-dir"))
     run_config["run-dir"] = str(out)
     out.mkdir(parents=True, exist_ok=True)
     console.print(
