@@ -7,7 +7,7 @@ from client import silo, state
 from common import records
 from common.config import AppConfig, NodeConfig
 from common.data.pipeline import SiloData, silo_data
-from common.models import shared_state
+from common.models import Recommender, shared_state
 
 app = ClientApp()
 
@@ -23,7 +23,10 @@ def _silo_data(cfg: AppConfig, node: NodeConfig, context: Context) -> SiloData:
     return data
 
 
-def _prepare(msg: Message, context: Context) -> tuple[AppConfig, NodeConfig, SiloData, silo.Recommender]:
+def _prepare(
+    msg: Message, context: Context
+) -> tuple[AppConfig, NodeConfig, SiloData, Recommender]:
+    """Parse settings, get the silo's data, and build its model (shared + private)."""
     cfg = AppConfig.from_run_config(context.run_config)
     node = NodeConfig.from_node_config(context.node_config)
     data = _silo_data(cfg, node, context)

@@ -6,7 +6,8 @@ from collections.abc import Iterable
 from logging import WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
@@ -45,7 +46,9 @@ class SharedModelFedAvg(FedAvg):
         self.current: ArrayRecord | None = None
         self.rejected: list[tuple[int, int, str]] = []  # (round, node id, reason)
 
-    def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Remember the arrays sent, to validate replies against them."""
         self.current = arrays
         return super().configure_train(server_round, arrays, config, grid)
