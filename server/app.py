@@ -1,53 +1,15 @@
-"""fedrec ServerApp: wires config, strategy, round loop and run directory together."""
+"""fedrec ServerApp: wires Flower's runtime to :func:`server.federation.run_federation`."""
 
-from logging import INFO
-from pathlib import Path
-
-import torch
-from flwr.app import ArrayRecord, Context
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore import log
 
-from common.config import AppConfig
-from common.data.pipeline import load_interactions
-from common.models import build_model, shared_state
-from common.seeding import derive_seed
-from server.loop import run_rounds
-from server.metered_grid import MeteredGrid
-from server.reporting import RunRecorder, default_run_dir
-from server.strategy import SharedModelFedAvg
+from server.federation import run_federation
 
 app = ServerApp()
-
-
-def initial_shared_arrays(cfg: AppConfig, num_items: int) -> ArrayRecord:
-    """Shared parameters of a freshly initialised model (seeded by the run seed)."""
-    torch.manual_seed(derive_seed(cfg.seed, "server-init"))
-    model = build_model(cfg.model.name, 1, num_items, cfg.model.dim, cfg.model.mlp_layers)
-    return ArrayRecord(torch_state_dict=shared_state(model))
 
 
 # ---------------------------------------------------------------- main
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run ``num-server-rounds`` rounds of FedAvg over the shared model."""
-    cfg = AppConfig.from_run_config(context.run_config)
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.data.dataset)
-    recorder = RunRecorder(run_dir.resolve())
-    recorder.start(context.run_config)
-    log(INFO, "fedrec run directory: %s", recorder.run_dir)
-
-    num_items = load_interactions(cfg.data, cfg.seed).num_items
-    strategy = SharedModelFedAvg(cfg.strategy, cfg.eval.k)
-    final = run_rounds(
-        strategy,
-        MeteredGrid(grid),
-        initial_shared_arrays(cfg, num_items),
-        first_round=1,
-        last_round=cfg.num_server_rounds,
-        timeout=cfg.strategy.timeout,
-        evaluate_every=cfg.eval.every,
-        on_round_end=recorder.record_round,
-    )
-    recorder.finish(final, cfg.eval.k)
-    log(INFO, "fedrec run finished; report: %s", recorder.run_dir / "report.md")
+    """Run the federated training described by the run config."""
+    run_federation(grid, context.run_config)

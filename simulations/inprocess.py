@@ -99,31 +99,10 @@ def run_inprocess(
     num_nodes: int,
     on_reply: Callable[[Message], None] | None = None,
 ) -> LocalGrid:
-    """Run the whole fedrec server loop over a :class:`LocalGrid`; return the grid."""
-    from pathlib import Path
-
+    """Run the fedrec server side over a :class:`LocalGrid`; return the grid."""
     from client.app import app as client_app
-    from common.config import AppConfig
-    from common.data.pipeline import load_interactions
-    from server.app import initial_shared_arrays
-    from server.loop import run_rounds
-    from server.metered_grid import MeteredGrid
-    from server.reporting import RunRecorder
-    from server.strategy import SharedModelFedAvg
+    from server.federation import run_federation
 
-    cfg = AppConfig.from_run_config(run_config)
     grid = LocalGrid(client_app, run_config, num_nodes, on_reply=on_reply)
-    recorder = RunRecorder(Path(cfg.run_dir))
-    recorder.start(run_config)
-    final = run_rounds(
-        SharedModelFedAvg(cfg.strategy, cfg.eval.k),
-        MeteredGrid(grid),
-        initial_shared_arrays(cfg, load_interactions(cfg.data, cfg.seed).num_items),
-        first_round=1,
-        last_round=cfg.num_server_rounds,
-        timeout=cfg.strategy.timeout,
-        evaluate_every=cfg.eval.every,
-        on_round_end=recorder.record_round,
-    )
-    recorder.finish(final, cfg.eval.k)
+    run_federation(grid, run_config)
     return grid

@@ -1,0 +1,56 @@
+"""One federated training run: the server side, independent of how the grid is provided."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from logging import INFO
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from common.config import AppConfig, Scalar
+from common.data.pipeline import load_interactions
+from common.models import build_model, shared_state
+from common.seeding import derive_seed
+from server.loop import run_rounds
+from server.metered_grid import MeteredGrid
+from server.reporting import REPORT_FILE, RunRecorder, default_run_dir
+from server.strategy import SharedModelFedAvg
+
+
+def initial_shared_arrays(cfg: AppConfig, num_items: int) -> ArrayRecord:
+    """Shared parameters of a freshly initialised model (seeded by the run seed)."""
+    torch.manual_seed(derive_seed(cfg.seed, "server-init"))
+    model = build_model(cfg.model.name, 1, num_items, cfg.model.dim, cfg.model.mlp_layers)
+    return ArrayRecord(torch_state_dict=shared_state(model))
+
+
+def run_federation(grid: Grid, run_config: Mapping[str, Scalar]) -> Path:
+    """Run ``num-server-rounds`` rounds of FedAvg over the shared model on ``grid``.
+
+    Writes the run directory (config, per-round metrics and checkpoints, final
+    model, report) and returns its path.
+    """
+    cfg = AppConfig.from_run_config(run_config)
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.data.dataset)
+    recorder = RunRecorder(run_dir.resolve())
+    recorder.start(run_config)
+    log(INFO, "fedrec run directory: %s", recorder.run_dir)
+
+    num_items = load_interactions(cfg.data, cfg.seed).num_items
+    final = run_rounds(
+        SharedModelFedAvg(cfg.strategy, cfg.eval.k),
+        MeteredGrid(grid),
+        initial_shared_arrays(cfg, num_items),
+        first_round=1,
+        last_round=cfg.num_server_rounds,
+        timeout=cfg.strategy.timeout,
+        evaluate_every=cfg.eval.every,
+        on_round_end=recorder.record_round,
+    )
+    recorder.finish(final, cfg.eval.k)
+    log(INFO, "fedrec run finished; report: %s", recorder.run_dir / REPORT_FILE)
+    return recorder.run_dir
