@@ -146,6 +146,7 @@ def simulate(
 
             def show(line: str) -> None:
                 log.write(line)
+                log.flush()
                 if verbose or _PROGRESS.search(line):
                     sys.stdout.write(line)
                     sys.stdout.flush()
