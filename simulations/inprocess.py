@@ -14,6 +14,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
 
 Scalar = bool | int | float | str
 
@@ -43,6 +44,8 @@ class LocalGrid(Grid):
         on_reply: Callable[[Message], None] | None = None,
         drop: Callable[[int, Message], bool] | None = None,
     ) -> None:
+        # Flower's runtime sets the identity of the running task; messages need it.
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
         self.app = app
         self.on_reply = on_reply
         self.drop = drop
