@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import signal
 import subprocess
 import sys
 import tomllib
@@ -141,6 +142,8 @@ def simulate(
     )
     console.print(f"run directory: {out}")
     log_path = out / "flower.log"
+    # A SIGTERM must unwind like Ctrl-C so the SuperLink we started is stopped.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         with superlink(out / "flower", simulation=True) as link, log_path.open("w") as log:
 
@@ -174,6 +177,10 @@ def simulate(
         raise typer.Exit(1)
     _print_rounds(rounds_done, cfg.eval.k)
     console.print(f"report: {out / 'report.md'}")
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def preflight(cfg: AppConfig, silos: int | None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -87,6 +88,57 @@ def stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
         proc.wait()
 
 
+def processes_using(address: str) -> list[int]:
+    """PIDs of processes whose command line contains ``address`` (Linux /proc)."""
+    pattern = re.compile(re.escape(address) + r"(?!\d)")  # port 5613 must not match 56133
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            if pattern.search(cmdline.decode(errors="replace")):
+                pids.append(int(entry.name))
+    return pids
+
+
+def stop_detached(address: str, grace: float = 15.0) -> None:
+    """Stop processes Flower detached from our process group (SuperExec, flwr-simulation).
+
+    The SuperLink starts SuperExec in a new session, which starts the simulation
+    (ServerApp + Ray) in turn; they exit on their own when a run ends, but not when
+    the run is interrupted. They name the SuperLink's address on their command line.
+    """
+    pids = processes_using(address)
+    tree = descendants(pids)  # Ray's raylet and agents, taken before they are orphaned
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+        time.sleep(0.2)
+    for pid in [*processes_using(address), *tree]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def descendants(roots: list[int]) -> list[int]:
+    """All descendants of ``roots`` (Linux /proc), children before grandchildren."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+    out: list[int] = []
+    frontier = list(roots)
+    while frontier:
+        kids = [c for p in frontier for c in children.get(p, [])]
+        out += kids
+        frontier = kids
+    return out
+
+
 @dataclass
 class SuperLink:
     """A running SuperLink we own."""
@@ -145,6 +197,7 @@ def superlink(
         yield SuperLink(proc, port, flwr_home, log)
     finally:
         stop(proc)
+        stop_detached(f"127.0.0.1:{port}")
 
 
 def flwr_run(

@@ -39,3 +39,35 @@ def test_fedrec_simulate_runs_rounds_on_ray_and_cleans_up(tmp_path: Path):
     # The SuperLink we started (and everything under it) is gone.
     pid_lines = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(run_dir / "flower") not in pid_lines
+
+
+def test_interrupted_simulate_stops_everything_and_keeps_finished_rounds(tmp_path: Path):
+    # Arrange
+    import re
+    import signal
+    import time
+
+    from simulations.launcher import processes_using
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "simulations.cli", "simulate", "--silos", "2", "--rounds", "200",
+         "--run-dir", str(run_dir), "-c", "data.synthetic.num-users=200", "-c", "data.synthetic.num-items=300"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.5)
+    assert metrics.exists(), "no round finished within 300 s"
+    config = (run_dir / "flower" / "flwr-home" / "config.toml").read_text()
+    address = re.search(r'address = "([^"]+)"', config).group(1)
+    # Act
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    # Assert
+    assert processes_using(address) == []
+    lines = metrics.read_text().splitlines()
+    assert lines and json.loads(lines[0])["round"] == 1
+    assert (run_dir / "checkpoints" / "round-0001.npz").is_file()
