@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import tomllib
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -33,6 +32,7 @@ from common.data.pipeline import load_interactions, split_interactions
 from common.data.partition import partition_users
 from common.errors import ConfigError, FedrecError
 from common.seeding import derive_seed
+from server.reporting import default_run_dir
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(soft_wrap=True)
@@ -85,10 +85,7 @@ def load_override_file(path: Path) -> dict[str, Scalar]:
 
 
 def _run_dir(run_dir: Path | None, label: str) -> Path:
-    if run_dir is not None:
-        return run_dir.resolve()
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    return (Path.cwd() / "runs" / f"{stamp}-{label}").resolve()
+    return run_dir.resolve() if run_dir is not None else default_run_dir(label).resolve()
 
 
 def _fail(error: Exception) -> None:
@@ -244,7 +241,7 @@ def centralized(
     run_dir: RunDirOpt = None,
 ) -> None:
     """Train the same model on the pooled data, same split and metrics (the reference)."""
-    from simulations.centralized import best_epoch, run_centralized
+    from simulations.centralized import EpochResult, best_epoch, run_centralized
 
     try:
         named: dict[str, Scalar | None] = {
@@ -263,12 +260,12 @@ def centralized(
     console.print(f"[bold]fedrec centralized[/]: {cfg.data.dataset}, model {name}, {n_epochs} epochs")
     lines = (out / "metrics.jsonl").open("w")
 
-    def on_epoch(r: object) -> None:
-        m = r.metrics  # type: ignore[attr-defined]
-        lines.write(json.dumps({"epoch": r.epoch, "loss": r.loss, "seconds": r.seconds, **m}) + "\n")  # type: ignore[attr-defined]
+    def on_epoch(r: EpochResult) -> None:
+        m = r.metrics
+        lines.write(json.dumps({"epoch": r.epoch, "loss": r.loss, "seconds": r.seconds, **m}) + "\n")
         lines.flush()
         console.print(
-            f"epoch {r.epoch}: loss {_f(r.loss)} | val-hr@{k} {_f(m[f'val-hr@{k}'])} | "  # type: ignore[attr-defined]
+            f"epoch {r.epoch}: loss {_f(r.loss)} | val-hr@{k} {_f(m[f'val-hr@{k}'])} | "
             f"test-hr@{k} {_f(m[f'test-hr@{k}'])} | test-ndcg@{k} {_f(m[f'test-ndcg@{k}'])} | "
             f"test-full-recall@20 {_f(m.get('test-full-recall@20'))}"
         )

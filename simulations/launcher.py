@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -251,7 +250,3 @@ def toml_value(value: object) -> str:
     text = str(value).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{text}"'
 
-
-def scratch_dir(prefix: str) -> Path:
-    """A fresh temporary directory for one launch."""
-    return Path(tempfile.mkdtemp(prefix=prefix))

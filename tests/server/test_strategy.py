@@ -11,7 +11,7 @@ from server.strategy import SharedModelFedAvg
 SETTINGS = StrategySettings(fraction_train=1.0, fraction_evaluate=1.0, min_nodes=1, timeout=10.0)
 
 
-class TwoNodeGrid:
+class FourNodeGrid:
     def get_node_ids(self):
         return [1, 2, 3, 4]
 
@@ -33,7 +33,7 @@ def test_fedavg_is_example_weighted_and_malformed_updates_are_rejected():
     # Arrange
     strategy = SharedModelFedAvg(SETTINGS, k=10)
     current = ArrayRecord({"item_embedding.weight": Array(np.zeros((3, 2), dtype=np.float32))})
-    instructions = list(strategy.configure_train(1, current, ConfigRecord(), TwoNodeGrid()))
+    instructions = list(strategy.configure_train(1, current, ConfigRecord(), FourNodeGrid()))
     good_a = {"item_embedding.weight": np.ones((3, 2), dtype=np.float32)}
     good_b = {"item_embedding.weight": np.full((3, 2), 4.0, dtype=np.float32)}
     leaks_users = {**good_a, "user_embedding.weight": np.ones((5, 2), dtype=np.float32)}
@@ -67,7 +67,7 @@ def test_fedavg_is_example_weighted_and_malformed_updates_are_rejected():
 def test_each_malformed_update_is_rejected_with_its_reason(arrays, weight, reason):
     strategy = SharedModelFedAvg(SETTINGS, k=10)
     current = ArrayRecord({"item_embedding.weight": Array(np.zeros((3, 2), dtype=np.float32))})
-    instruction = next(iter(strategy.configure_train(1, current, ConfigRecord(), TwoNodeGrid())))
+    instruction = next(iter(strategy.configure_train(1, current, ConfigRecord(), FourNodeGrid())))
     result, _ = strategy.aggregate_train(1, [_reply(instruction, arrays, weight)])
     assert result is None
     assert reason in strategy.rejected[0][2]
