@@ -56,12 +56,18 @@ class MF(nn.Module):
         nn.init.zeros_(self.user_bias.weight)
         nn.init.zeros_(self.item_bias.weight)
 
+    user_tables = ("user_embedding", "user_bias")
+    item_tables = ("item_embedding", "item_bias")
+    l2_tables = ("user_embedding", "item_embedding")
+
     def forward(self, users: Tensor, items: Tensor) -> Tensor:
         """Score ``items`` (B, T) for ``users`` (B,); returns logits (B, T)."""
-        p = self.user_embedding(users)  # (B, D)
-        q = self.item_embedding(items)  # (B, T, D)
-        dot = torch.einsum("bd,btd->bt", p, q)
-        bias = self.user_bias(users) + self.item_bias(items).squeeze(-1)  # (B, T)
+        return self.score_rows(lookup_rows(self, users, items))
+
+    def score_rows(self, rows: dict[str, Tensor]) -> Tensor:
+        """Logits (B, T) from looked-up rows: user tables (B, D), item tables (B, T, D)."""
+        dot = torch.einsum("bd,btd->bt", rows["user_embedding"], rows["item_embedding"])
+        bias = rows["user_bias"] + rows["item_bias"].squeeze(-1)  # (B, T)
         return self.global_bias(dot + bias)
 
     def score_all(self, users: Tensor) -> Tensor:
@@ -72,9 +78,7 @@ class MF(nn.Module):
 
     def l2_terms(self, users: Tensor, items: Tensor) -> Tensor:
         """Squared norm of the embedding rows a batch touches, per sample (B,)."""
-        return self.user_embedding(users).pow(2).sum(-1) + self.item_embedding(
-            items
-        ).pow(2).sum((-2, -1))
+        return l2_rows(self, lookup_rows(self, users, items))
 
 
 class NeuMF(nn.Module):
@@ -108,12 +112,20 @@ class NeuMF(nn.Module):
         for table in (self.user_gmf, self.user_mlp, self.item_gmf, self.item_mlp):
             nn.init.normal_(table.weight, std=init_std)
 
+    user_tables = ("user_gmf", "user_mlp")
+    item_tables = ("item_gmf", "item_mlp")
+    l2_tables = ("user_gmf", "user_mlp", "item_gmf", "item_mlp")
+
     def forward(self, users: Tensor, items: Tensor) -> Tensor:
         """Score ``items`` (B, T) for ``users`` (B,); returns logits (B, T)."""
-        t = items.shape[1]
-        gmf = self.user_gmf(users).unsqueeze(1) * self.item_gmf(items)  # (B, T, D)
-        u_mlp = self.user_mlp(users).unsqueeze(1).expand(-1, t, -1)  # (B, T, M)
-        mlp = self.mlp(torch.cat([u_mlp, self.item_mlp(items)], dim=-1))  # (B, T, L)
+        return self.score_rows(lookup_rows(self, users, items))
+
+    def score_rows(self, rows: dict[str, Tensor]) -> Tensor:
+        """Logits (B, T) from looked-up rows: user tables (B, D), item tables (B, T, D)."""
+        item_mlp = rows["item_mlp"]
+        gmf = rows["user_gmf"].unsqueeze(1) * rows["item_gmf"]  # (B, T, D)
+        u_mlp = rows["user_mlp"].unsqueeze(1).expand(-1, item_mlp.shape[1], -1)  # (B, T, M)
+        mlp = self.mlp(torch.cat([u_mlp, item_mlp], dim=-1))  # (B, T, L)
         return self.output(torch.cat([gmf, mlp], dim=-1)).squeeze(-1)
 
     def score_all(self, users: Tensor) -> Tensor:
@@ -123,12 +135,30 @@ class NeuMF(nn.Module):
 
     def l2_terms(self, users: Tensor, items: Tensor) -> Tensor:
         """Squared norm of the embedding rows a batch touches, per sample (B,)."""
-        user = self.user_gmf(users).pow(2).sum(-1) + self.user_mlp(users).pow(2).sum(-1)
-        item = self.item_gmf(items).pow(2).sum((-2, -1))
-        return user + item + self.item_mlp(items).pow(2).sum((-2, -1))
+        return l2_rows(self, lookup_rows(self, users, items))
 
 
 Recommender = MF | NeuMF
+
+
+def lookup_rows(model: Recommender, users: Tensor, items: Tensor) -> dict[str, Tensor]:
+    """The rows a batch reads: user tables at ``users`` (B,), item tables at ``items`` (B, T).
+
+    Every table is read with a single lookup per batch; DP training substitutes its
+    own gathered rows here (see :mod:`common.privacy.dpsgd`).
+    """
+    rows = {name: getattr(model, name)(users) for name in model.user_tables}
+    rows.update({name: getattr(model, name)(items) for name in model.item_tables})
+    return rows
+
+
+def l2_rows(model: Recommender, rows: dict[str, Tensor]) -> Tensor:
+    """Per-sample (B,) squared norm of the embedding rows in ``rows``."""
+    total = torch.zeros(())
+    for name in model.l2_tables:
+        r = rows[name]
+        total = total + r.pow(2).sum(tuple(range(1, r.dim())))
+    return total
 
 
 def build_model(

@@ -1,0 +1,322 @@
+"""DP-SGD for embedding recommenders: sparse per-sample clipping and lazy noise.
+
+Opacus' per-sample gradients for ``nn.Embedding`` materialise a
+(batch × catalogue × dim) tensor; this engine never does. Per step:
+
+1. The rows a batch reads are gathered from each embedding table and made
+   autograd leaves, one copy per sample, so a single ordinary backward pass
+   yields each sample's gradient for exactly the rows it touched (O(B·T·d)).
+   Dense layers (NeuMF's MLP and output layer, the global bias) get per-sample
+   gradients from Opacus' grad samplers fed by forward/backward hooks.
+2. Each sample's gradient norm over all *released* parameters is exact and
+   duplicate-aware: an item read twice by one sample counts as the sum of both
+   reads (‖Σ_{t: id_t = r} g_t‖², summed over distinct rows r).
+3. Each sample is scaled by ``min(1, C / ‖g_b‖)``; the clipped rows are
+   ``index_add``-ed into their tables, dense gradients summed.
+4. Gaussian noise N(0, σ²C²) is added to the sum; the update is
+   ``θ ← θ − η/B̄ · (Σ_b clip(g_b) + noise)`` with B̄ the *expected* batch size
+   (Poisson sampling). Embedding tables get their noise lazily (plain SGD only):
+   a row not read between steps t₁ and t₂ owes the sum of its noise, one draw of
+   N(0, (t₂ − t₁)·σ²C²)·(η/B̄)², added the next time it is read and by
+   :meth:`SparseDPSGD.flush` before the table is released. Intermediate
+   iterates are never released, so the output has the distribution of dense
+   DP-SGD, and a step costs O(B·T·d) whatever the catalogue size.
+
+Tables listed as ``private_tables`` (the users' own rows under user-level DP)
+are neither clipped nor noised: their gradient is that user's own, they never
+leave the silo, and they are updated with their own learning rate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from opacus.grad_sample.linear import compute_linear_grad_sample
+from torch import Tensor, nn
+
+from common.models import GlobalBias, Recommender
+
+PerSampleLoss = Callable[[dict[str, Tensor]], Tensor]
+
+
+def _global_bias_grad_sample(
+    layer: GlobalBias, activations: list[Tensor], backprops: Tensor
+) -> dict[nn.Parameter, Tensor]:
+    """Per-sample gradient of the global offset: the sum of its output gradients."""
+    return {layer.value: backprops.reshape(len(backprops), -1).sum(1, keepdim=True)}
+
+
+# Per-sample gradient functions for the dense (non-embedding) layers; Linear is
+# Opacus' own grad sampler.
+GRAD_SAMPLERS: dict[type[nn.Module], Callable[..., dict[nn.Parameter, Tensor]]] = {
+    nn.Linear: compute_linear_grad_sample,
+    GlobalBias: _global_bias_grad_sample,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class StepStats:
+    """What one DP-SGD step did."""
+
+    batch_size: int
+    loss: float  # mean per-sample loss (nan for an empty batch)
+    clipped_fraction: float  # samples whose norm exceeded C (nan for an empty batch)
+
+
+class SparseDPSGD:
+    """DP-SGD with plain SGD on one recommender (see module docstring).
+
+    Parameters
+    ----------
+    model : Recommender
+        Trained in place. Its hooks are removed by :meth:`close`.
+    noise_multiplier : float
+        σ: noise std per coordinate is σ·C on the sum of clipped gradients.
+    clip : float
+        C, the per-sample L2 norm bound over all released parameters (``inf`` = none).
+    lr : float
+        η for the released parameters; the update divides by ``expected_batch_size``.
+    expected_batch_size : float
+        B̄ = q·N under Poisson sampling (never the realised batch size, which leaks).
+    private_tables : iterable of str
+        Embedding tables trained without clipping or noise (users' own rows).
+    private_lr : float
+        Learning rate for the private rows (applied to each user's own gradient).
+    generator : torch.Generator, optional
+        Source of the Gaussian noise.
+    lazy : bool
+        Lazy table noise (default). ``False`` adds dense noise to every row of every
+        noised table each step: the reference the lazy form is tested against.
+    """
+
+    def __init__(
+        self,
+        model: Recommender,
+        *,
+        noise_multiplier: float,
+        clip: float,
+        lr: float,
+        expected_batch_size: float,
+        private_tables: Iterable[str] = (),
+        private_lr: float = 0.0,
+        generator: torch.Generator | None = None,
+        lazy: bool = True,
+    ) -> None:
+        if noise_multiplier < 0 or clip <= 0 or lr <= 0 or expected_batch_size <= 0:
+            raise ValueError("noise_multiplier >= 0, clip > 0, lr > 0, expected batch > 0")
+        if noise_multiplier > 0 and math.isinf(clip):
+            raise ValueError("noise needs a finite clip norm")
+        self.model = model
+        self.sigma = noise_multiplier
+        self.clip = clip
+        self.lr = lr
+        self.expected_batch_size = expected_batch_size
+        self.private = tuple(private_tables)
+        self.private_lr = private_lr
+        self.generator = generator
+        self.lazy = lazy
+        self.last_norms = torch.zeros(0)  # per-sample norms of the last step (diagnostics)
+        self.user_tables = tuple(model.user_tables)
+        self.item_tables = tuple(model.item_tables)
+        unknown = set(self.private) - set(self.user_tables) - set(self.item_tables)
+        if unknown:
+            raise ValueError(f"private tables {sorted(unknown)} are not tables of the model")
+        self.noised = tuple(t for t in (*self.user_tables, *self.item_tables) if t not in self.private)
+        self.step_count = 0
+        device = next(model.parameters()).device
+        # Step up to which each row of a noised table has received its noise.
+        self._noised_up_to = {
+            name: torch.zeros(self._table(name).num_embeddings, dtype=torch.long, device=device)
+            for name in self.noised
+        }
+        self._dense_layers = self._find_dense_layers()
+        self._captured: dict[nn.Module, tuple[Tensor, Tensor | None]] = {}
+        self._capturing = False
+        self._handles = [m.register_forward_hook(self._capture) for m in self._dense_layers]
+
+    # ------------------------------------------------------------------ setup
+    def _table(self, name: str) -> nn.Embedding:
+        return getattr(self.model, name)
+
+    def _find_dense_layers(self) -> list[nn.Module]:
+        tables = {id(self._table(t).weight) for t in (*self.user_tables, *self.item_tables)}
+        covered = set(tables)
+        layers = []
+        for module in self.model.modules():
+            if type(module) in GRAD_SAMPLERS:
+                layers.append(module)
+                covered |= {id(p) for p in module.parameters(recurse=False)}
+        uncovered = [n for n, p in self.model.named_parameters() if id(p) not in covered]
+        if uncovered:
+            raise ValueError(f"no per-sample gradient rule for parameters {uncovered}")
+        return layers
+
+    def _capture(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        if not (self._capturing and output.requires_grad):
+            return
+        activation = inputs[0].detach()
+        self._captured[module] = (activation, None)
+
+        def keep_backprop(grad: Tensor) -> None:
+            self._captured[module] = (activation, grad.detach())
+
+        output.register_hook(keep_backprop)
+
+    def close(self) -> None:
+        """Remove the hooks from the model (flush first if the tables are released)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # ------------------------------------------------------------------ noise
+    def _row_noise_std(self) -> float:
+        return self.sigma * self.clip * self.lr / self.expected_batch_size
+
+    def _add_owed_noise(self, name: str, rows: Tensor, up_to: int) -> None:
+        """Bring ``rows`` (unique ids) of table ``name`` up to date through step ``up_to``."""
+        if self.sigma == 0.0 or rows.numel() == 0:
+            self._noised_up_to[name][rows] = up_to
+            return
+        owed = (up_to - self._noised_up_to[name][rows]).clamp(min=0)
+        weight = self._table(name).weight
+        noise = torch.randn(
+            (len(rows), weight.shape[1]), generator=self.generator, device=weight.device
+        )
+        with torch.no_grad():
+            weight[rows] += noise * (owed.to(weight.dtype).sqrt() * self._row_noise_std())[:, None]
+        self._noised_up_to[name][rows] = up_to
+
+    def _all_rows(self, name: str) -> Tensor:
+        last = self._noised_up_to[name]
+        return torch.arange(len(last), device=last.device)
+
+    def flush(self) -> None:
+        """Add all owed noise to every row (call before releasing the tables)."""
+        for name in self.noised:
+            self._add_owed_noise(name, self._all_rows(name), self.step_count)
+
+    # ------------------------------------------------------------------ step
+    def step(self, users: Tensor, items: Tensor, per_sample_loss: PerSampleLoss) -> StepStats:
+        """One DP-SGD step on the Poisson batch ``users`` (B,), ``items`` (B, T).
+
+        ``per_sample_loss(rows)`` gets the looked-up rows (see
+        :func:`common.models.lookup_rows`) and returns each sample's loss (B,).
+        An empty batch is a noise-only step.
+        """
+        self.step_count += 1
+        t = self.step_count
+        batch = len(users)
+        ids_of = {name: users for name in self.user_tables}
+        ids_of.update({name: items for name in self.item_tables})
+        # 1. rows read this step must hold all noise of steps before it
+        touched = {
+            name: torch.unique(ids_of[name]) if self.lazy else self._all_rows(name)
+            for name in self.noised
+        }
+        for name in self.noised:
+            self._add_owed_noise(name, touched[name], t - 1)
+        if batch == 0:
+            self._dense_noise_only()
+            for name in self.noised:
+                self._add_owed_noise(name, touched[name], t)
+            return StepStats(0, math.nan, math.nan)
+
+        # 2. forward/backward with gathered rows as leaves
+        rows = {
+            name: self._table(name).weight.detach()[ids].requires_grad_(True)
+            for name, ids in ids_of.items()
+        }
+        self._captured.clear()
+        self._capturing = True
+        try:
+            losses = per_sample_loss(rows)
+            if losses.shape != (batch,):
+                raise ValueError(f"per-sample loss must have shape ({batch},), got {tuple(losses.shape)}")
+            losses.sum().backward()
+        finally:
+            self._capturing = False
+        dense = self._dense_grad_samples(batch)
+
+        # 3. exact per-sample norms over released parameters, clip factors
+        sq = torch.zeros(batch, device=users.device)
+        user_noised = [n for n in self.user_tables if n in self.noised]
+        for name in user_noised:
+            sq += rows[name].grad.pow(2).sum(1)
+        item_noised = [n for n in self.item_tables if n in self.noised]
+        if item_noised:
+            sq += _duplicate_aware_sq_norms(
+                items, torch.cat([rows[n].grad for n in item_noised], dim=-1), self._vocab(item_noised)
+            )
+        for grads in dense.values():
+            sq += grads.reshape(batch, -1).pow(2).sum(1)
+        norms = sq.sqrt()
+        self.last_norms = norms.detach()
+        factor = (self.clip / (norms + 1e-6)).clamp(max=1.0) if math.isfinite(self.clip) else torch.ones_like(norms)
+
+        # 4. update: clipped sum + noise, scaled by η / B̄
+        scale = self.lr / self.expected_batch_size
+        with torch.no_grad():
+            for name in self.noised:
+                grad = rows[name].grad
+                flat_ids = ids_of[name].reshape(-1)
+                weighted = (grad * factor.view(-1, *([1] * (grad.dim() - 1)))).reshape(len(flat_ids), -1)
+                self._table(name).weight.index_add_(0, flat_ids, weighted, alpha=-scale)
+                self._add_owed_noise(name, touched[name], t)
+            for name in self.private:
+                grad = rows[name].grad
+                flat_ids = ids_of[name].reshape(-1)
+                self._table(name).weight.index_add_(
+                    0, flat_ids, grad.reshape(len(flat_ids), -1), alpha=-self.private_lr
+                )
+            for param, grads in dense.items():
+                total = torch.einsum("b,b...->...", factor, grads)
+                param -= scale * (total + self._dense_noise(param))
+        clipped = float((norms > self.clip).float().mean()) if math.isfinite(self.clip) else 0.0
+        return StepStats(batch, float(losses.detach().mean()), clipped)
+
+    def _vocab(self, names: list[str]) -> int:
+        return self._table(names[0]).num_embeddings
+
+    def _dense_grad_samples(self, batch: int) -> dict[nn.Parameter, Tensor]:
+        out: dict[nn.Parameter, Tensor] = {}
+        for module in self._dense_layers:
+            activation, backprop = self._captured.get(module, (None, None))
+            if activation is None or backprop is None:
+                # The layer did not take part: its per-sample gradients are zero.
+                for p in module.parameters(recurse=False):
+                    out[p] = torch.zeros((batch, *p.shape), device=p.device)
+                continue
+            out.update(GRAD_SAMPLERS[type(module)](module, [activation], backprop))
+        self._captured.clear()
+        return out
+
+    def _dense_noise(self, param: Tensor) -> Tensor:
+        if self.sigma == 0.0:
+            return torch.zeros_like(param)
+        noise = torch.randn(param.shape, generator=self.generator, device=param.device)
+        return noise * (self.sigma * self.clip)
+
+    def _dense_noise_only(self) -> None:
+        scale = self.lr / self.expected_batch_size
+        with torch.no_grad():
+            for module in self._dense_layers:
+                for p in module.parameters(recurse=False):
+                    p -= scale * self._dense_noise(p)
+
+
+def _duplicate_aware_sq_norms(ids: Tensor, grads: Tensor, vocab: int) -> Tensor:
+    """Per-sample ‖g_b‖² where reads of the same row within a sample are summed first.
+
+    ``ids`` (B, T) row ids, ``grads`` (B, T, D) gradients of each read. Returns (B,).
+    """
+    batch, reads = ids.shape
+    sample = torch.arange(batch, device=ids.device).repeat_interleave(reads)
+    keys = sample * vocab + ids.reshape(-1)
+    unique, inverse = torch.unique(keys, return_inverse=True)
+    summed = torch.zeros((len(unique), grads.shape[-1]), dtype=grads.dtype, device=grads.device)
+    summed.index_add_(0, inverse, grads.reshape(batch * reads, -1))
+    out = torch.zeros(batch, dtype=grads.dtype, device=grads.device)
+    return out.index_add_(0, unique // vocab, summed.pow(2).sum(1))

@@ -1,0 +1,191 @@
+"""Local DP training of one silo: Poisson sampling over privacy units, DP-SGD steps.
+
+Unit ``user``: one DP sample is one user — up to ``max_positives`` of their training
+positives (a random subset when they have more) with ``k`` negatives each, padded
+and masked; the per-sample loss is the mean over those positives. Users' own rows
+are trained without noise (they never leave the silo; joint DP).
+
+Unit ``interaction``: one DP sample is one training interaction (a positive and
+its negatives). A user's row then depends on all of their interactions, and every
+other interaction's item gradient depends on that row, so un-noised user rows would
+leak across records: in this mode user rows are clipped and noised like item rows.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numpy.typing import NDArray
+from torch import Tensor
+
+from common.config import TrainSettings
+from common.data.split import UserSplit
+from common.models import Recommender
+from common.privacy.accounting import MechanismUse
+from common.privacy.dpsgd import SparseDPSGD
+from common.training import TrainStats, sample_train_negatives, train_item_keys
+
+Unit = Literal["user", "interaction"]
+
+
+class UnitSampler:
+    """Poisson batches over a silo's privacy units.
+
+    Parameters
+    ----------
+    split : UserSplit
+        The silo's training interactions.
+    unit : "user" | "interaction"
+        What one DP sample is.
+    expected_batch_size : int
+        B̄; the sampling rate is q = min(1, B̄ / N) for N units.
+    max_positives : int
+        User unit: positives per user per step (a random subset when more).
+    """
+
+    def __init__(
+        self, split: UserSplit, unit: Unit, expected_batch_size: int, max_positives: int
+    ) -> None:
+        order = np.argsort(split.train_user, kind="stable")
+        self.users_sorted = split.train_user[order]
+        self.items_sorted = split.train_item[order]
+        self.unit = unit
+        self.max_positives = max_positives if unit == "user" else 1
+        if unit == "user":
+            self.units, starts = np.unique(self.users_sorted, return_index=True)
+            self.starts = starts
+            self.counts = np.diff(np.append(starts, len(self.users_sorted)))
+        else:
+            self.units = np.arange(len(self.users_sorted))
+        self.population = len(self.units)
+        if self.population == 0:
+            raise ValueError("the silo has no training interactions")
+        self.sample_rate = min(1.0, expected_batch_size / self.population)
+        self.expected_batch_size = self.sample_rate * self.population
+
+    def sample(self, rng: np.random.Generator) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.bool_]]:
+        """One Poisson batch: users (B,), positives (B, P), mask (B, P)."""
+        chosen = np.flatnonzero(rng.random(self.population) < self.sample_rate)
+        if self.unit == "interaction":
+            users = self.users_sorted[chosen]
+            return users, self.items_sorted[chosen, None], np.ones((len(chosen), 1), bool)
+        users = self.units[chosen]
+        counts = self.counts[chosen]
+        width = int(min(self.max_positives, counts.max())) if len(chosen) else 1
+        positives = np.zeros((len(chosen), width), dtype=np.int64)
+        mask = np.zeros((len(chosen), width), dtype=bool)
+        for row, (start, count) in enumerate(zip(self.starts[chosen], counts, strict=True)):
+            picks = self.items_sorted[start : start + count]
+            if count > width:
+                picks = rng.choice(picks, size=width, replace=False)
+            positives[row, : len(picks)] = picks
+            mask[row, : len(picks)] = True
+        return users, positives, mask
+
+
+def steps_per_round(sample_rate: float, local_epochs: int) -> int:
+    """DP-SGD steps that make ``local_epochs`` expected passes over the units."""
+    return max(1, math.ceil(local_epochs / sample_rate - 1e-9))
+
+
+def per_sample_losses(
+    model: Recommender,
+    rows: dict[str, Tensor],
+    mask: Tensor,
+    settings: TrainSettings,
+) -> Tensor:
+    """Loss (B,) of each sample: mean over its (unmasked) positives of BCE/BPR + L2.
+
+    ``rows`` hold item rows for (B, P·(1+k)) reads laid out positive-major.
+    """
+    batch, width = mask.shape
+    logits = model.score_rows(rows).reshape(batch, width, -1)  # (B, P, 1+k)
+    if settings.loss == "bce":
+        labels = torch.zeros_like(logits)
+        labels[..., 0] = 1.0
+        loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").sum(-1)
+    else:
+        loss = -F.logsigmoid(logits[..., :1] - logits[..., 1:]).mean(-1)
+    weights = mask.to(loss.dtype) / mask.sum(1, keepdim=True).clamp(min=1)
+    user_rows = {n: rows[n] for n in model.user_tables}
+    item_rows = {
+        n: rows[n].reshape(batch, width, -1, rows[n].shape[-1]) for n in model.item_tables
+    }
+    user_l2 = sum((r.pow(2).sum(-1) for n, r in user_rows.items() if n in model.l2_tables), torch.zeros(batch, device=mask.device))
+    item_l2 = sum((r.pow(2).sum((-2, -1)) for n, r in item_rows.items() if n in model.l2_tables), torch.zeros(batch, width, device=mask.device))
+    return (weights * (loss + settings.l2 * item_l2)).sum(1) + settings.l2 * user_l2
+
+
+@dataclass(frozen=True, slots=True)
+class LocalDPSettings:
+    """Mechanism parameters of one silo's DP-SGD."""
+
+    unit: Unit
+    noise_multiplier: float
+    clip: float
+    lr: float
+    user_lr: float
+    expected_batch_size: int
+    max_positives: int
+
+
+def dp_train(
+    model: Recommender,
+    split: UserSplit,
+    settings: TrainSettings,
+    dp: LocalDPSettings,
+    *,
+    steps: int,
+    rng: np.random.Generator,
+    generator: torch.Generator,
+    device: torch.device,
+) -> tuple[TrainStats, MechanismUse]:
+    """Run ``steps`` DP-SGD steps; returns training stats and the mechanism use to account.
+
+    All owed lazy noise is added before returning, so the shared tables may be released.
+    """
+    start = time.perf_counter()
+    sampler = UnitSampler(split, dp.unit, dp.expected_batch_size, dp.max_positives)
+    keys = train_item_keys(split)
+    model.to(device).train()
+    engine = SparseDPSGD(
+        model,
+        noise_multiplier=dp.noise_multiplier,
+        clip=dp.clip,
+        lr=dp.lr,
+        expected_batch_size=sampler.expected_batch_size,
+        private_tables=model.user_tables if dp.unit == "user" else (),
+        private_lr=dp.user_lr,
+        generator=generator,
+    )
+    total, counted, seen = 0.0, 0, 0
+    try:
+        for _ in range(steps):
+            users, positives, mask = sampler.sample(rng)
+            batch, width = positives.shape
+            negatives = sample_train_negatives(
+                keys, np.repeat(users, width), settings.num_negatives, split.num_items, rng
+            ).reshape(batch, width, -1)
+            items = np.concatenate([positives[..., None], negatives], axis=-1).reshape(batch, -1)
+            users_t = torch.from_numpy(users).to(device)
+            items_t = torch.from_numpy(items).to(device)
+            mask_t = torch.from_numpy(mask).to(device)
+            stats = engine.step(
+                users_t, items_t, lambda rows, m=mask_t: per_sample_losses(model, rows, m, settings)
+            )
+            if stats.batch_size:
+                total += stats.loss
+                counted += 1
+                seen += int(mask.sum())
+        engine.flush()
+    finally:
+        engine.close()
+    mean_loss = total / counted if counted else math.nan
+    use = MechanismUse(dp.noise_multiplier, sampler.sample_rate, steps)
+    return TrainStats(seen, steps, mean_loss, time.perf_counter() - start), use
