@@ -1,13 +1,17 @@
 """fedrec ClientApp: wires Flower messages to a silo's training and evaluation."""
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
+from logging import INFO
 
-from client import silo, state
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.supercore import log
+
+from client import privacy, silo, state
 from common import records
 from common.config import AppConfig, NodeConfig
 from common.data.pipeline import SiloData, silo_data
 from common.models import Recommender, shared_state
+from common.training import TrainStats
 
 app = ClientApp()
 
@@ -40,23 +44,60 @@ def _prepare(
 # ---------------------------------------------------------------- handlers
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the silo's users on the received shared model; return shared params only."""
+    """Train the silo's users on the received shared model; return shared params only.
+
+    Under local DP the silo first checks its budget: a round that would take its ε
+    above ``privacy.target-epsilon`` is declined with a normal reply that says so.
+    """
     cfg, node, data, model = _prepare(msg, context)
     server_round = int(msg.content.config_records[records.CONFIG][records.SERVER_ROUND])
-    stats = silo.train_round(model, cfg, data, node.partition_id, server_round)
+    if not cfg.privacy.local:
+        stats = silo.train_round(model, cfg, data, node.partition_id, server_round)
+        state.save_user_params(context.state, model)
+        return _train_reply(msg, model, stats.num_examples, stats, None)
+
+    acc = privacy.load_accountant(context.state, cfg, data.split)
+    result = privacy.private_round(model, cfg, data.split, acc, server_round, silo.device())
+    model.cpu()
+    summary = privacy.reply_record(
+        acc, result, node.partition_id, cfg.privacy.clip, cfg.privacy.target_epsilon
+    )
+    if not result.trained:
+        log(
+            INFO,
+            "silo %d declines round %d: ε would reach %.3f > budget %.3f (spent %.3f)",
+            node.partition_id, server_round, result.epsilon_if_trained,
+            cfg.privacy.target_epsilon, result.epsilon,
+        )
+        return Message(content=RecordDict({records.PRIVACY: summary}), reply_to=msg)
+    privacy.save_accountant(context.state, acc)
     state.save_user_params(context.state, model)
+    # FedAvg weight: the silo's population of privacy units (public: it sets q), not
+    # the data-dependent count of sampled examples.
+    return _train_reply(msg, model, acc.population, result.stats, summary)
+
+
+def _train_reply(
+    msg: Message,
+    model: Recommender,
+    weight: int,
+    stats: TrainStats,
+    summary: ConfigRecord | None,
+) -> Message:
     content = RecordDict(
         {
             records.ARRAYS: ArrayRecord(torch_state_dict=shared_state(model)),
             records.METRICS: MetricRecord(
                 {
-                    records.NUM_EXAMPLES: stats.num_examples,
+                    records.NUM_EXAMPLES: weight,
                     records.TRAIN_LOSS: stats.mean_loss,
                     records.TRAIN_SECONDS: stats.seconds,
                 }
             ),
         }
     )
+    if summary is not None:
+        content[records.PRIVACY] = summary
     return Message(content=content, reply_to=msg)
 
 

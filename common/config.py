@@ -88,6 +88,43 @@ class StrategySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class PrivacySettings:
+    """Differential privacy: local DP-SGD in each silo and/or central DP-FedAvg.
+
+    A value of 0 for a noise multiplier means "calibrate it to the target ε over
+    the planned rounds"; 0 for a δ means "1/N^1.1 for the N privacy units"; 0 for
+    a target ε means "no budget" (only with an explicit noise multiplier).
+    """
+
+    mode: Literal["none", "local", "central", "local+central"]
+    unit: Literal["user", "interaction"]
+    noise_multiplier: float
+    clip: float
+    target_epsilon: float
+    delta: float
+    accountant: Literal["pld", "rdp"]
+    batch_size: int
+    lr: float
+    user_lr: float
+    max_positives: int
+    central_noise_multiplier: float
+    central_clip: float
+    central_sample_rate: float
+    central_target_epsilon: float
+    central_delta: float
+
+    @property
+    def local(self) -> bool:
+        """Whether silos run DP-SGD."""
+        return self.mode in ("local", "local+central")
+
+    @property
+    def central(self) -> bool:
+        """Whether the server runs client-level DP-FedAvg."""
+        return self.mode in ("central", "local+central")
+
+
+@dataclass(frozen=True, slots=True)
 class AppConfig:
     """All settings of one fedrec run."""
 
@@ -99,6 +136,7 @@ class AppConfig:
     train: TrainSettings
     eval: EvalSettings
     strategy: StrategySettings
+    privacy: PrivacySettings
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Scalar]) -> AppConfig:
@@ -159,6 +197,26 @@ class AppConfig:
                 min_nodes=r.int("strategy.min-nodes", lo=1),
                 timeout=r.float("strategy.timeout", lo=0.0, lo_open=True),
             ),
+            privacy=PrivacySettings(
+                mode=r.choice("privacy.mode", ("none", "local", "central", "local+central")),
+                unit=r.choice("privacy.unit", ("user", "interaction")),
+                noise_multiplier=r.float("privacy.noise-multiplier", lo=0.0),
+                clip=r.float("privacy.clip", lo=0.0, lo_open=True),
+                target_epsilon=r.float("privacy.target-epsilon", lo=0.0),
+                delta=r.float("privacy.delta", lo=0.0, hi=0.5),
+                accountant=r.choice("privacy.accountant", ("pld", "rdp")),
+                batch_size=r.int("privacy.batch-size", lo=1),
+                lr=r.float("privacy.lr", lo=0.0, lo_open=True),
+                user_lr=r.float("privacy.user-lr", lo=0.0),
+                max_positives=r.int("privacy.max-positives", lo=1),
+                central_noise_multiplier=r.float("privacy.central-noise-multiplier", lo=0.0),
+                central_clip=r.float("privacy.central-clip", lo=0.0, lo_open=True),
+                central_sample_rate=r.float(
+                    "privacy.central-sample-rate", lo=0.0, hi=1.0, lo_open=True
+                ),
+                central_target_epsilon=r.float("privacy.central-target-epsilon", lo=0.0),
+                central_delta=r.float("privacy.central-delta", lo=0.0, hi=0.5),
+            ),
         )
         r.reject_unknown()
         if cfg.data.dataset != "synthetic" and not cfg.data.path:
@@ -168,6 +226,22 @@ class AppConfig:
             )
         if cfg.model.name == "neumf" and cfg.model.mlp_layers[0] % 2:
             raise ConfigError("model.mlp-layers: the first width must be even")
+        p = cfg.privacy
+        if p.local and p.noise_multiplier == 0 and p.target_epsilon == 0:
+            raise ConfigError(
+                "privacy.noise-multiplier: local DP needs a noise multiplier or a "
+                "privacy.target-epsilon to calibrate it to"
+            )
+        if p.central and cfg.strategy.fraction_train != 1.0:
+            raise ConfigError(
+                "strategy.fraction-train: central DP samples silos itself "
+                "(privacy.central-sample-rate); leave strategy.fraction-train at 1.0"
+            )
+        if p.central and p.central_noise_multiplier == 0 and p.central_target_epsilon == 0:
+            raise ConfigError(
+                "privacy.central-noise-multiplier: central DP needs a noise multiplier or a "
+                "privacy.central-target-epsilon to calibrate it to"
+            )
         return cfg
 
 

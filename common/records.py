@@ -4,6 +4,8 @@ ARRAYS = "arrays"  # ArrayRecord of shared parameters (server -> silo, silo -> s
 CONFIG = "config"  # ConfigRecord of per-round instructions (server -> silo)
 METRICS = "metrics"  # MetricRecord of training stats or evaluation sums (silo -> server)
 
+PRIVACY = "privacy"  # ConfigRecord of a silo's local-DP summary (silo -> server)
+
 NUM_EXAMPLES = "num-examples"  # FedAvg weight: training positives in the silo
 SERVER_ROUND = "server-round"  # set by Flower's strategies in every instruction
 TRAIN_LOSS = "train-loss"
@@ -12,3 +14,4 @@ TRAIN_SECONDS = "train-seconds"
 # Keys of the node's persistent state (context.state); never sent.
 STATE_USER_PARAMS = "fedrec.user-params"
 STATE_SILO_DATA = "fedrec.silo-data"
+STATE_PRIVACY = "fedrec.privacy"

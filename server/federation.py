@@ -18,6 +18,7 @@ from common.seeding import derive_seed
 from server.loop import run_rounds
 from server.metered_grid import MeteredGrid
 from server.reporting import REPORT_FILE, RunRecorder, default_run_dir
+from server.central_dp import ClientLevelDP
 from server.strategy import SharedModelFedAvg
 
 
@@ -41,8 +42,11 @@ def run_federation(grid: Grid, run_config: Mapping[str, Scalar]) -> Path:
     log(INFO, "fedrec run directory: %s", recorder.run_dir)
 
     num_items = load_interactions(cfg.data, cfg.seed).num_items
+    strategy: SharedModelFedAvg | ClientLevelDP = SharedModelFedAvg(cfg.strategy, cfg.eval.k)
+    if cfg.privacy.central:
+        strategy = ClientLevelDP(strategy, cfg.privacy, cfg.num_server_rounds)
     final = run_rounds(
-        SharedModelFedAvg(cfg.strategy, cfg.eval.k),
+        strategy,
         MeteredGrid(grid),
         initial_shared_arrays(cfg, num_items),
         first_round=1,
@@ -51,6 +55,6 @@ def run_federation(grid: Grid, run_config: Mapping[str, Scalar]) -> Path:
         evaluate_every=cfg.eval.every,
         on_round_end=recorder.record_round,
     )
-    recorder.finish(final, cfg.eval.k)
+    recorder.finish(final, cfg.eval.k, cfg.privacy.mode, strategy.stop_reason)
     log(INFO, "fedrec run finished; report: %s", recorder.run_dir / REPORT_FILE)
     return recorder.run_dir

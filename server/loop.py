@@ -38,10 +38,11 @@ def run_rounds(
     """
     for server_round in range(first_round, last_round + 1):
         start = time.perf_counter()
-        replies = grid.send_and_receive(
-            strategy.configure_train(server_round, arrays, ConfigRecord(), grid),  # type: ignore[arg-type]
-            timeout=timeout,
-        )
+        instructions = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))  # type: ignore[arg-type]
+        if getattr(strategy, "stop_reason", None):
+            log(INFO, "fedrec stops before round %d: %s", server_round, strategy.stop_reason)  # type: ignore[attr-defined]
+            break
+        replies = grid.send_and_receive(instructions, timeout=timeout)
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = new_arrays
@@ -67,9 +68,20 @@ def run_rounds(
             bytes_received=traffic.received,
             missing_nodes=traffic.missing_nodes,
             rejected=rejected,
+            privacy=tuple(
+                e for e in getattr(strategy, "privacy_log", []) if e["round"] == server_round
+            ),
+            central=next(
+                (e for e in getattr(strategy, "log", []) if e["round"] == server_round), None
+            ),
         )
         on_round_end(record, arrays)
         log(INFO, "fedrec %s", progress_line(record, last_round))
+        for line in privacy_lines(record):
+            log(INFO, "fedrec   %s", line)
+        if getattr(strategy, "stop_reason", None):
+            log(INFO, "fedrec stops after round %d: %s", server_round, strategy.stop_reason)  # type: ignore[attr-defined]
+            break
     return arrays
 
 
@@ -87,3 +99,23 @@ def progress_line(record: RoundRecord, last_round: int) -> str:
     if record.missing_nodes:
         parts.append(f"missing nodes {list(record.missing_nodes)}")
     return " | ".join(parts)
+
+
+def privacy_lines(record: RoundRecord) -> list[str]:
+    """ε of every silo (and of the server's central DP) after the round."""
+    lines = []
+    for e in sorted(record.privacy, key=lambda e: e["partition-id"]):
+        status = "trained" if e["trained"] else f"DECLINED (next round would be ε={e['epsilon-if-trained']:.3f})"
+        lines.append(
+            f"silo {e['partition-id']}: ε={e['epsilon']:.3f} (budget {e['target-epsilon']:g}) "
+            f"δ={e['delta']:.2e} unit={e['unit']} σ={e['noise-multiplier']:.3f} "
+            f"q={e['sample-rate']:.3f} steps={e['total-steps']} {status}"
+        )
+    if record.central is not None:
+        c = record.central
+        lines.append(
+            f"server (central DP, unit=silo): ε={c['epsilon']:.3f} δ={c['delta']:.2e} "
+            f"z={c['noise-multiplier']:.3f} q={c['sample-rate']:.3f} S={c['clip']:g} "
+            f"silos aggregated {c['aggregated']}/{c['population']}"
+        )
+    return lines

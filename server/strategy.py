@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from logging import WARNING
+from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -27,7 +28,12 @@ class SharedModelFedAvg(FedAvg):
       in :attr:`rejected`;
     * evaluation replies carry *sums*, which are added up and then turned into
       metrics (:func:`common.evaluation.summarize`) rather than averaged;
-    * training metrics: loss is the example-weighted mean, time is the slowest silo.
+    * training metrics: loss is the example-weighted mean, time is the slowest silo;
+    * a silo under local DP attaches its privacy summary (ε so far, δ, σ, q, steps);
+      the summaries are kept per silo in :attr:`privacy_log` (never averaged), and a
+      silo that declined the round because of its budget is recorded in
+      :attr:`declined`, not treated as an error. When every reply of a round is a
+      decline, :attr:`stop_reason` says so.
     """
 
     def __init__(self, settings: StrategySettings, k: int) -> None:
@@ -45,6 +51,9 @@ class SharedModelFedAvg(FedAvg):
         )
         self.current: ArrayRecord | None = None
         self.rejected: list[tuple[int, int, str]] = []  # (round, node id, reason)
+        self.privacy_log: list[dict[str, Any]] = []  # one entry per silo and round
+        self.declined: list[tuple[int, int]] = []  # (round, partition id)
+        self.stop_reason: str | None = None
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -57,16 +66,36 @@ class SharedModelFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Drop malformed updates (recorded in :attr:`rejected`), then FedAvg."""
-        accepted = []
+        return super().aggregate_train(server_round, self.accepted_replies(server_round, replies))
+
+    def accepted_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """The valid updates of a round; records rejections, privacy summaries, declines."""
+        accepted, seen = [], 0
         for msg in replies:
+            seen += 1
+            node = msg.metadata.src_node_id
+            if not msg.has_error() and records.PRIVACY in msg.content.config_records:
+                summary = dict(msg.content.config_records[records.PRIVACY])
+                self.privacy_log.append({"round": server_round, "node": node, **summary})
+                if not summary.get("trained", True):
+                    self.declined.append((server_round, int(summary["partition-id"])))  # type: ignore[arg-type]
+                    log(
+                        INFO,
+                        "round %d: silo %s declined (privacy budget): ε %.3f, next round would be %.3f",
+                        server_round, summary["partition-id"], summary["epsilon"],
+                        summary["epsilon-if-trained"],
+                    )
+                    continue
             reason = None if msg.has_error() else self._invalid_reason(msg.content)
             if reason is None:
                 accepted.append(msg)
             else:
-                node = msg.metadata.src_node_id
                 self.rejected.append((server_round, node, reason))
                 log(WARNING, "round %d: rejected update of node %d: %s", server_round, node, reason)
-        return super().aggregate_train(server_round, accepted)
+        declined = sum(1 for r, _ in self.declined if r == server_round)
+        if seen and declined == seen:
+            self.stop_reason = f"every silo reached its privacy budget (round {server_round})"
+        return accepted
 
     def _invalid_reason(self, content: RecordDict) -> str | None:
         if self.current is None:

@@ -124,6 +124,7 @@ def would_exceed(
     return eps > budget, eps
 
 
+@lru_cache(maxsize=256)
 def calibrate_noise(
     sample_rate: float,
     steps: int,

@@ -1,0 +1,206 @@
+"""A silo's local differential privacy: its accountant, budget and DP-SGD round.
+
+The accountant is the silo's *history* of mechanism uses (one entry per round it
+trained), kept in node state (``context.state``) between ClientApp calls; ε is
+always recomputed by composing every step of every entry, so it never resets
+when the ClientApp is rebuilt. Nothing in this history leaves the silo except the
+per-round summary each reply carries (ε so far, δ, unit, σ, q, steps).
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, RecordDict
+
+from common import records
+from common.config import AppConfig
+from common.data.split import UserSplit
+from common.models import Recommender
+from common.privacy.accounting import (
+    MechanismUse,
+    calibrate_noise,
+    default_delta,
+    epsilon,
+    would_exceed,
+)
+from common.privacy.local import LocalDPSettings, UnitSampler, dp_train, steps_per_round
+from common.training import TrainStats
+
+
+@dataclass(slots=True)
+class SiloAccountant:
+    """Mechanism parameters fixed for the run, and every use so far."""
+
+    unit: str
+    population: int
+    sample_rate: float
+    steps_per_round: int
+    noise_multiplier: float
+    delta: float
+    accountant: str
+    rounds: list[int] = field(default_factory=list)
+    uses: list[MechanismUse] = field(default_factory=list)
+
+    def epsilon(self) -> float:
+        """ε at δ over every step taken so far (the accountant of record)."""
+        return epsilon(self.uses, self.delta, self.accountant)  # type: ignore[arg-type]
+
+    def planned(self) -> MechanismUse:
+        """The mechanism use of one more round."""
+        return MechanismUse(self.noise_multiplier, self.sample_rate, self.steps_per_round)
+
+    def to_record(self) -> ConfigRecord:
+        """Node-state form (also what a silo could write to disk)."""
+        return ConfigRecord(
+            {
+                "unit": self.unit,
+                "population": self.population,
+                "sample-rate": self.sample_rate,
+                "steps-per-round": self.steps_per_round,
+                "noise-multiplier": self.noise_multiplier,
+                "delta": self.delta,
+                "accountant": self.accountant,
+                "rounds": list(self.rounds),
+                "use-noise-multipliers": [u.noise_multiplier for u in self.uses],
+                "use-sample-rates": [u.sample_rate for u in self.uses],
+                "use-steps": [u.steps for u in self.uses],
+            }
+        )
+
+    @classmethod
+    def from_record(cls, rec: ConfigRecord) -> SiloAccountant:
+        """Inverse of :meth:`to_record`."""
+        uses = [
+            MechanismUse(float(s), float(q), int(n))
+            for s, q, n in zip(
+                rec["use-noise-multipliers"], rec["use-sample-rates"], rec["use-steps"], strict=True  # type: ignore[arg-type]
+            )
+        ]
+        return cls(
+            unit=str(rec["unit"]),
+            population=int(rec["population"]),  # type: ignore[arg-type]
+            sample_rate=float(rec["sample-rate"]),  # type: ignore[arg-type]
+            steps_per_round=int(rec["steps-per-round"]),  # type: ignore[arg-type]
+            noise_multiplier=float(rec["noise-multiplier"]),  # type: ignore[arg-type]
+            delta=float(rec["delta"]),  # type: ignore[arg-type]
+            accountant=str(rec["accountant"]),
+            rounds=[int(r) for r in rec["rounds"]],  # type: ignore[union-attr]
+            uses=uses,
+        )
+
+
+def new_accountant(cfg: AppConfig, split: UserSplit) -> SiloAccountant:
+    """Fix the silo's mechanism for the run: q from its population, σ given or calibrated.
+
+    A calibrated σ spends ``target-epsilon`` over ``num-server-rounds`` rounds of
+    ``steps-per-round`` steps (the silo takes part in every round at most).
+    """
+    p = cfg.privacy
+    sampler = UnitSampler(split, p.unit, p.batch_size, p.max_positives)
+    steps = steps_per_round(sampler.sample_rate, cfg.train.local_epochs)
+    delta = p.delta or default_delta(sampler.population)
+    sigma = p.noise_multiplier or calibrate_noise(
+        sampler.sample_rate, steps * cfg.num_server_rounds, p.target_epsilon, delta, p.accountant
+    )
+    return SiloAccountant(
+        unit=p.unit,
+        population=sampler.population,
+        sample_rate=sampler.sample_rate,
+        steps_per_round=steps,
+        noise_multiplier=sigma,
+        delta=delta,
+        accountant=p.accountant,
+    )
+
+
+def load_accountant(state: RecordDict, cfg: AppConfig, split: UserSplit) -> SiloAccountant:
+    """The silo's accountant from node state, created on first use."""
+    if records.STATE_PRIVACY in state.config_records:
+        return SiloAccountant.from_record(state.config_records[records.STATE_PRIVACY])
+    acc = new_accountant(cfg, split)
+    save_accountant(state, acc)
+    return acc
+
+
+def save_accountant(state: RecordDict, acc: SiloAccountant) -> None:
+    """Keep the accountant in node state."""
+    state[records.STATE_PRIVACY] = acc.to_record()
+
+
+@dataclass(frozen=True, slots=True)
+class PrivateRoundResult:
+    """Outcome of one round under local DP."""
+
+    trained: bool
+    stats: TrainStats | None
+    epsilon: float
+    epsilon_if_trained: float  # ε had the silo (also) trained this round
+
+
+def private_round(
+    model: Recommender,
+    cfg: AppConfig,
+    split: UserSplit,
+    acc: SiloAccountant,
+    server_round: int,
+    device: torch.device,
+) -> PrivateRoundResult:
+    """Train one round of DP-SGD unless it would take ε above the budget.
+
+    The budget check runs *before* any step, so a silo never exceeds
+    ``privacy.target-epsilon``. On success ``acc`` holds the new use.
+    """
+    p = cfg.privacy
+    planned = acc.planned()
+    if p.target_epsilon > 0:
+        exceeds, eps_after = would_exceed(acc.uses, planned, acc.delta, p.target_epsilon, p.accountant)
+        if exceeds:
+            return PrivateRoundResult(False, None, acc.epsilon(), eps_after)
+    settings = LocalDPSettings(
+        unit=p.unit,
+        noise_multiplier=acc.noise_multiplier,
+        clip=p.clip,
+        lr=p.lr,
+        user_lr=p.user_lr,
+        expected_batch_size=p.batch_size,
+        max_positives=p.max_positives,
+    )
+    # Noise and sampling come from fresh OS entropy: a seed in the run config would
+    # let anyone who knows it subtract the noise.
+    generator = torch.Generator(device=device).manual_seed(secrets.randbits(63))
+    rng = np.random.default_rng(secrets.randbits(128))
+    stats, use = dp_train(
+        model, split, cfg.train, settings, steps=planned.steps, rng=rng, generator=generator, device=device
+    )
+    acc.rounds.append(server_round)
+    acc.uses.append(use)
+    eps = acc.epsilon()
+    return PrivateRoundResult(True, stats, eps, eps)
+
+
+def reply_record(acc: SiloAccountant, result: PrivateRoundResult, partition_id: int, clip: float, target: float) -> ConfigRecord:
+    """What the server learns about the silo's privacy this round."""
+    return ConfigRecord(
+        {
+            "partition-id": partition_id,
+            "unit": acc.unit,
+            "trained": result.trained,
+            "epsilon": result.epsilon,
+            "epsilon-if-trained": result.epsilon_if_trained,
+            "target-epsilon": target,
+            "delta": acc.delta,
+            "noise-multiplier": acc.noise_multiplier,
+            "sample-rate": acc.sample_rate,
+            "clip": clip,
+            "round-steps": acc.steps_per_round if result.trained else 0,
+            "total-steps": sum(u.steps for u in acc.uses),
+            "rounds-trained": len(acc.rounds),
+            "population": acc.population,
+            "accountant": acc.accountant,
+        }
+    )
+
