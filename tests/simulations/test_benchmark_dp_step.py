@@ -1,0 +1,21 @@
+"""The DP-step benchmark runs every method end to end and prints a complete table."""
+
+import re
+
+from simulations.benchmark_dp_step import METHODS, main
+
+
+def test_tiny_benchmark_prints_a_timed_row_for_every_method(capsys):
+    # Act: tiny sizes, cells in-process (a subprocess per cell would re-import torch six times)
+    rows = main(["--models", "mf", "--items", "500", "--dim", "8", "--batch", "32", "--steps", "2",
+                 "--in-process", "--markdown"])
+    out = capsys.readouterr().out
+    # Assert: one markdown row per method with numeric ms and ratio, then the targets
+    table = {cells[2]: cells for cells in (line.strip("| ").split(" | ") for line in out.splitlines()
+                                           if line.startswith("| mf |"))}
+    assert set(table) == set(METHODS)
+    for method, cells in table.items():
+        assert float(cells[3]) > 0 and float(cells[4]) > 0, method  # median and min ms
+        assert re.fullmatch(r"\d+\.\d\d×( \(best\))?", cells[5]), cells
+    assert [r.result["status"] for r in rows] == ["ok"] * len(METHODS)
+    assert "MF @ 500 items: fedrec" in out and "target ≤ 1.5×" in out
