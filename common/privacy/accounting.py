@@ -25,6 +25,9 @@ AccountantName = Literal["pld", "rdp"]
 # PLD discretisation: ε is an upper bound whose slack is about this interval per
 # composition; 1e-4 is dp-accounting's default and keeps the error far below 0.01.
 _PLD_INTERVAL = 1e-4
+# Below this σ the PLD of a Gaussian needs a huge grid (minutes, tens of GB) while ε is
+# already in the hundreds; such histories are accounted with RDP, a valid upper bound.
+PLD_MIN_NOISE = 0.3
 # Integer orders: dp-accounting's fractional-order series fails to converge (and
 # warns) at the large sampling rates of small silos; integer orders are exact.
 _RDP_ORDERS = list(range(2, 64)) + [80, 96, 128, 192, 256, 512, 1024]
@@ -76,12 +79,17 @@ def merged(uses: Iterable[MechanismUse]) -> list[MechanismUse]:
 def epsilon(
     uses: Sequence[MechanismUse], delta: float, accountant: AccountantName = "pld"
 ) -> float:
-    """ε at ``delta`` of composing every step of ``uses`` (0.0 for no steps)."""
+    """ε at ``delta`` of composing every step of ``uses`` (0.0 for no steps).
+
+    With ``pld``, a history with σ < :data:`PLD_MIN_NOISE` is accounted with RDP.
+    """
     parts = tuple(merged(uses))
     if not parts:
         return 0.0
     if any(u.noise_multiplier == 0.0 for u in parts):
         return math.inf
+    if accountant == "pld" and min(u.noise_multiplier for u in parts) < PLD_MIN_NOISE:
+        accountant = "rdp"
     return _epsilon_cached(parts, delta, accountant)
 
 
