@@ -7,7 +7,8 @@ Opacus' per-sample gradients for ``nn.Embedding`` materialise a
    autograd leaves, one copy per sample, so a single ordinary backward pass
    yields each sample's gradient for exactly the rows it touched (O(B·T·d)).
    Dense layers (NeuMF's MLP and output layer, the global bias) get per-sample
-   gradients from Opacus' grad samplers fed by forward/backward hooks.
+   gradient *norms* from Opacus' ghost-norm (or grad-sample) functions fed by
+   forward hooks, and their clipped sum from one matmul over all reads.
 2. Each sample's gradient norm over all *released* parameters is exact and
    duplicate-aware: an item read twice by one sample counts as the sum of both
    reads (‖Σ_{t: id_t = r} g_t‖², summed over distinct rows r).
@@ -34,7 +35,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-from opacus.grad_sample.linear import compute_linear_grad_sample
+from opacus.grad_sample.linear import compute_linear_grad_sample, compute_linear_norm_sample
 from torch import Tensor, nn
 
 from common.models import GlobalBias, Recommender
@@ -42,19 +43,8 @@ from common.models import GlobalBias, Recommender
 PerSampleLoss = Callable[[dict[str, Tensor]], Tensor]
 
 
-def _global_bias_grad_sample(
-    layer: GlobalBias, activations: list[Tensor], backprops: Tensor
-) -> dict[nn.Parameter, Tensor]:
-    """Per-sample gradient of the global offset: the sum of its output gradients."""
-    return {layer.value: backprops.reshape(len(backprops), -1).sum(1, keepdim=True)}
-
-
-# Per-sample gradient functions for the dense (non-embedding) layers; Linear is
-# Opacus' own grad sampler.
-GRAD_SAMPLERS: dict[type[nn.Module], Callable[..., dict[nn.Parameter, Tensor]]] = {
-    nn.Linear: compute_linear_grad_sample,
-    GlobalBias: _global_bias_grad_sample,
-}
+# Layers with a per-sample gradient rule (see SparseDPSGD._dense_part).
+DENSE_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, GlobalBias)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,10 +117,16 @@ class SparseDPSGD:
         self.noised = tuple(t for t in (*self.user_tables, *self.item_tables) if t not in self.private)
         self.step_count = 0
         device = next(model.parameters()).device
-        # Step up to which each row of a noised table has received its noise.
+        # Noised tables indexed by the same ids (user tables; item tables) share one
+        # record of the step up to which each row has received its noise.
+        self._groups = {
+            group: tuple(t for t in tables if t in self.noised)
+            for group, tables in (("user", self.user_tables), ("item", self.item_tables))
+        }
+        self._groups = {g: tables for g, tables in self._groups.items() if tables}
         self._noised_up_to = {
-            name: torch.zeros(self._table(name).num_embeddings, dtype=torch.long, device=device)
-            for name in self.noised
+            group: torch.zeros(self._table(tables[0]).num_embeddings, dtype=torch.long, device=device)
+            for group, tables in self._groups.items()
         }
         self._dense_layers = self._find_dense_layers()
         self._captured: dict[nn.Module, tuple[Tensor, Tensor | None]] = {}
@@ -146,7 +142,7 @@ class SparseDPSGD:
         covered = set(tables)
         layers = []
         for module in self.model.modules():
-            if type(module) in GRAD_SAMPLERS:
+            if isinstance(module, DENSE_LAYERS):
                 layers.append(module)
                 covered |= {id(p) for p in module.parameters(recurse=False)}
         uncovered = [n for n, p in self.model.named_parameters() if id(p) not in covered]
@@ -175,28 +171,30 @@ class SparseDPSGD:
     def _row_noise_std(self) -> float:
         return self.sigma * self.clip * self.lr / self.expected_batch_size
 
-    def _add_owed_noise(self, name: str, rows: Tensor, up_to: int) -> None:
-        """Bring ``rows`` (unique ids) of table ``name`` up to date through step ``up_to``."""
+    def _add_owed_noise(self, group: str, rows: Tensor, up_to: int) -> None:
+        """Bring ``rows`` (unique ids) of a table group up to date through step ``up_to``."""
         if self.sigma == 0.0 or rows.numel() == 0:
-            self._noised_up_to[name][rows] = up_to
+            self._noised_up_to[group][rows] = up_to
             return
-        owed = (up_to - self._noised_up_to[name][rows]).clamp(min=0)
-        weight = self._table(name).weight
-        noise = torch.randn(
-            (len(rows), weight.shape[1]), generator=self.generator, device=weight.device
-        )
+        owed = (up_to - self._noised_up_to[group][rows]).clamp(min=0)
+        std = owed.to(torch.float32).sqrt_().mul_(self._row_noise_std())[:, None]
         with torch.no_grad():
-            weight[rows] += noise * (owed.to(weight.dtype).sqrt() * self._row_noise_std())[:, None]
-        self._noised_up_to[name][rows] = up_to
+            for name in self._groups[group]:
+                weight = self._table(name).weight
+                noise = torch.randn(
+                    (len(rows), weight.shape[1]), generator=self.generator, device=weight.device
+                )
+                weight.index_add_(0, rows, noise.mul_(std))
+        self._noised_up_to[group][rows] = up_to
 
-    def _all_rows(self, name: str) -> Tensor:
-        last = self._noised_up_to[name]
+    def _all_rows(self, group: str) -> Tensor:
+        last = self._noised_up_to[group]
         return torch.arange(len(last), device=last.device)
 
     def flush(self) -> None:
         """Add all owed noise to every row (call before releasing the tables)."""
-        for name in self.noised:
-            self._add_owed_noise(name, self._all_rows(name), self.step_count)
+        for group in self._groups:
+            self._add_owed_noise(group, self._all_rows(group), self.step_count)
 
     # ------------------------------------------------------------------ step
     def step(self, users: Tensor, items: Tensor, per_sample_loss: PerSampleLoss) -> StepStats:
@@ -207,21 +205,19 @@ class SparseDPSGD:
         An empty batch is a noise-only step.
         """
         self.step_count += 1
-        t = self.step_count
         batch = len(users)
         ids_of = {name: users for name in self.user_tables}
         ids_of.update({name: items for name in self.item_tables})
-        # 1. rows read this step must hold all noise of steps before it
-        touched = {
-            name: torch.unique(ids_of[name]) if self.lazy else self._all_rows(name)
-            for name in self.noised
-        }
-        for name in self.noised:
-            self._add_owed_noise(name, touched[name], t - 1)
+        # 1. rows read this step must hold the noise of every earlier step; this
+        #    step's noise stays owed until the row is next read or flushed.
+        for group in self._groups:
+            if self.lazy:
+                rows_read = torch.unique(users if group == "user" else items)
+            else:
+                rows_read = self._all_rows(group)
+            self._add_owed_noise(group, rows_read, self.step_count - 1)
         if batch == 0:
             self._dense_noise_only()
-            for name in self.noised:
-                self._add_owed_noise(name, touched[name], t)
             return StepStats(0, math.nan, math.nan)
 
         # 2. forward/backward with gathered rows as leaves
@@ -238,20 +234,23 @@ class SparseDPSGD:
             losses.sum().backward()
         finally:
             self._capturing = False
-        dense = self._dense_grad_samples(batch)
 
         # 3. exact per-sample norms over released parameters, clip factors
         sq = torch.zeros(batch, device=users.device)
-        user_noised = [n for n in self.user_tables if n in self.noised]
-        for name in user_noised:
-            sq += rows[name].grad.pow(2).sum(1)
+        for name in self.user_tables:
+            if name in self.noised:
+                sq += rows[name].grad.pow(2).sum(1)
         item_noised = [n for n in self.item_tables if n in self.noised]
-        if item_noised:
-            sq += _duplicate_aware_sq_norms(
-                items, torch.cat([rows[n].grad for n in item_noised], dim=-1), self._vocab(item_noised)
-            )
-        for grads in dense.values():
-            sq += grads.reshape(batch, -1).pow(2).sum(1)
+        if items.shape[1] <= _GRAM_MAX_READS:
+            same = items[:, :, None] == items[:, None, :]  # shared by all item tables
+            for name in item_noised:
+                sq += _gram_sq_norms(same, rows[name].grad)
+        elif item_noised:
+            grads = [rows[n].grad for n in item_noised]
+            sq += _duplicate_aware_sq_norms(items, torch.cat(grads, dim=-1), self._vocab(item_noised))
+        dense = [self._dense_part(module, batch) for module in self._dense_layers]
+        for part_sq, _ in dense:
+            sq += part_sq
         norms = sq.sqrt()
         self.last_norms = norms.detach()
         factor = (self.clip / (norms + 1e-6)).clamp(max=1.0) if math.isfinite(self.clip) else torch.ones_like(norms)
@@ -264,34 +263,38 @@ class SparseDPSGD:
                 flat_ids = ids_of[name].reshape(-1)
                 weighted = (grad * factor.view(-1, *([1] * (grad.dim() - 1)))).reshape(len(flat_ids), -1)
                 self._table(name).weight.index_add_(0, flat_ids, weighted, alpha=-scale)
-                self._add_owed_noise(name, touched[name], t)
             for name in self.private:
                 grad = rows[name].grad
                 flat_ids = ids_of[name].reshape(-1)
                 self._table(name).weight.index_add_(
                     0, flat_ids, grad.reshape(len(flat_ids), -1), alpha=-self.private_lr
                 )
-            for param, grads in dense.items():
-                total = torch.einsum("b,b...->...", factor, grads)
-                param -= scale * (total + self._dense_noise(param))
+            for _, clipped_sum in dense:
+                for param, total in clipped_sum(factor).items():
+                    param -= scale * (total + self._dense_noise(param))
+        self._captured.clear()
         clipped = float((norms > self.clip).float().mean()) if math.isfinite(self.clip) else 0.0
         return StepStats(batch, float(losses.detach().mean()), clipped)
 
     def _vocab(self, names: list[str]) -> int:
         return self._table(names[0]).num_embeddings
 
-    def _dense_grad_samples(self, batch: int) -> dict[nn.Parameter, Tensor]:
-        out: dict[nn.Parameter, Tensor] = {}
-        for module in self._dense_layers:
-            activation, backprop = self._captured.get(module, (None, None))
-            if activation is None or backprop is None:
-                # The layer did not take part: its per-sample gradients are zero.
-                for p in module.parameters(recurse=False):
-                    out[p] = torch.zeros((batch, *p.shape), device=p.device)
-                continue
-            out.update(GRAD_SAMPLERS[type(module)](module, [activation], backprop))
-        self._captured.clear()
-        return out
+    def _dense_part(
+        self, module: nn.Module, batch: int
+    ) -> tuple[Tensor, Callable[[Tensor], dict[nn.Parameter, Tensor]]]:
+        """Per-sample squared norms (B,) of a dense layer and its clipped-sum function."""
+        activation, backprop = self._captured.get(module, (None, None))
+        params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if activation is None or backprop is None:
+            # The layer did not take part: its per-sample gradients are zero.
+            zero = torch.zeros(batch, device=params[0].device)
+            return zero, lambda factor: {p: torch.zeros_like(p) for p in params}
+        if isinstance(module, nn.Linear):
+            return _linear_part(module, activation, backprop)
+        if isinstance(module, GlobalBias):
+            per_sample = backprop.reshape(batch, -1).sum(1)  # (B,)
+            return per_sample.pow(2), lambda factor: {module.value: (factor @ per_sample).reshape(1)}
+        raise TypeError(f"no per-sample rule for {type(module).__name__}")
 
     def _dense_noise(self, param: Tensor) -> Tensor:
         if self.sigma == 0.0:
@@ -307,12 +310,59 @@ class SparseDPSGD:
                     p -= scale * self._dense_noise(p)
 
 
+def _linear_part(
+    layer: nn.Linear, activation: Tensor, backprop: Tensor
+) -> tuple[Tensor, Callable[[Tensor], dict[nn.Parameter, Tensor]]]:
+    """Per-sample norms of a Linear layer's gradient, without materialising it when cheaper.
+
+    With T reads per sample, the ghost norm (Opacus' ``compute_linear_norm_sample``:
+    Σ_{t,s} (a_t·a_s)(g_t·g_s)) costs B·T²·(in+out); materialising per-sample
+    gradients (Opacus' ``compute_linear_grad_sample``) costs B·T·in·out. The cheaper
+    one is used. The clipped sum is then one matmul over all reads:
+    Σ_b f_b Σ_t g_bt a_btᵀ = (f ⊙ G)ᵀ A.
+    """
+    a = activation.reshape(len(activation), -1, activation.shape[-1])  # (B, T, in)
+    g = backprop.reshape(len(backprop), -1, backprop.shape[-1])  # (B, T, out)
+    reads = a.shape[1]
+    if reads * (a.shape[-1] + g.shape[-1]) <= a.shape[-1] * g.shape[-1]:
+        norms = compute_linear_norm_sample(layer, [a], g)
+        sq = sum(n.pow(2) for n in norms.values())
+    else:
+        samples = compute_linear_grad_sample(layer, [a], g)
+        sq = sum(x.reshape(len(x), -1).pow(2).sum(1) for x in samples.values())
+
+    def clipped_sum(factor: Tensor) -> dict[nn.Parameter, Tensor]:
+        weighted = (g * factor[:, None, None]).reshape(-1, g.shape[-1])
+        out = {layer.weight: weighted.T @ a.reshape(-1, a.shape[-1])}
+        if layer.bias is not None:
+            out[layer.bias] = weighted.sum(0)
+        return out
+
+    return sq, clipped_sum  # type: ignore[return-value]
+
+
+# Up to this many reads per sample the Gram form is cheaper than sorting.
+_GRAM_MAX_READS = 32
+
+
+def _gram_sq_norms(same: Tensor, grads: Tensor) -> Tensor:
+    """Σ_{t,s} [id_t = id_s] ⟨g_t, g_s⟩ per sample; ``same`` (B, T, T), ``grads`` (B, T, D)."""
+    if grads.shape[-1] == 1:
+        g = grads.squeeze(-1)
+        return ((g[:, :, None] * g[:, None, :]) * same).sum((1, 2))
+    return (torch.bmm(grads, grads.transpose(1, 2)) * same).sum((1, 2))
+
+
 def _duplicate_aware_sq_norms(ids: Tensor, grads: Tensor, vocab: int) -> Tensor:
     """Per-sample ‖g_b‖² where reads of the same row within a sample are summed first.
 
     ``ids`` (B, T) row ids, ``grads`` (B, T, D) gradients of each read. Returns (B,).
+    For small T: Σ_{t,s} [id_t = id_s] ⟨g_t, g_s⟩ (exact); otherwise the reads are
+    grouped by (sample, row) with one sort.
     """
     batch, reads = ids.shape
+    if reads <= _GRAM_MAX_READS:
+        return _gram_sq_norms(ids[:, :, None] == ids[:, None, :], grads)
     sample = torch.arange(batch, device=ids.device).repeat_interleave(reads)
     keys = sample * vocab + ids.reshape(-1)
     unique, inverse = torch.unique(keys, return_inverse=True)

@@ -2,7 +2,7 @@
 
 Unit ``user``: one DP sample is one user — up to ``max_positives`` of their training
 positives (a random subset when they have more) with ``k`` negatives each, padded
-and masked; the per-sample loss is the mean over those positives. Users' own rows
+and masked; the per-sample loss is the sum over those positives. Users' own rows
 are trained without noise (they never leave the silo; joint DP).
 
 Unit ``interaction``: one DP sample is one training interaction (a positive and
@@ -100,9 +100,11 @@ def per_sample_losses(
     mask: Tensor,
     settings: TrainSettings,
 ) -> Tensor:
-    """Loss (B,) of each sample: mean over its (unmasked) positives of BCE/BPR + L2.
+    """Loss (B,) of each sample: sum over its (unmasked) positives of BCE/BPR + L2.
 
-    ``rows`` hold item rows for (B, P·(1+k)) reads laid out positive-major.
+    ``rows`` hold item rows for (B, P·(1+k)) reads laid out positive-major. A sum
+    (not a mean) keeps each read's gradient at full size; clipping to C is what
+    bounds a user's total contribution.
     """
     batch, width = mask.shape
     logits = model.score_rows(rows).reshape(batch, width, -1)  # (B, P, 1+k)
@@ -112,7 +114,7 @@ def per_sample_losses(
         loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").sum(-1)
     else:
         loss = -F.logsigmoid(logits[..., :1] - logits[..., 1:]).mean(-1)
-    weights = mask.to(loss.dtype) / mask.sum(1, keepdim=True).clamp(min=1)
+    weights = mask.to(loss.dtype)
     user_rows = {n: rows[n] for n in model.user_tables}
     item_rows = {
         n: rows[n].reshape(batch, width, -1, rows[n].shape[-1]) for n in model.item_tables

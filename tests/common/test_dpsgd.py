@@ -77,8 +77,9 @@ def test_no_noise_no_clip_equals_plain_sgd(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["mf", "neumf"])
 @pytest.mark.parametrize("private", [True, False])
-def test_per_sample_norms_and_clipping_match_brute_force(name: str, private: bool) -> None:
-    users, items = _batch()
+@pytest.mark.parametrize("reads", [7, 40])  # Gram form / sort form of duplicate-aware norms
+def test_per_sample_norms_and_clipping_match_brute_force(name: str, private: bool, reads: int) -> None:
+    users, items = _batch(reads=reads)
     model = _model(name)
     private_tables = model.user_tables if private else ()
     released = _released(model, private_tables)
