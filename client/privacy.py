@@ -168,6 +168,7 @@ def private_round(
         user_lr=p.user_lr,
         expected_batch_size=p.batch_size,
         max_positives=p.max_positives,
+        user_epochs=p.user_epochs,
     )
     # Noise and sampling come from fresh OS entropy: a seed in the run config would
     # let anyone who knows it subtract the noise.

@@ -106,6 +106,7 @@ class PrivacySettings:
     batch_size: int
     lr: float
     user_lr: float
+    user_epochs: int
     max_positives: int
     central_noise_multiplier: float
     central_clip: float
@@ -208,6 +209,7 @@ class AppConfig:
                 batch_size=r.int("privacy.batch-size", lo=1),
                 lr=r.float("privacy.lr", lo=0.0, lo_open=True),
                 user_lr=r.float("privacy.user-lr", lo=0.0),
+                user_epochs=r.int("privacy.user-epochs", lo=0),
                 max_positives=r.int("privacy.max-positives", lo=1),
                 central_noise_multiplier=r.float("privacy.central-noise-multiplier", lo=0.0),
                 central_clip=r.float("privacy.central-clip", lo=0.0, lo_open=True),

@@ -128,6 +128,11 @@ class RunRecorder:
     ) -> None:
         """Save the final model and write ``report.md`` with its plots."""
         save_arrays(self.run_dir / FINAL_CHECKPOINT, arrays)
+        last = self.rounds[-1]["round"] if self.rounds else 0
+        atomic_write_json(
+            self.run_dir / STATE_FILE,
+            {"last-completed-round": last, "finished": True, "stop-reason": stop_reason},
+        )
         plot_rounds(self.rounds, self.run_dir / PLOT_FILE, k)
         text = render_report(self.rounds, k)
         if stop_reason:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -166,13 +166,19 @@ def simulate(
         err.print(f"[bold red]error:[/] the Flower run failed (exit code {rc}); full log: {log_path}")
         raise typer.Exit(1)
     rounds_done = [json.loads(line) for line in metrics_file.read_text().splitlines()]
-    if len(rounds_done) < cfg.num_server_rounds:
+    state_file = out / "state.json"
+    stop_reason = json.loads(state_file.read_text()).get("stop-reason") if state_file.exists() else None
+    if len(rounds_done) < cfg.num_server_rounds and not stop_reason:
         err.print(
             f"[bold red]error:[/] only {len(rounds_done)} of {cfg.num_server_rounds} rounds "
             f"completed; full log: {log_path}"
         )
         raise typer.Exit(1)
     _print_rounds(rounds_done, cfg.eval.k)
+    if cfg.privacy.mode != "none":
+        _print_privacy(rounds_done)
+    if stop_reason:
+        console.print(f"[bold yellow]stopped after round {len(rounds_done)}:[/] {stop_reason}")
     console.print(f"report: {out / 'report.md'}")
 
 
@@ -220,6 +226,35 @@ def _print_rounds(rounds: list[dict[str, object]], k: int) -> None:
             *(_f(e.get(key)) for key in keys),
             f"{r['seconds']:.1f}",
         )
+    console.print(table)
+
+
+def _print_privacy(rounds: list[dict[str, Any]]) -> None:
+    """ε after each round, per silo (local DP) and for the server (central DP)."""
+    silos = sorted({int(e["partition-id"]) for r in rounds for e in r.get("privacy", [])})
+    central = any(r.get("central-privacy") for r in rounds)
+    if not silos and not central:
+        return
+    first = next((e for r in rounds for e in r.get("privacy", [])), None)
+    title = "fedrec: ε after each round (* = silo declined: budget)"
+    if first is not None:
+        title += f" — local: unit {first['unit']}, δ={first['delta']:.1e}, {first['accountant'].upper()}"
+    table = Table(title=title)
+    table.add_column("round", justify="right")
+    for s in silos:
+        table.add_column(f"silo {s}", justify="right")
+    if central:
+        table.add_column("central (unit: silo)", justify="right")
+    for r in rounds:
+        by_silo = {int(e["partition-id"]): e for e in r.get("privacy", [])}
+        cells = [
+            "-" if s not in by_silo else f"{by_silo[s]['epsilon']:.3f}{'' if by_silo[s]['trained'] else '*'}"
+            for s in silos
+        ]
+        if central:
+            c = r.get("central-privacy")
+            cells.append(f"{c['epsilon']:.3f}" if c else "-")
+        table.add_row(str(r["round"]), *cells)
     console.print(table)
 
 

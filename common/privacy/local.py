@@ -29,7 +29,7 @@ from common.data.split import UserSplit
 from common.models import Recommender
 from common.privacy.accounting import MechanismUse
 from common.privacy.dpsgd import SparseDPSGD
-from common.training import TrainStats, sample_train_negatives, train_item_keys
+from common.training import TrainStats, sample_train_negatives, train_epochs, train_item_keys
 
 Unit = Literal["user", "interaction"]
 
@@ -124,6 +124,35 @@ def per_sample_losses(
     return (weights * (loss + settings.l2 * item_l2)).sum(1) + settings.l2 * user_l2
 
 
+def fit_user_rows(
+    model: Recommender,
+    split: UserSplit,
+    settings: TrainSettings,
+    *,
+    epochs: int,
+    rng: np.random.Generator,
+    device: torch.device,
+) -> None:
+    """Fit users' own rows to the current shared model (Adam, shared part frozen).
+
+    Under user-level DP this needs no noise: a user's row is a function of that
+    user's data and of already-released shared parameters, it never leaves the silo,
+    and whatever it is, the user's later contribution to shared updates is clipped.
+    """
+    user_params = [getattr(model, name).weight for name in model.user_tables]
+    frozen = [p for p in model.parameters() if all(p is not u for u in user_params)]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        train_epochs(
+            model, split, settings, epochs=epochs, rng=rng, device=device,
+            optimizer=torch.optim.Adam(user_params, lr=settings.lr),
+        )
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
 @dataclass(frozen=True, slots=True)
 class LocalDPSettings:
     """Mechanism parameters of one silo's DP-SGD."""
@@ -135,6 +164,7 @@ class LocalDPSettings:
     user_lr: float
     expected_batch_size: int
     max_positives: int
+    user_epochs: int = 0  # unit = user: epochs fitting users' own rows (items frozen) first
 
 
 def dp_train(
@@ -166,6 +196,8 @@ def dp_train(
         private_lr=dp.user_lr,
         generator=generator,
     )
+    if dp.user_epochs and dp.unit == "user":
+        fit_user_rows(model, split, settings, epochs=dp.user_epochs, rng=rng, device=device)
     total, counted, seen = 0.0, 0, 0
     try:
         for _ in range(steps):

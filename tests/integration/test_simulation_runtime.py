@@ -71,3 +71,29 @@ def test_interrupted_simulate_stops_everything_and_keeps_finished_rounds(tmp_pat
     lines = metrics.read_text().splitlines()
     assert lines and json.loads(lines[0])["round"] == 1
     assert (run_dir / "checkpoints" / "round-0001.npz").is_file()
+
+
+def test_simulate_with_local_dp_prints_epsilon_per_silo_and_stops_at_the_budget(tmp_path: Path):
+    # Arrange: σ = 1.5 on ~100 users per silo; a budget of 1.5 lasts two rounds.
+    run_dir = tmp_path / "run"
+    args = [
+        sys.executable, "-m", "simulations.cli", "simulate",
+        "--silos", "3", "--rounds", "6", "--run-dir", str(run_dir),
+        "-c", "data.synthetic.num-users=300", "-c", "data.synthetic.num-items=300",
+        "-c", "model.dim=8", "-c", "privacy.mode=local", "-c", "privacy.target-epsilon=1.5",
+        "-c", "privacy.batch-size=16",
+    ]
+    # Act
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    # Assert
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "silo 0: ε=" in proc.stdout and "DECLINED" in proc.stdout
+    assert "every silo reached its privacy budget" in proc.stdout
+    rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert 1 < len(rounds) < 6
+    for r in rounds:
+        assert {e["partition-id"] for e in r["privacy"]} == {0, 1, 2}
+        assert all(e["epsilon"] <= 1.5 for e in r["privacy"])
+    assert not all(e["trained"] for e in rounds[-1]["privacy"])
+    assert "## Privacy" in (run_dir / "report.md").read_text()
