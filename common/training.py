@@ -72,13 +72,16 @@ def batch_loss(
     ``l2 * ||touched embedding rows||^2``.
     """
     logits = model(users, items)  # (B, 1 + k)
-    if settings.loss == "bce":
+    return interaction_loss(logits, settings.loss) + settings.l2 * model.l2_terms(users, items)
+
+
+def interaction_loss(logits: Tensor, loss: str) -> Tensor:
+    """Loss of each positive from logits (..., 1 + k): column 0 positive, the rest negatives."""
+    if loss == "bce":
         labels = torch.zeros_like(logits)
-        labels[:, 0] = 1.0
-        loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").sum(1)
-    else:
-        loss = -F.logsigmoid(logits[:, :1] - logits[:, 1:]).mean(1)
-    return loss + settings.l2 * model.l2_terms(users, items)
+        labels[..., 0] = 1.0
+        return F.binary_cross_entropy_with_logits(logits, labels, reduction="none").sum(-1)
+    return -F.logsigmoid(logits[..., :1] - logits[..., 1:]).mean(-1)
 
 
 def train_epochs(

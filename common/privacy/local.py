@@ -20,7 +20,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from numpy.typing import NDArray
 from torch import Tensor
 
@@ -29,7 +28,13 @@ from common.data.split import UserSplit
 from common.models import Recommender
 from common.privacy.accounting import MechanismUse
 from common.privacy.dpsgd import SparseDPSGD
-from common.training import TrainStats, sample_train_negatives, train_epochs, train_item_keys
+from common.training import (
+    TrainStats,
+    interaction_loss,
+    sample_train_negatives,
+    train_epochs,
+    train_item_keys,
+)
 
 Unit = Literal["user", "interaction"]
 
@@ -108,12 +113,7 @@ def per_sample_losses(
     """
     batch, width = mask.shape
     logits = model.score_rows(rows).reshape(batch, width, -1)  # (B, P, 1+k)
-    if settings.loss == "bce":
-        labels = torch.zeros_like(logits)
-        labels[..., 0] = 1.0
-        loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").sum(-1)
-    else:
-        loss = -F.logsigmoid(logits[..., :1] - logits[..., 1:]).mean(-1)
+    loss = interaction_loss(logits, settings.loss)
     weights = mask.to(loss.dtype)
     user_rows = {n: rows[n] for n in model.user_tables}
     item_rows = {
