@@ -141,3 +141,31 @@ def test_central_dp_run_accounts_client_level_epsilon_and_stops_at_its_budget(sm
     report = (Path(small_run_config["run-dir"]) / "report.md").read_text()
     assert "central privacy budget" in report and "Unit of privacy: **one silo**" in report
     assert (Path(small_run_config["run-dir"]) / "final.npz").is_file()
+
+
+def test_interaction_unit_noises_user_rows_and_counts_interactions(local_dp_config):
+    local_dp_config.update({"num-server-rounds": 1, "privacy.unit": "interaction", "privacy.batch-size": 200})
+    grid = run_inprocess(local_dp_config, num_nodes=2)
+    summary = _rounds(local_dp_config)[0]["privacy"]
+    for ctx in grid.contexts.values():
+        acc = SiloAccountant.from_record(ctx.state.config_records[records.STATE_PRIVACY])
+        data_users = ctx.state.array_records[records.STATE_SILO_DATA]["train_user"].numpy()
+        assert acc.unit == "interaction" and acc.population == len(data_users)
+    assert all(e["unit"] == "interaction" for e in summary)
+    assert "Interaction-level unit" in (Path(local_dp_config["run-dir"]) / "report.md").read_text()
+
+
+def test_local_and_central_dp_together(local_dp_config):
+    local_dp_config.update(
+        {
+            "privacy.mode": "local+central",
+            "privacy.central-noise-multiplier": 1.0,
+            "privacy.central-delta": 1e-3,
+            "privacy.central-target-epsilon": 0.0,
+            "num-server-rounds": 2,
+        }
+    )
+    run_inprocess(local_dp_config, num_nodes=3)
+    rounds = _rounds(local_dp_config)
+    assert all(len(r["privacy"]) == r["central-privacy"]["sampled"] for r in rounds)
+    assert rounds[1]["central-privacy"]["epsilon"] > rounds[0]["central-privacy"]["epsilon"] > 0
