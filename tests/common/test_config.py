@@ -310,3 +310,21 @@ def test_node_config_ignores_keys_flower_adds() -> None:
     parsed = NodeConfig.from_node_config(node_config)
     # Assert
     assert parsed.num_partitions == 2
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [
+        ({"privacy.mode": "local", "privacy.noise-multiplier": 0.0, "privacy.target-epsilon": 0.0}, "privacy.noise-multiplier"),
+        ({"privacy.mode": "central", "privacy.central-noise-multiplier": 0.0, "privacy.central-target-epsilon": 0.0}, "privacy.central-noise-multiplier"),
+        ({"privacy.mode": "central", "strategy.fraction-train": 0.5}, "strategy.fraction-train"),
+        ({"privacy.mode": "everywhere"}, "privacy.mode"),
+        ({"privacy.unit": "item"}, "privacy.unit"),
+        ({"privacy.clip": 0.0}, "privacy.clip"),
+        ({"privacy.central-sample-rate": 1.5}, "privacy.central-sample-rate"),
+        ({"privacy.delta": 0.9}, "privacy.delta"),
+    ],
+)
+def test_privacy_settings_are_validated_by_name(defaults: dict[str, Scalar], changes: dict[str, Scalar], key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        AppConfig.from_run_config({**defaults, **changes})
