@@ -94,6 +94,10 @@ def progress_line(record: RoundRecord, last_round: int) -> str:
     for key, value in record.evaluate.items():
         if key.startswith(("val-hr@", "test-hr@", "test-ndcg@", "test-full-recall@")) and "gap" not in key:
             parts.append(f"{key} {value:.4f}")
+    if record.privacy:  # per-silo ε: the round's headline is the max, never a mean
+        parts.append(f"ε max over silos {max(e['epsilon'] for e in record.privacy):.3f}")
+    if record.central is not None:
+        parts.append(f"central ε {record.central['epsilon']:.3f}")
     parts.append(f"{record.seconds:.1f}s")
     parts.append(f"up {record.bytes_received / 1e6:.2f} MB / down {record.bytes_sent / 1e6:.2f} MB")
     if record.missing_nodes:

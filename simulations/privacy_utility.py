@@ -55,7 +55,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "data.synthetic.num-users": 100_000,
             "data.synthetic.num-items": 2_000,
             "data.synthetic.mean-interactions": 20,
-            "num-server-rounds": 10,
+            "num-server-rounds": 5,
             "model.dim": 16,
             "eval.every": 5,
             "eval.full-ranking": False,
@@ -106,6 +106,9 @@ def main() -> None:
     parser.add_argument("--modes", default="local,central")
     parser.add_argument("--out", type=Path, default=None, help="output directory")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--lrs", default="", help="local DP: privacy.lr values to try per ε; the best validation HR@10 is kept"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     preset = PRESETS[args.preset]
@@ -130,7 +133,16 @@ def main() -> None:
                 over = {**preset["private"], "privacy.mode": "local", "privacy.noise-multiplier": 0.0, "privacy.target-epsilon": eps}
             else:
                 over = {**preset["central"], "privacy.mode": "central", "privacy.central-noise-multiplier": 0.0, "privacy.central-target-epsilon": eps}
-            record(mode, eps, run_point(base, over, silos, out / f"{mode}-eps{eps:g}"))
+            lrs = [float(x) for x in args.lrs.split(",") if x] if mode == "local" else []
+            if not lrs:
+                record(mode, eps, run_point(base, over, silos, out / f"{mode}-eps{eps:g}"))
+                continue
+            # Select the learning rate on validation; report its test metrics.
+            tried = [
+                {**run_point(base, {**over, "privacy.lr": lr}, silos, out / f"{mode}-eps{eps:g}-lr{lr:g}"), "lr": lr}
+                for lr in lrs
+            ]
+            record(mode, eps, max(tried, key=lambda r: r["val-hr@10"]))
     print_table(results, args.preset, preset)
     plot(results, out / "privacy_utility.png", args.preset)
     print(f"\nresults: {out / 'results.json'}; plot: {out / 'privacy_utility.png'}")
@@ -140,14 +152,14 @@ def print_table(results: list[dict[str, Any]], name: str, preset: dict[str, Any]
     """Markdown table for the README."""
     nonprivate = next(r for r in results if r["mode"] == "none")["test-hr@10"]
     print(f"\n{name}: user-level local DP ({preset['silos']} silos) and silo-level central DP")
-    print("| mode | target ε | δ | σ (or z) | best round | val HR@10 | test HR@10 | % of non-private |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| mode | target ε | δ | σ (or z) | lr (on val) | best round | val HR@10 | test HR@10 | % of non-private |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         delta = r.get("delta-local") or r.get("delta-central")
         noise = r.get("noise-multiplier") or r.get("z")
         print(
             f"| {r['mode']} | {'∞' if math.isinf(r['target-epsilon']) else r['target-epsilon']:} | "
-            f"{f'{delta:.1e}' if delta else '-'} | {f'{noise:.3f}' if noise else '-'} | {r.get('round', '-')} | "
+            f"{f'{delta:.1e}' if delta else '-'} | {f'{noise:.3f}' if noise else '-'} | {r.get('lr', '-')} | {r.get('round', '-')} | "
             f"{r['val-hr@10']:.4f} | {r['test-hr@10']:.4f} | {100 * r['test-hr@10'] / nonprivate:.0f}% |"
         )
 
