@@ -239,12 +239,12 @@ class SparseDPSGD:
         sq = torch.zeros(batch, device=users.device)
         for name in self.user_tables:
             if name in self.noised:
-                sq += rows[name].grad.pow(2).sum(1)
+                sq += (rows[name].grad * rows[name].grad).sum(1)
         item_noised = [n for n in self.item_tables if n in self.noised]
         if items.shape[1] <= _GRAM_MAX_READS:
-            same = items[:, :, None] == items[:, None, :]  # shared by all item tables
+            pairs = _repeated_read_pairs(items)  # shared by all item tables
             for name in item_noised:
-                sq += _gram_sq_norms(same, rows[name].grad)
+                sq += _pairwise_sq_norms(pairs, rows[name].grad)
         elif item_noised:
             grads = [rows[n].grad for n in item_noised]
             sq += _duplicate_aware_sq_norms(items, torch.cat(grads, dim=-1), self._vocab(item_noised))
@@ -341,16 +341,26 @@ def _linear_part(
     return sq, clipped_sum  # type: ignore[return-value]
 
 
-# Up to this many reads per sample the Gram form is cheaper than sorting.
+# Up to this many reads per sample, pairwise comparison is cheaper than sorting.
 _GRAM_MAX_READS = 32
 
 
-def _gram_sq_norms(same: Tensor, grads: Tensor) -> Tensor:
-    """Σ_{t,s} [id_t = id_s] ⟨g_t, g_s⟩ per sample; ``same`` (B, T, T), ``grads`` (B, T, D)."""
-    if grads.shape[-1] == 1:
-        g = grads.squeeze(-1)
-        return ((g[:, :, None] * g[:, None, :]) * same).sum((1, 2))
-    return (torch.bmm(grads, grads.transpose(1, 2)) * same).sum((1, 2))
+def _repeated_read_pairs(ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(sample, t, s) with t < s for every two reads of the same row within a sample."""
+    same = ids[:, :, None] == ids[:, None, :]
+    return torch.triu(same, diagonal=1).nonzero(as_tuple=True)  # type: ignore[return-value]
+
+
+def _pairwise_sq_norms(pairs: tuple[Tensor, Tensor, Tensor], grads: Tensor) -> Tensor:
+    """Σ_{t,s} [id_t = id_s] ⟨g_t, g_s⟩ per sample = Σ_t ‖g_t‖² + 2 Σ_{t<s, same row} ⟨g_t, g_s⟩.
+
+    Exact; the cross terms are computed only for the (rare) repeated reads.
+    """
+    sq = (grads * grads).sum((1, 2))
+    b, t, s = pairs
+    if len(b):
+        sq = sq.index_add(0, b, 2 * (grads[b, t] * grads[b, s]).sum(-1))
+    return sq
 
 
 def _duplicate_aware_sq_norms(ids: Tensor, grads: Tensor, vocab: int) -> Tensor:
@@ -362,7 +372,7 @@ def _duplicate_aware_sq_norms(ids: Tensor, grads: Tensor, vocab: int) -> Tensor:
     """
     batch, reads = ids.shape
     if reads <= _GRAM_MAX_READS:
-        return _gram_sq_norms(ids[:, :, None] == ids[:, None, :], grads)
+        return _pairwise_sq_norms(_repeated_read_pairs(ids), grads)
     sample = torch.arange(batch, device=ids.device).repeat_interleave(reads)
     keys = sample * vocab + ids.reshape(-1)
     unique, inverse = torch.unique(keys, return_inverse=True)
