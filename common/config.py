@@ -234,6 +234,12 @@ class AppConfig:
                 "privacy.noise-multiplier: local DP needs a noise multiplier or a "
                 "privacy.target-epsilon to calibrate it to"
             )
+        if p.local and cfg.data.partition == "by-user":
+            raise ConfigError(
+                "privacy.mode: with data.partition = by-user every client is one user, so "
+                "DP-SGD inside a client has a population of one; use privacy.mode = central "
+                "(client-level DP is then user-level)"
+            )
         if p.central and cfg.strategy.fraction_train != 1.0:
             raise ConfigError(
                 "strategy.fraction-train: central DP samples silos itself "

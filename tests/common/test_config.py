@@ -323,6 +323,7 @@ def test_node_config_ignores_keys_flower_adds() -> None:
         ({"privacy.clip": 0.0}, "privacy.clip"),
         ({"privacy.central-sample-rate": 1.5}, "privacy.central-sample-rate"),
         ({"privacy.delta": 0.9}, "privacy.delta"),
+        ({"privacy.mode": "local", "data.partition": "by-user"}, "privacy.mode"),
     ],
 )
 def test_privacy_settings_are_validated_by_name(defaults: dict[str, Scalar], changes: dict[str, Scalar], key: str) -> None:
