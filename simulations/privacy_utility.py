@@ -44,7 +44,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "eval.every": 3,
             "eval.full-ranking": False,
         },
-        "private": {"privacy.batch-size": 32, "privacy.lr": 2.0, "privacy.user-lr": 0.05, "privacy.user-epochs": 1, "privacy.clip": 1.0, "model.dim": 16},
+        "private": {"privacy.batch-size": 32, "privacy.lr": 0.5, "privacy.user-lr": 0.05, "privacy.user-epochs": 3, "train.lr": 0.02, "privacy.clip": 1.0, "model.dim": 16},
         "central": {"privacy.central-sample-rate": 1.0, "privacy.central-clip": 0.5, "privacy.central-delta": 1e-5},
     },
     "synthetic-100k": {
