@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--modes", default="local,central")
     parser.add_argument("--out", type=Path, default=None, help="output directory")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=0, help="override the preset's num-server-rounds")
     parser.add_argument(
         "--lrs", default="", help="local DP: privacy.lr values to try per ε; the best validation HR@10 is kept"
     )
@@ -115,6 +116,8 @@ def main() -> None:
     base = {**load_default_run_config(), **preset["base"]}
     if args.data_dir is not None:
         base["data.path"] = str(args.data_dir.resolve())
+    if args.rounds:
+        base["num-server-rounds"] = args.rounds
     out = args.out or Path(tempfile.mkdtemp(prefix=f"fedrec-privacy-{args.preset}-"))
     out.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
