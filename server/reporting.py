@@ -306,15 +306,16 @@ def render_privacy(rounds: list[dict[str, Any]], mode: str) -> str:
             ]
             eps = [e["epsilon"] for e in by_silo.values()]
             lines.append(f"| {r['round']} | " + " | ".join(cells) + f" | {max(eps) if eps else 0:.4f} |")
-        events = []
-        for silo, points in per_silo.items():
-            first = next((p for p in points if not p[2]), None)
-            if first is not None:
-                e = next(x for x in next(r for r in rounds if r["round"] == first[0])["privacy"] if int(x["partition-id"]) == silo)
-                events.append(
-                    f"- silo {silo} stopped at round {first[0]}: ε spent {e['epsilon']:.4f}, "
-                    f"one more round would reach {e['epsilon-if-trained']:.4f} > budget {e['target-epsilon']:g}"
-                )
+        events, stopped = [], set()
+        for r in rounds:  # the first decline of each silo
+            for e in sorted(r.get("privacy", []), key=lambda e: e["partition-id"]):
+                silo = int(e["partition-id"])
+                if not e["trained"] and silo not in stopped:
+                    stopped.add(silo)
+                    events.append(
+                        f"- silo {silo} stopped at round {r['round']}: ε spent {e['epsilon']:.4f}, "
+                        f"one more round would reach {e['epsilon-if-trained']:.4f} > budget {e['target-epsilon']:g}"
+                    )
         lines += ["", "Budget events:", "", *(events or ["- none: no silo reached its budget"]), ""]
         if unit == "user":
             lines += [

@@ -241,13 +241,10 @@ class SparseDPSGD:
             if name in self.noised:
                 sq += (rows[name].grad * rows[name].grad).sum(1)
         item_noised = [n for n in self.item_tables if n in self.noised]
-        if items.shape[1] <= _GRAM_MAX_READS:
-            pairs = _repeated_read_pairs(items)  # shared by all item tables
-            for name in item_noised:
-                sq += _pairwise_sq_norms(pairs, rows[name].grad)
-        elif item_noised:
-            grads = [rows[n].grad for n in item_noised]
-            sq += _duplicate_aware_sq_norms(items, torch.cat(grads, dim=-1), self._vocab(item_noised))
+        if item_noised:
+            sq += _duplicate_aware_sq_norms(
+                items, [rows[n].grad for n in item_noised], self._table(item_noised[0]).num_embeddings
+            )
         dense = [self._dense_part(module, batch) for module in self._dense_layers]
         for part_sq, _ in dense:
             sq += part_sq
@@ -275,9 +272,6 @@ class SparseDPSGD:
         self._captured.clear()
         clipped = float((norms > self.clip).float().mean()) if math.isfinite(self.clip) else 0.0
         return StepStats(batch, float(losses.detach().mean()), clipped)
-
-    def _vocab(self, names: list[str]) -> int:
-        return self._table(names[0]).num_embeddings
 
     def _dense_part(
         self, module: nn.Module, batch: int
@@ -363,20 +357,23 @@ def _pairwise_sq_norms(pairs: tuple[Tensor, Tensor, Tensor], grads: Tensor) -> T
     return sq
 
 
-def _duplicate_aware_sq_norms(ids: Tensor, grads: Tensor, vocab: int) -> Tensor:
+def _duplicate_aware_sq_norms(ids: Tensor, grads: list[Tensor], vocab: int) -> Tensor:
     """Per-sample ‖g_b‖² where reads of the same row within a sample are summed first.
 
-    ``ids`` (B, T) row ids, ``grads`` (B, T, D) gradients of each read. Returns (B,).
-    For small T: Σ_{t,s} [id_t = id_s] ⟨g_t, g_s⟩ (exact); otherwise the reads are
-    grouped by (sample, row) with one sort.
+    ``ids`` (B, T) row ids shared by the tables whose read gradients ``grads`` (each
+    (B, T, D)) are given. Returns (B,). For small T: Σ_{t,s} [id_t = id_s] ⟨g_t, g_s⟩
+    (exact, pairs found once for all tables); otherwise the reads are grouped by
+    (sample, row) with one sort.
     """
     batch, reads = ids.shape
     if reads <= _GRAM_MAX_READS:
-        return _pairwise_sq_norms(_repeated_read_pairs(ids), grads)
+        pairs = _repeated_read_pairs(ids)
+        return sum((_pairwise_sq_norms(pairs, g) for g in grads), torch.zeros(batch, device=ids.device))
+    flat = torch.cat(grads, dim=-1) if len(grads) > 1 else grads[0]
     sample = torch.arange(batch, device=ids.device).repeat_interleave(reads)
     keys = sample * vocab + ids.reshape(-1)
     unique, inverse = torch.unique(keys, return_inverse=True)
-    summed = torch.zeros((len(unique), grads.shape[-1]), dtype=grads.dtype, device=grads.device)
-    summed.index_add_(0, inverse, grads.reshape(batch * reads, -1))
-    out = torch.zeros(batch, dtype=grads.dtype, device=grads.device)
+    summed = torch.zeros((len(unique), flat.shape[-1]), dtype=flat.dtype, device=flat.device)
+    summed.index_add_(0, inverse, flat.reshape(batch * reads, -1))
+    out = torch.zeros(batch, dtype=flat.dtype, device=flat.device)
     return out.index_add_(0, unique // vocab, summed.pow(2).sum(1))

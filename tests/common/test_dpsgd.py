@@ -105,7 +105,7 @@ def test_duplicate_aware_norm_sums_repeated_reads_first() -> None:
     ids = torch.tensor([[3, 3, 5]])
     grads = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 2.0]]])
     # row 3 read twice: its gradient is (2, 0); row 5: (0, 2) -> ||g||^2 = 4 + 4
-    assert _duplicate_aware_sq_norms(ids, grads, vocab=10).item() == pytest.approx(8.0)
+    assert _duplicate_aware_sq_norms(ids, [grads], vocab=10).item() == pytest.approx(8.0)
 
 
 def _zero_loss(rows):
