@@ -258,12 +258,15 @@ class NodeConfig:
     """Facts about the node a ClientApp runs on (Flower's node config).
 
     In simulation Flower sets ``partition-id`` and ``num-partitions``; in deployment
-    the operator passes them with ``--node-config``, plus ``data-path``.
+    the operator passes them with ``--node-config``, plus ``data-path`` (the silo's
+    files) and ``state-dir`` (where the silo keeps its durable state: users' private
+    parameters, privacy accountant and ledger, round counter).
     """
 
     partition_id: int
     num_partitions: int
     data_path: str
+    state_dir: str = ""
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Scalar]) -> NodeConfig:
@@ -272,7 +275,8 @@ class NodeConfig:
         num_partitions = r.int("num-partitions", lo=1)
         partition_id = r.int("partition-id", lo=0, hi=num_partitions - 1)
         data_path = r.str("data-path") if "data-path" in node_config else ""
-        return cls(partition_id, num_partitions, data_path)
+        state_dir = r.str("state-dir") if "state-dir" in node_config else ""
+        return cls(partition_id, num_partitions, data_path, state_dir)
 
 
 def load_default_run_config(pyproject: Path = PYPROJECT) -> dict[str, Scalar]:
