@@ -1,6 +1,8 @@
 """fedrec ClientApp: wires Flower messages to a silo's training and evaluation."""
 
-from logging import INFO
+from logging import INFO, WARNING
+
+import numpy as np
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -8,6 +10,7 @@ from flwr.supercore import log
 
 from client import privacy, silo, state
 from common import records
+from common.privacy import canaries
 from common.config import AppConfig, NodeConfig
 from common.data.pipeline import SiloData, silo_data
 from common.models import Recommender, shared_state
@@ -17,14 +20,30 @@ app = ClientApp()
 
 
 def _silo_data(cfg: AppConfig, node: NodeConfig, context: Context) -> SiloData:
-    """The silo's data: from node state, else loaded once and kept there."""
+    """The silo's data: from node state, else loaded once and kept there.
+
+    With ``audit.canaries`` the catalogue gets the canary items, and the audited
+    silo its included canary users (see :mod:`common.privacy.canaries`).
+    """
     data = state.load_silo_data(context.state)
     if data is None:
         data = silo_data(
             cfg.data, cfg.seed, node.partition_id, node.num_partitions, node.data_path
         )
+        if cfg.audit.canaries:
+            data = _with_canaries(cfg, node, data)
         state.save_silo_data(context.state, data)
     return data
+
+
+def _with_canaries(cfg: AppConfig, node: NodeConfig, data: SiloData) -> SiloData:
+    plan = canaries.canary_plan(cfg.audit, data.split.num_items)
+    split = canaries.with_canary_items(data.split, plan.count)
+    if node.partition_id == cfg.audit.canary_silo:
+        split = canaries.with_canary_users(split, plan)
+        log(INFO, "silo %d trains with %d of %d audit canaries", node.partition_id, int(plan.included.sum()), plan.count)
+    popularity = np.concatenate([data.item_popularity, np.zeros(plan.count)])
+    return SiloData(split, popularity)
 
 
 def _prepare(
@@ -57,11 +76,18 @@ def train(msg: Message, context: Context) -> Message:
         return _train_reply(msg, model, stats.num_examples, stats, None)
 
     acc = privacy.load_accountant(context.state, cfg, data.split)
+    chain = privacy.load_ledger(context.state, node.partition_id)
+    if cfg.audit.unsafe_disable_noise:
+        log(WARNING, "silo %d: audit.unsafe-disable-noise is set: training WITHOUT noise "
+            "while claiming σ=%.3f (audit demonstration only)", node.partition_id, acc.noise_multiplier)
     result = privacy.private_round(model, cfg, data.split, acc, server_round, silo.device())
     model.cpu()
+    privacy.record_round(chain, acc, result, cfg, server_round)
+    privacy.save_ledger(context.state, chain)
     summary = privacy.reply_record(
         acc, result, node.partition_id, cfg.privacy.clip, cfg.privacy.target_epsilon
     )
+    ledger = privacy.ledger_record(chain, node.partition_id, _held_by_server(msg, node.partition_id))
     if not result.trained:
         log(
             INFO,
@@ -69,12 +95,21 @@ def train(msg: Message, context: Context) -> Message:
             node.partition_id, server_round, result.epsilon_if_trained,
             cfg.privacy.target_epsilon, result.epsilon,
         )
-        return Message(content=RecordDict({records.PRIVACY: summary}), reply_to=msg)
+        content = RecordDict({records.PRIVACY: summary, records.LEDGER: ledger})
+        return Message(content=content, reply_to=msg)
     privacy.save_accountant(context.state, acc)
     state.save_user_params(context.state, model)
     # FedAvg weight: the silo's population of privacy units (public: it sets q), not
     # the data-dependent count of sampled examples.
-    return _train_reply(msg, model, acc.population, result.stats, summary)
+    reply = _train_reply(msg, model, acc.population, result.stats, summary)
+    reply.content[records.LEDGER] = ledger
+    return reply
+
+
+def _held_by_server(msg: Message, partition_id: int) -> int:
+    """Ledger lines of this silo the server says it holds (0 when it does not say)."""
+    counts = msg.content.config_records[records.CONFIG].get(records.LEDGER_COUNTS, [])
+    return int(counts[partition_id]) if partition_id < len(counts) else 0  # type: ignore[arg-type, index]
 
 
 def _train_reply(

@@ -27,6 +27,7 @@ from common.privacy.accounting import (
     epsilon,
     would_exceed,
 )
+from common.privacy.ledger import MECHANISM, NEIGHBOURING, Chain, silo_owner
 from common.privacy.local import LocalDPSettings, UnitSampler, dp_train, steps_per_round
 from common.training import TrainStats
 
@@ -162,13 +163,16 @@ def private_round(
             return PrivateRoundResult(False, None, acc.epsilon(), eps_after)
     settings = LocalDPSettings(
         unit=p.unit,
-        noise_multiplier=acc.noise_multiplier,
+        # audit.unsafe-disable-noise: a deliberately broken run (accounted as σ, trained
+        # without noise) that the empirical audit must flag.
+        noise_multiplier=0.0 if cfg.audit.unsafe_disable_noise else acc.noise_multiplier,
         clip=p.clip,
         lr=p.lr,
         user_lr=p.user_lr,
         expected_batch_size=p.batch_size,
         max_positives=p.max_positives,
         user_epochs=p.user_epochs,
+        negative_items=split.num_items - cfg.audit.canaries,
     )
     # Noise and sampling come from fresh OS entropy: a seed in the run config would
     # let anyone who knows it subtract the noise.
@@ -177,6 +181,8 @@ def private_round(
     stats, use = dp_train(
         model, split, cfg.train, settings, steps=planned.steps, rng=rng, generator=generator, device=device
     )
+    if cfg.audit.unsafe_disable_noise:
+        use = planned  # the broken run's claim: what the accountant and ledger record
     acc.rounds.append(server_round)
     acc.uses.append(use)
     eps = acc.epsilon()
@@ -205,3 +211,68 @@ def reply_record(acc: SiloAccountant, result: PrivateRoundResult, partition_id: 
         }
     )
 
+
+
+# ---------------------------------------------------------------- ledger
+def load_ledger(state: RecordDict, partition_id: int) -> Chain:
+    """The silo's ledger from node state (verified), empty on first use."""
+    owner = silo_owner(partition_id)
+    if records.STATE_LEDGER not in state.config_records:
+        return Chain(owner)
+    lines = state.config_records[records.STATE_LEDGER]["lines"]
+    return Chain(owner, [str(x) for x in lines], source="node state")  # type: ignore[union-attr]
+
+
+def save_ledger(state: RecordDict, chain: Chain) -> None:
+    """Keep the ledger in node state."""
+    state[records.STATE_LEDGER] = ConfigRecord({"lines": chain.lines})
+
+
+def record_round(
+    chain: Chain, acc: SiloAccountant, result: PrivateRoundResult, cfg: AppConfig, server_round: int
+) -> str:
+    """Append this round's event: the mechanism use, or the budget decline."""
+    p = cfg.privacy
+    common = {
+        "unit": acc.unit,
+        "neighbouring": NEIGHBOURING[acc.unit],
+        "delta": acc.delta,
+        "delta-rule": "configured" if p.delta else "1/N^1.1 for the silo's N units",
+        "accountant": acc.accountant,
+        "target-epsilon": p.target_epsilon,
+        "epsilon": result.epsilon,
+    }
+    if not result.trained:
+        return chain.append(
+            "budget-decline", server_round, **common, **{"epsilon-if-trained": result.epsilon_if_trained}
+        )
+    use = acc.uses[-1]
+    return chain.append(
+        "dp-sgd",
+        server_round,
+        **common,
+        mechanism=MECHANISM,
+        sampling="poisson",
+        **{
+            "noise-multiplier": use.noise_multiplier,
+            "sample-rate": use.sample_rate,
+            "steps": use.steps,
+            "clip": p.clip,
+            "population": acc.population,
+            "expected-batch-size": p.batch_size,
+            "released": "shared model parameters after the round (item tables, score function)",
+        },
+    )
+
+
+def ledger_record(chain: Chain, partition_id: int, held_by_server: int) -> ConfigRecord:
+    """The lines the server does not hold yet (all of them if it says it holds more)."""
+    start = held_by_server if 0 <= held_by_server <= len(chain) else 0
+    return ConfigRecord(
+        {
+            "partition-id": partition_id,
+            "first-seq": start,
+            "lines": chain.lines[start:],
+            "head": chain.head,
+        }
+    )

@@ -126,6 +126,26 @@ class PrivacySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditSettings:
+    """Empirical privacy audit: canaries trained with the model.
+
+    ``canaries`` > 0 adds that many canary items to the shared catalogue and, in
+    silo ``canary-silo``, one canary user per canary item, each included in training
+    independently with probability ½ (drawn from ``seed``); only local DP runs can
+    carry canaries. ``central-canaries`` > 0 adds that many canary clients to
+    client-level DP (Andrew et al., 2024). ``unsafe-disable-noise`` trains *without*
+    noise while accounting and ledger still claim the configured σ: it exists only to
+    show that the empirical audit catches broken DP.
+    """
+
+    canaries: int
+    canary_silo: int
+    seed: int
+    central_canaries: int
+    unsafe_disable_noise: bool
+
+
+@dataclass(frozen=True, slots=True)
 class AppConfig:
     """All settings of one fedrec run."""
 
@@ -138,6 +158,7 @@ class AppConfig:
     eval: EvalSettings
     strategy: StrategySettings
     privacy: PrivacySettings
+    audit: AuditSettings
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Scalar]) -> AppConfig:
@@ -219,6 +240,13 @@ class AppConfig:
                 central_target_epsilon=r.float("privacy.central-target-epsilon", lo=0.0),
                 central_delta=r.float("privacy.central-delta", lo=0.0, hi=0.5),
             ),
+            audit=AuditSettings(
+                canaries=r.int("audit.canaries", lo=0),
+                canary_silo=r.int("audit.canary-silo", lo=0),
+                seed=r.int("audit.seed", lo=0),
+                central_canaries=r.int("audit.central-canaries", lo=0),
+                unsafe_disable_noise=r.bool("audit.unsafe-disable-noise"),
+            ),
         )
         r.reject_unknown()
         if cfg.data.dataset != "synthetic" and not cfg.data.path:
@@ -249,6 +277,22 @@ class AppConfig:
             raise ConfigError(
                 "privacy.central-noise-multiplier: central DP needs a noise multiplier or a "
                 "privacy.central-target-epsilon to calibrate it to"
+            )
+        a = cfg.audit
+        if a.canaries and not p.local:
+            raise ConfigError(
+                "audit.canaries: canary users audit local DP-SGD; set privacy.mode = local "
+                "(or local+central)"
+            )
+        if a.central_canaries and not p.central:
+            raise ConfigError(
+                "audit.central-canaries: canary clients audit central DP; set "
+                "privacy.mode = central (or local+central)"
+            )
+        if a.unsafe_disable_noise and not (a.canaries or a.central_canaries):
+            raise ConfigError(
+                "audit.unsafe-disable-noise: only for demonstrating the empirical audit; "
+                "it needs audit.canaries or audit.central-canaries"
             )
         return cfg
 

@@ -5,6 +5,8 @@ CONFIG = "config"  # ConfigRecord of per-round instructions (server -> silo)
 METRICS = "metrics"  # MetricRecord of training stats or evaluation sums (silo -> server)
 
 PRIVACY = "privacy"  # ConfigRecord of a silo's local-DP summary (silo -> server)
+LEDGER = "ledger"  # ConfigRecord of a silo's new privacy-ledger lines (silo -> server)
+LEDGER_COUNTS = "ledger-counts"  # train config: ledger lines the server holds, per partition id
 
 NUM_EXAMPLES = "num-examples"  # FedAvg weight: training positives in the silo
 SERVER_ROUND = "server-round"  # set by Flower's strategies in every instruction
@@ -15,3 +17,4 @@ TRAIN_SECONDS = "train-seconds"
 STATE_USER_PARAMS = "fedrec.user-params"
 STATE_SILO_DATA = "fedrec.silo-data"
 STATE_PRIVACY = "fedrec.privacy"
+STATE_LEDGER = "fedrec.ledger"

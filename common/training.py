@@ -43,20 +43,24 @@ def sample_train_negatives(
     k: int,
     num_items: int,
     rng: np.random.Generator,
+    high: int | None = None,
 ) -> NDArray[np.int64]:
     """Draw ``k`` items per row of ``users`` uniformly among that user's non-train items.
 
     Rejection sampling against the sorted training keys; returns (len(users), k).
-    Negatives of one row may repeat (sampling with replacement, as in NCF).
+    Negatives of one row may repeat (sampling with replacement, as in NCF). Only
+    items below ``high`` (default ``num_items``) are drawn: audit canary items sit
+    at the end of the catalogue and are never negatives.
     """
-    negatives = rng.integers(0, num_items, size=(len(users), k))
+    high = num_items if high is None else high
+    negatives = rng.integers(0, high, size=(len(users), k))
     while True:
         query = users[:, None] * num_items + negatives
         pos = np.searchsorted(keys, query).clip(max=len(keys) - 1)
         bad = keys[pos] == query
         if not bad.any():
             return negatives
-        negatives[bad] = rng.integers(0, num_items, size=int(bad.sum()))
+        negatives[bad] = rng.integers(0, high, size=int(bad.sum()))
 
 
 def batch_loss(

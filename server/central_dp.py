@@ -37,6 +37,7 @@ from common.privacy.accounting import (
     epsilon,
     would_exceed,
 )
+from common.privacy.ledger import MECHANISM, NEIGHBOURING
 from server.strategy import SharedModelFedAvg
 
 
@@ -182,6 +183,28 @@ class ClientLevelDP(Strategy):
             "accountant": self.settings.accountant,
         }
         self.log.append(entry)
+        if self.inner.ledgers is not None:
+            self.inner.ledgers.record_server(
+                "dp-fedavg",
+                server_round,
+                unit="client",
+                neighbouring=NEIGHBOURING["client"],
+                mechanism=MECHANISM,
+                sampling="poisson",
+                accountant=self.settings.accountant,
+                epsilon=entry["epsilon"],
+                delta=self.delta,
+                **{
+                    "delta-rule": "configured" if self.settings.central_delta else "1/N^1.1 for the N silos",
+                    "noise-multiplier": self.noise_multiplier,
+                    "sample-rate": self.settings.central_sample_rate,
+                    "steps": 1,
+                    "clip": clip,
+                    "population": self.population,
+                    "target-epsilon": self.settings.central_target_epsilon,
+                    "released": "shared model parameters after the round",
+                },
+            )
         self._sent = None
         metrics = (
             self.inner.train_metrics_aggr_fn([m.content for m in accepted], records.NUM_EXAMPLES)

@@ -17,7 +17,8 @@ from common.models import build_model, shared_state
 from common.seeding import derive_seed
 from server.loop import run_rounds
 from server.metered_grid import MeteredGrid
-from server.reporting import REPORT_FILE, RunRecorder, default_run_dir
+from server.checkpoint import save_arrays
+from server.reporting import INITIAL_CHECKPOINT, REPORT_FILE, RunRecorder, default_run_dir
 from server.central_dp import ClientLevelDP
 from server.strategy import SharedModelFedAvg
 
@@ -41,14 +42,19 @@ def run_federation(grid: Grid, run_config: Mapping[str, Scalar]) -> Path:
     recorder.start(run_config)
     log(INFO, "fedrec run directory: %s", recorder.run_dir)
 
-    num_items = load_interactions(cfg.data, cfg.seed).num_items
-    strategy: SharedModelFedAvg | ClientLevelDP = SharedModelFedAvg(cfg.strategy, cfg.eval.k)
+    # Audit canary items (if any) extend the catalogue after the real items.
+    num_items = load_interactions(cfg.data, cfg.seed).num_items + cfg.audit.canaries
+    strategy: SharedModelFedAvg | ClientLevelDP = SharedModelFedAvg(
+        cfg.strategy, cfg.eval.k, ledgers=recorder.ledgers
+    )
     if cfg.privacy.central:
         strategy = ClientLevelDP(strategy, cfg.privacy, cfg.num_server_rounds)
+    initial = initial_shared_arrays(cfg, num_items)
+    save_arrays(recorder.run_dir / INITIAL_CHECKPOINT, initial)
     final = run_rounds(
         strategy,
         MeteredGrid(grid),
-        initial_shared_arrays(cfg, num_items),
+        initial,
         first_round=1,
         last_round=cfg.num_server_rounds,
         timeout=cfg.strategy.timeout,

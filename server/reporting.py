@@ -16,6 +16,7 @@ from typing import Any
 from flwr.app import ArrayRecord
 
 from server.checkpoint import atomic_write_bytes, atomic_write_json, save_arrays
+from server.ledger import RunLedgers
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -24,6 +25,7 @@ REPORT_FILE = "report.md"
 PLOT_FILE = "metrics.png"
 PRIVACY_PLOT_FILE = "privacy.png"
 FINAL_CHECKPOINT = "final.npz"
+INITIAL_CHECKPOINT = "initial.npz"  # the shared model before round 1 (audits compare with it)
 
 
 def default_run_dir(dataset: str) -> Path:
@@ -88,6 +90,7 @@ class RunRecorder:
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self.rounds: list[dict[str, Any]] = []
+        self.ledgers: RunLedgers | None = None  # set by start()
 
     def start(self, run_config: Mapping[str, Any]) -> None:
         """Create the directory and write the resolved config with library versions.
@@ -107,6 +110,7 @@ class RunRecorder:
             self.run_dir / CONFIG_FILE,
             {"run-config": dict(run_config), "versions": library_versions()},
         )
+        self.ledgers = RunLedgers(self.run_dir)
 
     def record_round(self, record: RoundRecord, arrays: ArrayRecord) -> None:
         """Append the round's metrics (synced) and checkpoint the shared model."""
@@ -117,7 +121,11 @@ class RunRecorder:
             f.flush()
             os.fsync(f.fileno())
         save_arrays(self.run_dir / "checkpoints" / f"round-{record.server_round:04d}.npz", arrays)
-        atomic_write_json(self.run_dir / STATE_FILE, {"last-completed-round": record.server_round})
+        state: dict[str, Any] = {"last-completed-round": record.server_round}
+        if self.ledgers is not None:
+            self.ledgers.commit_round(record.server_round)
+            state["ledger"] = self.ledgers.anchor()
+        atomic_write_json(self.run_dir / STATE_FILE, state)
 
     def finish(
         self,
@@ -129,10 +137,10 @@ class RunRecorder:
         """Save the final model and write ``report.md`` with its plots."""
         save_arrays(self.run_dir / FINAL_CHECKPOINT, arrays)
         last = self.rounds[-1]["round"] if self.rounds else 0
-        atomic_write_json(
-            self.run_dir / STATE_FILE,
-            {"last-completed-round": last, "finished": True, "stop-reason": stop_reason},
-        )
+        state: dict[str, Any] = {"last-completed-round": last, "finished": True, "stop-reason": stop_reason}
+        if self.ledgers is not None:
+            state["ledger"] = self.ledgers.anchor()
+        atomic_write_json(self.run_dir / STATE_FILE, state)
         plot_rounds(self.rounds, self.run_dir / PLOT_FILE, k)
         text = render_report(self.rounds, k)
         if stop_reason:

@@ -15,6 +15,7 @@ from flwr.supercore import log
 from common import records
 from common.config import StrategySettings
 from common.evaluation import add_sums, summarize
+from server.ledger import RunLedgers
 
 
 class SharedModelFedAvg(FedAvg):
@@ -36,7 +37,7 @@ class SharedModelFedAvg(FedAvg):
       decline, :attr:`stop_reason` says so.
     """
 
-    def __init__(self, settings: StrategySettings, k: int) -> None:
+    def __init__(self, settings: StrategySettings, k: int, ledgers: RunLedgers | None = None) -> None:
         super().__init__(
             fraction_train=settings.fraction_train,
             fraction_evaluate=settings.fraction_evaluate,
@@ -54,12 +55,15 @@ class SharedModelFedAvg(FedAvg):
         self.privacy_log: list[dict[str, Any]] = []  # one entry per silo and round
         self.declined: list[tuple[int, int]] = []  # (round, partition id)
         self.stop_reason: str | None = None
+        self.ledgers = ledgers
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Remember the arrays sent, to validate replies against them."""
+        """Remember the arrays sent (to validate replies); tell silos what ledger lines we hold."""
         self.current = arrays
+        if self.ledgers is not None:
+            config = ConfigRecord({**config, records.LEDGER_COUNTS: self.ledgers.counts()})
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
@@ -74,6 +78,8 @@ class SharedModelFedAvg(FedAvg):
         for msg in replies:
             seen += 1
             node = msg.metadata.src_node_id
+            if not msg.has_error():
+                self._receive_ledger(msg.content)
             if not msg.has_error() and records.PRIVACY in msg.content.config_records:
                 summary = dict(msg.content.config_records[records.PRIVACY])
                 self.privacy_log.append({"round": server_round, "node": node, **summary})
@@ -96,6 +102,19 @@ class SharedModelFedAvg(FedAvg):
         if seen and declined == seen:
             self.stop_reason = f"every silo reached its privacy budget (round {server_round})"
         return accepted
+
+    def _receive_ledger(self, content: RecordDict) -> None:
+        if self.ledgers is None or records.LEDGER not in content.config_records:
+            return
+        rec = content.config_records[records.LEDGER]
+        try:
+            pid, first = int(rec["partition-id"]), int(rec["first-seq"])  # type: ignore[arg-type]
+            lines = [str(x) for x in rec["lines"]]  # type: ignore[union-attr]
+        except (KeyError, TypeError, ValueError) as exc:
+            self.ledgers.problems.append(f"malformed ledger record in a reply: {exc!r}")
+            log(WARNING, "malformed ledger record in a reply: %r", exc)
+            return
+        self.ledgers.receive(pid, first, lines)
 
     def _invalid_reason(self, content: RecordDict) -> str | None:
         if self.current is None:

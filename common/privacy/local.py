@@ -165,6 +165,7 @@ class LocalDPSettings:
     expected_batch_size: int
     max_positives: int
     user_epochs: int = 0  # unit = user: epochs fitting users' own rows (items frozen) first
+    negative_items: int | None = None  # negatives drawn below this item index (None: all)
 
 
 def dp_train(
@@ -204,7 +205,8 @@ def dp_train(
             users, positives, mask = sampler.sample(rng)
             batch, width = positives.shape
             negatives = sample_train_negatives(
-                keys, np.repeat(users, width), settings.num_negatives, split.num_items, rng
+                keys, np.repeat(users, width), settings.num_negatives, split.num_items, rng,
+                high=dp.negative_items,
             ).reshape(batch, width, -1)
             items = np.concatenate([positives[..., None], negatives], axis=-1).reshape(batch, -1)
             users_t = torch.from_numpy(users).to(device)

@@ -113,7 +113,9 @@ def test_dp_replies_carry_only_shared_parameters_and_a_privacy_summary(local_dp_
     train_replies = [r for r in replies if r.content.array_records]
     assert train_replies
     for reply in train_replies:
-        assert set(reply.content.config_records) == {records.PRIVACY}
+        assert set(reply.content.config_records) == {records.PRIVACY, records.LEDGER}
+        ledger = reply.content.config_records[records.LEDGER]
+        assert {json.loads(line)["kind"] for line in ledger["lines"]} == {"dp-sgd"}
         assert not any(is_private(n) for n in reply.content.array_records[records.ARRAYS])
         summary = reply.content.config_records[records.PRIVACY]
         assert summary["trained"] is True and math.isfinite(summary["epsilon"])
