@@ -33,6 +33,7 @@ from common.data.partition import partition_users
 from common.errors import ConfigError, FedrecError
 from common.seeding import derive_seed
 from server.reporting import default_run_dir
+from simulations.data_cli import data_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(soft_wrap=True)
@@ -320,6 +321,9 @@ def centralized(
         f"Recall@20 {_f(best.metrics.get('test-full-recall@20'))}"
     )
     console.print(f"results: {out}")
+
+
+app.add_typer(data_app, name="data", help="Prepare data for deployment: one directory per silo.")
 
 
 def main() -> None:

@@ -54,8 +54,19 @@ def load_interactions(data: DataSettings, seed: int, path: str = "") -> Interact
 
 def split_interactions(data: DataSettings, seed: int, interactions: Interactions) -> SiloData:
     """Leave-one-out split of all users, with the catalogue's popularity."""
+    return pooled_split(interactions, eval_negatives=data.eval_negatives, seed=seed)
+
+
+def pooled_split(
+    interactions: Interactions, *, eval_negatives: int, seed: int
+) -> SiloData:
+    """Split all users leave-one-out (run seed ``seed``); add item popularity.
+
+    The one place the global split is made: simulation and ``fedrec data prepare``
+    both call it, so the same seed gives the same held-out items and negatives.
+    """
     split = leave_one_out(
-        interactions, num_negatives=data.eval_negatives, seed=derive_seed(seed, "split")
+        interactions, num_negatives=eval_negatives, seed=derive_seed(seed, "split")
     )
     counts = np.bincount(split.train_item, minlength=split.num_items)
     return SiloData(split, counts / split.num_users)
@@ -64,7 +75,34 @@ def split_interactions(data: DataSettings, seed: int, interactions: Interactions
 def silo_data(
     data: DataSettings, seed: int, partition_id: int, num_partitions: int, path: str = ""
 ) -> SiloData:
-    """The data of silo ``partition_id`` of ``num_partitions`` (simulation)."""
+    """Return the data of silo ``partition_id`` of ``num_partitions``.
+
+    If ``path`` (or else ``data.path``) is a directory written by ``fedrec data
+    prepare`` (it holds ``silo.json``), the silo's prepared files are loaded and
+    must be silo ``partition_id`` of ``num_partitions``; ``data.dataset`` and the
+    split settings are then those recorded at prepare time. Otherwise (simulation)
+    the whole data set is loaded, split and partitioned, and this silo's part kept.
+
+    Raises
+    ------
+    DataError
+        If the data is malformed, or a prepared silo is another silo than
+        ``partition_id`` of ``num_partitions``.
+    """
+    where = path or data.path
+    if where and Path(where).is_dir():
+        # Imported here, not at the top: common.data.prepare imports this module.
+        from common.data import prepare
+
+        if prepare.is_prepared_silo(Path(where)):
+            return prepare.load_prepared_silo(
+                Path(where),
+                partition_id=partition_id,
+                num_partitions=num_partitions,
+                seed=seed,
+                eval_negatives=data.eval_negatives,
+            )
+        prepare.reject_prepared_root(Path(where), partition_id)
     interactions = load_interactions(data, seed, path)
     pooled = split_interactions(data, seed, interactions)
     parts = partition_users(

@@ -1,0 +1,872 @@
+"""Per-silo data directories for deployment: written once, each read by one silo.
+
+``prepare_silos`` makes the global leave-one-out split once (the one simulation
+makes for the same seed), assigns users to silos and writes one directory per
+silo; ``load_prepared_silo`` reads one back, validating every file. The on-disk
+format is documented in ``docs/data-format.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from numpy.typing import NDArray
+
+from common.data.loaders import load_dataset, load_interactions_file
+from common.data.partition import Skew, partition_users
+from common.data.pipeline import SiloData, pooled_split
+from common.data.schema import Interactions
+from common.data.split import NO_ITEM, UserSplit
+from common.errors import ConfigError, DataError, DataWarning
+from common.seeding import derive_seed
+
+FORMAT: Final = "fedrec-silo"
+FORMAT_VERSION: Final = 1
+MANIFEST: Final = "silo.json"
+TRAIN: Final = "train.parquet"
+USERS: Final = "users.parquet"
+NEGATIVES: Final = "negatives.npz"
+ITEMS: Final = "items.parquet"
+#: The data files of a silo directory, in the order they are written; the manifest
+#: is written last, so a directory without ``silo.json`` is an unfinished one.
+DATA_FILES: Final = (TRAIN, USERS, NEGATIVES, ITEMS)
+#: Data sets read from a file or directory (the synthetic one has no source file).
+FILE_DATASETS: Final = ("ml-100k", "ml-1m", "csv", "parquet")
+
+_SILO_DIR = re.compile(r"silo-\d+")
+_INTEGER = re.compile(r"[+-]?\d{1,18}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_STRING_TYPES = (pa.string(), pa.large_string())
+_COLUMNS: Final[dict[str, dict[str, pa.DataType]]] = {
+    TRAIN: {"user_idx": pa.int64(), "item_idx": pa.int64()},
+    USERS: {
+        "user_idx": pa.int64(),
+        "user_global_idx": pa.int64(),
+        "user_id": pa.string(),
+        "val_item": pa.int64(),
+        "test_item": pa.int64(),
+    },
+    ITEMS: {
+        "item_idx": pa.int64(),
+        "item_id": pa.string(),
+        "popularity": pa.float64(),
+        "category": pa.int64(),
+    },
+}
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedSilo:
+    """One silo directory written by `prepare_silos`.
+
+    Parameters
+    ----------
+    silo_id : int
+        The silo's ``partition-id``.
+    name : str or None
+        Its value of the silo column, or None when users were assigned by seed.
+    path : Path
+        The silo's directory.
+    num_users, num_train, num_heldout : int
+        Its users, training interactions, and users with validation/test items.
+    files : tuple of str
+        File names in the directory, manifest last.
+    """
+
+    silo_id: int
+    name: str | None
+    path: Path
+    num_users: int
+    num_train: int
+    num_heldout: int
+    files: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PrepareSummary:
+    """What `prepare_silos` read and wrote.
+
+    Parameters
+    ----------
+    out_dir : Path
+        Directory holding ``silo-0/``, ``silo-1/``, ...
+    dataset : str
+        Format of the source (``ml-100k``, ``ml-1m``, ``csv`` or ``parquet``).
+    source : Path
+        The interaction file read.
+    source_sha256 : str
+        Its SHA-256, hex.
+    num_interactions, num_users, num_items : int
+        Size of the whole log and of the shared catalogue.
+    seed, eval_negatives : int
+        Run seed of the split (and partition) and negatives per held-out item.
+    assignment : str
+        How users were assigned, e.g. ``"5 silos by seed (iid)"``.
+    silos : tuple of PreparedSilo
+        One entry per silo, by silo id.
+    """
+
+    out_dir: Path
+    dataset: str
+    source: Path
+    source_sha256: str
+    num_interactions: int
+    num_users: int
+    num_items: int
+    seed: int
+    eval_negatives: int
+    assignment: str
+    silos: tuple[PreparedSilo, ...]
+
+
+def prepare_silos(
+    dataset: str,
+    source: Path,
+    out_dir: Path,
+    *,
+    silo_column: str | None = None,
+    num_silos: int | None = None,
+    seed: int,
+    eval_negatives: int,
+    skew: Skew = "iid",
+    dirichlet_alpha: float = 0.5,
+    user_col: str = "user_id",
+    item_col: str = "item_id",
+    timestamp_col: str = "timestamp",
+    force: bool = False,
+) -> PrepareSummary:
+    """Split an interaction log into one directory per silo.
+
+    The leave-one-out split is the global one of simulation
+    (`common.data.pipeline.pooled_split`), made once here, so held-out items and
+    evaluation negatives are fixed by ``seed``. Users go to silos either by the
+    value of ``silo_column`` (silos numbered in sorted order of the values:
+    numerically if every value is an integer, else as text) or by
+    `common.data.partition.partition_users` with scheme ``silos`` and the seed
+    simulation uses, so silo ``k`` holds exactly simulation's partition ``k``.
+
+    Parameters
+    ----------
+    dataset : str
+        ``"ml-100k"``, ``"ml-1m"``, ``"csv"`` or ``"parquet"``.
+    source : Path
+        MovieLens directory (or ratings file), or CSV/Parquet file.
+    out_dir : Path
+        Where to write ``silo-<k>/``; created if missing, and must be empty unless
+        ``force``.
+    silo_column : str or None
+        CSV/Parquet column naming each row's silo; every user must have one value.
+    num_silos : int or None
+        Number of silos to assign users to by seed; exactly one of ``silo_column``
+        and ``num_silos`` must be given.
+    seed : int
+        Run seed (``seed`` in the run config): it fixes the split and partition.
+    eval_negatives : int
+        Sampled negatives per held-out item (``data.eval-negatives``).
+    skew, dirichlet_alpha
+        Partition settings for ``num_silos`` (``data.skew``,
+        ``data.dirichlet-alpha``).
+    user_col, item_col, timestamp_col : str
+        CSV/Parquet column names; MovieLens ignores them.
+    force : bool
+        Replace the ``silo-<k>/`` directories of an earlier run in ``out_dir``;
+        other files there are left alone.
+
+    Returns
+    -------
+    PrepareSummary
+        What was read and written.
+
+    Raises
+    ------
+    ConfigError
+        If the arguments are inconsistent or ``out_dir`` is not empty.
+    DataError
+        If the data is malformed, a user appears under several silo values, or
+        the users cannot be split into ``num_silos`` non-empty silos.
+    """
+    _check_arguments(dataset, silo_column, num_silos, seed, eval_negatives)
+    out_dir = Path(out_dir)
+    stale = _stale_silo_dirs(out_dir, force)
+    interactions = load_dataset(
+        dataset,
+        Path(source),
+        user_col=user_col,
+        item_col=item_col,
+        timestamp_col=timestamp_col,
+    )
+    data_file = Path(interactions.source)
+    pooled = pooled_split(interactions, eval_negatives=eval_negatives, seed=seed)
+    names: list[str] | None
+    assignment: dict[str, Any]
+    if num_silos is None:  # by column (_check_arguments: exactly one is given)
+        column = str(silo_column)
+        parts, names = _parts_by_column(
+            data_file, interactions, column, item_col, timestamp_col
+        )
+        assignment = {"method": "column", "column": column}
+        described = f"{len(parts)} silos by column {column!r}"
+    else:
+        parts = partition_users(
+            pooled.split,
+            scheme="silos",
+            num_partitions=num_silos,
+            seed=derive_seed(seed, "partition"),
+            skew=skew,
+            alpha=dirichlet_alpha,
+            item_category=interactions.item_category,
+        )
+        names = None
+        assignment = {
+            "method": "partition",
+            "scheme": "silos",
+            "skew": skew,
+            "dirichlet-alpha": dirichlet_alpha,
+        }
+        described = f"{num_silos} silos by seed ({skew})"
+    source_info = {
+        "dataset": dataset,
+        "file": data_file.name,
+        "sha256": _file_sha256(data_file),
+        "bytes": data_file.stat().st_size,
+    }
+    items = _items_bytes(interactions, pooled.item_popularity)
+    for path in stale:
+        shutil.rmtree(path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    silos = []
+    created = datetime.now(UTC).isoformat(timespec="seconds")
+    for k, users in enumerate(parts):
+        name = names[k] if names is not None else None
+        manifest = {
+            "format": FORMAT,
+            "format-version": FORMAT_VERSION,
+            "silo-id": k,
+            "num-silos": len(parts),
+            "silo-name": name,
+            "assignment": {
+                **assignment,
+                **({"value": name} if name is not None else {}),
+            },
+            "seed": seed,
+            "eval-negatives": eval_negatives,
+            "source": source_info,
+            "created": created,
+        }
+        split = pooled.split.subset(users)
+        silos.append(
+            _write_silo(out_dir / f"silo-{k}", split, interactions, items, manifest)
+        )
+    return PrepareSummary(
+        out_dir=out_dir,
+        dataset=dataset,
+        source=data_file,
+        source_sha256=str(source_info["sha256"]),
+        num_interactions=len(interactions),
+        num_users=interactions.num_users,
+        num_items=interactions.num_items,
+        seed=seed,
+        eval_negatives=eval_negatives,
+        assignment=described,
+        silos=tuple(silos),
+    )
+
+
+def is_prepared_silo(path: Path) -> bool:
+    """Whether ``path`` is a silo directory (it holds ``silo.json``)."""
+    return (Path(path) / MANIFEST).is_file()
+
+
+def reject_prepared_root(path: Path, partition_id: int) -> None:
+    """Raise if ``path`` is the output directory of a prepare, not one silo's.
+
+    Raises
+    ------
+    DataError
+        If ``path`` holds ``silo-<k>/silo.json`` directories.
+    """
+    path = Path(path)
+    if any(
+        _SILO_DIR.fullmatch(p.name) and is_prepared_silo(p)
+        for p in path.iterdir()
+        if p.is_dir()
+    ):
+        raise DataError(
+            f"{path} holds prepared silo directories but is not one itself (no "
+            f"{MANIFEST}); set data-path to this silo's own directory, e.g. "
+            f"{path / f'silo-{partition_id}'}"
+        )
+
+
+def load_prepared_silo(
+    path: Path,
+    *,
+    partition_id: int | None = None,
+    num_partitions: int | None = None,
+    seed: int | None = None,
+    eval_negatives: int | None = None,
+) -> SiloData:
+    """Load and validate a silo directory written by `prepare_silos`.
+
+    Parameters
+    ----------
+    path : Path
+        The silo's directory (holding ``silo.json``).
+    partition_id, num_partitions : int or None
+        If given, the manifest's silo id and silo count must equal them.
+    seed, eval_negatives : int or None
+        If given and unequal to the manifest's, a `DataWarning` says that the
+        held-out items and negatives are the prepared ones.
+
+    Returns
+    -------
+    SiloData
+        The silo's split, equal to what simulation gives partition ``silo-id``
+        with the prepare-time seed, and the catalogue's item popularity.
+
+    Raises
+    ------
+    DataError
+        Naming the file and the problem: a missing file, an unsupported format
+        version, a checksum, dtype, shape or count that does not match the
+        manifest, an index out of range, or the wrong silo.
+    """
+    path = Path(path)
+    manifest = _read_manifest(path / MANIFEST)
+    m_path = path / MANIFEST
+    silo_id, n_silos = manifest["silo-id"], manifest["num-silos"]
+    if (
+        partition_id is not None
+        and num_partitions is not None
+        and ((silo_id, n_silos) != (partition_id, num_partitions))
+    ):
+        raise DataError(
+            f"{m_path}: this directory holds silo {silo_id} of {n_silos}, but the "
+            f"node config says partition-id={partition_id}, "
+            f"num-partitions={num_partitions}; "
+            f"point data-path at silo-{partition_id} of a prepare with "
+            f"{num_partitions} silos, or fix --node-config"
+        )
+    for key, given in (("seed", seed), ("eval-negatives", eval_negatives)):
+        if given is not None and given != manifest[key]:
+            warnings.warn(
+                f"{m_path}: prepared with {key} {manifest[key]} but the run has "
+                f"{given}; held-out items and evaluation negatives are the prepared "
+                f"ones, so they differ from a simulation with {key} {given}",
+                DataWarning,
+                stacklevel=2,
+            )
+    for name, meta in manifest["files"].items():
+        _verify_file(path / name, meta)
+    counts = manifest["counts"]
+    n_users, n_items = counts["users"], counts["items"]
+    n_neg = manifest["eval-negatives"]
+    cat = f"the catalogue has {n_items} items, counts.items in {MANIFEST}"
+
+    items = _read_table(path / ITEMS, n_items)
+    _check_range(path / ITEMS, "item_idx", items["item_idx"], 0, n_items)
+    if not np.array_equal(items["item_idx"], np.arange(n_items)):
+        raise DataError(f"{path / ITEMS}: item_idx must be 0..{n_items - 1} in order")
+    _check_unique(path / ITEMS, "item_id", items["item_id"])
+    popularity = items["popularity"].astype(np.float64)
+    if not (np.isfinite(popularity).all() and (popularity >= 0).all()):
+        raise DataError(f"{path / ITEMS}: popularity must be finite and >= 0")
+    _check_range(path / ITEMS, "category", items["category"], -1, None)
+
+    users = _read_table(path / USERS, n_users)
+    if not np.array_equal(users["user_idx"], np.arange(n_users)):
+        raise DataError(f"{path / USERS}: user_idx must be 0..{n_users - 1} in order")
+    _check_range(path / USERS, "user_global_idx", users["user_global_idx"], 0, None)
+    _check_unique(path / USERS, "user_global_idx", users["user_global_idx"])
+    _check_unique(path / USERS, "user_id", users["user_id"])
+    for column, key in (("val_item", "val-items"), ("test_item", "test-items")):
+        held = users[column]
+        _check_range(path / USERS, column, held, NO_ITEM, n_items, cat)
+        if int((held != NO_ITEM).sum()) != counts[key]:
+            raise DataError(
+                f"{path / USERS}: {int((held != NO_ITEM).sum())} users have a "
+                f"{column}, but {MANIFEST} counts.{key} says {counts[key]}"
+            )
+    if not np.array_equal(users["val_item"] == NO_ITEM, users["test_item"] == NO_ITEM):
+        raise DataError(
+            f"{path / USERS}: a user has a val_item but no test_item or the reverse"
+        )
+
+    train = _read_table(path / TRAIN, counts["train-interactions"])
+    _check_range(path / TRAIN, "user_idx", train["user_idx"], 0, n_users)
+    _check_range(path / TRAIN, "item_idx", train["item_idx"], 0, n_items, cat)
+
+    negatives = _read_negatives(path / NEGATIVES, (n_users, n_neg), n_items)
+    split = UserSplit(
+        num_items=n_items,
+        train_user=train["user_idx"],
+        train_item=train["item_idx"],
+        val_item=users["val_item"],
+        test_item=users["test_item"],
+        val_negatives=negatives["val"],
+        test_negatives=negatives["test"],
+        user_global_idx=users["user_global_idx"],
+    )
+    return SiloData(split, popularity)
+
+
+def _check_arguments(
+    dataset: str,
+    silo_column: str | None,
+    num_silos: int | None,
+    seed: int,
+    eval_negatives: int,
+) -> None:
+    """Reject inconsistent or out-of-range arguments, naming the argument."""
+    if dataset not in FILE_DATASETS:
+        raise ConfigError(
+            f"data set {dataset!r} cannot be prepared; expected one of {FILE_DATASETS}"
+        )
+    if (silo_column is None) == (num_silos is None):
+        raise ConfigError(
+            "give exactly one of silo_column (users' silos from a column) and "
+            "num_silos (users assigned to N silos by seed)"
+        )
+    if silo_column is not None and dataset not in ("csv", "parquet"):
+        raise ConfigError(
+            f"silo_column needs a CSV or Parquet file; {dataset} has fixed columns "
+            "(use num_silos)"
+        )
+    if silo_column is not None and not silo_column.strip():
+        raise ConfigError("silo_column must be a non-empty column name")
+    for name, value, lo in (
+        ("num_silos", num_silos, 1),
+        ("seed", seed, 0),
+        ("eval_negatives", eval_negatives, 1),
+    ):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+            raise ConfigError(f"{name} must be an integer >= {lo}, got {value!r}")
+
+
+def _stale_silo_dirs(out_dir: Path, force: bool) -> list[Path]:
+    """Return the ``silo-<k>/`` directories to replace; raise if out_dir is taken."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(
+            f"{out_dir} exists and is not a directory; choose another output directory"
+        )
+    entries = sorted(out_dir.iterdir()) if out_dir.is_dir() else []
+    if not entries:
+        return []
+    if not force:
+        raise ConfigError(
+            f"{out_dir} is not empty (it holds {entries[0].name}"
+            f"{f' and {len(entries) - 1} more' if len(entries) > 1 else ''}); choose "
+            "an empty or new output directory, or pass --force (force=True) to "
+            "replace the silo-<k> directories of an earlier prepare"
+        )
+    known = {MANIFEST, *DATA_FILES}
+    stale = [p for p in entries if p.is_dir() and _SILO_DIR.fullmatch(p.name)]
+    for silo_dir in stale:
+        for f in silo_dir.iterdir():
+            if f.name not in known and not f.name.startswith("."):
+                raise ConfigError(
+                    f"refusing to delete {silo_dir}: it holds {f.name}, which fedrec "
+                    "data prepare does not write; move it away first"
+                )
+    return stale
+
+
+def _parts_by_column(
+    data_file: Path,
+    interactions: Interactions,
+    column: str,
+    item_col: str,
+    timestamp_col: str,
+) -> tuple[list[NDArray[np.int64]], list[str]]:
+    """Users of each silo, and the silo names, from a per-row silo column."""
+    # Reading the log again with the silo column as "user" validates it like any ID
+    # column (no missing or blank values) and keeps file row order.
+    labels_log = load_interactions_file(
+        data_file, user_col=column, item_col=item_col, timestamp_col=timestamp_col
+    )
+    if len(labels_log) != len(interactions):  # pragma: no cover - same file, same rows
+        raise DataError(f"{data_file}: the file changed while it was being read")
+    names = [str(v) for v in labels_log.user_ids]
+    if all(_INTEGER.fullmatch(n) for n in names):
+        order = sorted(range(len(names)), key=lambda i: int(names[i]))
+    else:
+        order = sorted(range(len(names)), key=lambda i: names[i])
+    code = np.empty(len(names), dtype=np.int64)
+    code[order] = np.arange(len(names))
+    row_silo = code[labels_log.user_idx]  # (N,) silo of each row
+    pairs = pd.DataFrame({"user": interactions.user_idx, "silo": row_silo})
+    per_user = pairs.groupby("user")["silo"].nunique()
+    split_users = per_user.index[per_user.to_numpy() > 1].to_numpy()
+    if len(split_users):
+        raise DataError(
+            _several_silos_message(
+                data_file, interactions, column, names, order, row_silo, split_users
+            )
+        )
+    user_silo = np.empty(interactions.num_users, dtype=np.int64)
+    user_silo[interactions.user_idx] = row_silo
+    parts = [np.flatnonzero(user_silo == k).astype(np.int64) for k in range(len(names))]
+    return parts, [names[i] for i in order]
+
+
+def _several_silos_message(
+    data_file: Path,
+    interactions: Interactions,
+    column: str,
+    names: list[str],
+    order: list[int],
+    row_silo: NDArray[np.int64],
+    split_users: NDArray[np.int64],
+) -> str:
+    """Name the first user found under several silo values, with a row for each."""
+    first = int(split_users[0])
+    rows = np.flatnonzero(interactions.user_idx == first)
+    silos, first_rows = np.unique(row_silo[rows], return_index=True)
+    text_file = data_file.suffix.lower() not in (".parquet", ".pq")
+    where = [f"line {r + 2}" if text_file else f"row {r + 1}" for r in rows[first_rows]]
+    values = ", ".join(
+        f"{names[order[s]]!r} ({w})" for s, w in zip(silos.tolist(), where, strict=True)
+    )
+    more = f" ({len(split_users) - 1} more users too)" if len(split_users) > 1 else ""
+    return (
+        f"{data_file}: user {interactions.user_ids[first]!r} appears under several "
+        f"{column} values: {values}{more}. Each user must belong to exactly one "
+        f"silo: fix the {column} column, or, if these are different people, make "
+        "their user IDs unique per silo (e.g. prefix them with the silo)"
+    )
+
+
+def _items_bytes(interactions: Interactions, popularity: NDArray[np.float64]) -> bytes:
+    """Serialise the shared catalogue as Parquet (identical in every silo)."""
+    n = interactions.num_items
+    category = interactions.item_category
+    if category is None:
+        category = np.full(n, -1, dtype=np.int64)
+    return _parquet_bytes(
+        {
+            "item_idx": pa.array(np.arange(n, dtype=np.int64)),
+            "item_id": pa.array(interactions.item_ids.astype(str), pa.string()),
+            "popularity": pa.array(np.asarray(popularity, dtype=np.float64)),
+            "category": pa.array(np.asarray(category, dtype=np.int64)),
+        }
+    )
+
+
+def _write_silo(
+    silo_dir: Path,
+    split: UserSplit,
+    interactions: Interactions,
+    items: bytes,
+    manifest: dict[str, Any],
+) -> PreparedSilo:
+    """Write one silo's files, each atomically, and its manifest last."""
+    n_users = split.num_users
+    has_heldout = split.val_item != NO_ITEM
+    negatives = io.BytesIO()
+    np.savez_compressed(negatives, val=split.val_negatives, test=split.test_negatives)
+    contents = {
+        TRAIN: _parquet_bytes(
+            {
+                "user_idx": pa.array(split.train_user),
+                "item_idx": pa.array(split.train_item),
+            }
+        ),
+        USERS: _parquet_bytes(
+            {
+                "user_idx": pa.array(np.arange(n_users, dtype=np.int64)),
+                "user_global_idx": pa.array(split.user_global_idx),
+                "user_id": pa.array(
+                    interactions.user_ids[split.user_global_idx].astype(str),
+                    pa.string(),
+                ),
+                "val_item": pa.array(split.val_item),
+                "test_item": pa.array(split.test_item),
+            }
+        ),
+        NEGATIVES: negatives.getvalue(),
+        ITEMS: items,
+    }
+    silo_dir.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name in DATA_FILES:
+        data = contents[name]
+        _atomic_write_bytes(silo_dir / name, data)
+        files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    manifest = {
+        **manifest,
+        "counts": {
+            "users": n_users,
+            "train-interactions": split.num_train,
+            "val-items": int(has_heldout.sum()),
+            "test-items": int((split.test_item != NO_ITEM).sum()),
+            "items": split.num_items,
+        },
+        "files": files,
+    }
+    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    _atomic_write_bytes(silo_dir / MANIFEST, text.encode())
+    return PreparedSilo(
+        silo_id=int(manifest["silo-id"]),
+        name=manifest["silo-name"],
+        path=silo_dir,
+        num_users=n_users,
+        num_train=split.num_train,
+        num_heldout=int(has_heldout.sum()),
+        files=(*DATA_FILES, MANIFEST),
+    )
+
+
+def _parquet_bytes(columns: Mapping[str, pa.Array]) -> bytes:
+    """Serialise columns as one Parquet file, in memory."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table(dict(columns)), sink)
+    return bytes(sink.getvalue().to_pybytes())
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a synced temporary file and an atomic rename, then sync the folder.
+
+    (``server/checkpoint.py`` has the same helper; ``common`` may not import it.)
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # POSIX: make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _file_sha256(path: Path) -> str:
+    """SHA-256 of a file, hex, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """Read ``silo.json`` and check every key the loader relies on."""
+    if not path.is_file():
+        raise DataError(
+            f"{path}: missing; {path.parent} is not a prepared silo directory (run "
+            "fedrec data prepare, or finish copying the directory)"
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise DataError(
+            f"{path}: expected a JSON object, got {type(manifest).__name__}"
+        )
+    if manifest.get("format") != FORMAT:
+        raise DataError(
+            f"{path}: format is {manifest.get('format')!r}, expected {FORMAT!r}; this "
+            "is not a silo manifest written by fedrec data prepare"
+        )
+    version = manifest.get("format-version")
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise DataError(
+            f"{path}: format-version {version!r} is not supported; this fedrec reads "
+            f"version {FORMAT_VERSION}: prepare the data again with this fedrec"
+        )
+    n_silos = _manifest_int(path, manifest, "num-silos", 1)
+    _manifest_int(path, manifest, "silo-id", 0, n_silos - 1)
+    _manifest_int(path, manifest, "seed", 0)
+    _manifest_int(path, manifest, "eval-negatives", 1)
+    name = manifest.get("silo-name")
+    if name is not None and not isinstance(name, str):
+        raise DataError(f"{path}: silo-name must be a string or null, got {name!r}")
+    counts = _manifest_object(path, manifest, "counts")
+    for key in ("users", "train-interactions", "val-items", "test-items", "items"):
+        _manifest_int(path, counts, key, 0, where="counts.")
+    files = _manifest_object(path, manifest, "files")
+    if set(files) != set(DATA_FILES):
+        raise DataError(
+            f"{path}: files lists {sorted(files)}, expected {sorted(DATA_FILES)}"
+        )
+    for name, meta in files.items():
+        if not (
+            isinstance(meta, dict)
+            and isinstance(meta.get("sha256"), str)
+            and _SHA256.fullmatch(meta["sha256"])
+        ):
+            raise DataError(f"{path}: files.{name}.sha256 must be a hex SHA-256")
+        _manifest_int(path, meta, "bytes", 0, where=f"files.{name}.")
+    return manifest
+
+
+def _manifest_object(
+    path: Path, manifest: Mapping[str, Any], key: str
+) -> dict[str, Any]:
+    """Return the JSON object under ``key``."""
+    value = manifest.get(key)
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: {key} must be a JSON object, got {value!r}")
+    return value
+
+
+def _manifest_int(
+    path: Path,
+    obj: Mapping[str, Any],
+    key: str,
+    lo: int,
+    hi: int | None = None,
+    *,
+    where: str = "",
+) -> int:
+    """Return the integer in ``[lo, hi]`` under ``key`` (``where``: key prefix)."""
+    value = obj.get(key)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < lo
+        or (hi is not None and value > hi)
+    ):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise DataError(
+            f"{path}: {where}{key} must be an integer {bound}, got {value!r}"
+        )
+    return value
+
+
+def _verify_file(path: Path, meta: Mapping[str, Any]) -> None:
+    """Check that a data file exists and matches the manifest's size and SHA-256."""
+    if not path.is_file():
+        raise DataError(
+            f"{path}: missing; the silo directory is incomplete: copy it again from "
+            "the output of fedrec data prepare"
+        )
+    size = path.stat().st_size
+    if size != meta["bytes"] or _file_sha256(path) != meta["sha256"]:
+        raise DataError(
+            f"{path}: contents do not match {MANIFEST} ({size} bytes, manifest says "
+            f"{meta['bytes']}; or the SHA-256 differs): the file is corrupted or was "
+            "modified; copy it again from the output of fedrec data prepare"
+        )
+
+
+def _read_table(path: Path, rows: int) -> dict[str, NDArray[Any]]:
+    """Read a Parquet file of the format, checking columns, types, nulls and rows."""
+    want = _COLUMNS[path.name]
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: cannot read as Parquet: {exc}") from None
+    found = dict(zip(table.schema.names, table.schema.types, strict=True))
+    if set(found) != set(want):
+        raise DataError(f"{path}: has columns {sorted(found)}, expected {sorted(want)}")
+    for name, dtype in want.items():
+        ok = (
+            found[name] in _STRING_TYPES
+            if dtype == pa.string()
+            else found[name] == dtype
+        )
+        if not ok:
+            raise DataError(
+                f"{path}: column {name!r} has type {found[name]}, expected {dtype}"
+            )
+        if table.column(name).null_count:
+            raise DataError(f"{path}: column {name!r} has missing values")
+    if table.num_rows != rows:
+        raise DataError(
+            f"{path}: has {table.num_rows} rows, but {MANIFEST} counts say {rows}"
+        )
+    out: dict[str, NDArray[Any]] = {}
+    for name, dtype in want.items():
+        values = table.column(name).to_numpy()
+        out[name] = (
+            np.asarray(values, dtype=object)
+            if dtype == pa.string()
+            else np.array(values, dtype=dtype.to_pandas_dtype())
+        )
+    return out
+
+
+def _read_negatives(
+    path: Path, shape: tuple[int, int], num_items: int
+) -> dict[str, NDArray[np.int64]]:
+    """Read ``negatives.npz``: ``val`` and ``test``, (U, n) int64 item indices."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path}: cannot read as a .npz archive: {exc}") from None
+    if set(arrays) != {"val", "test"}:
+        raise DataError(
+            f"{path}: holds arrays {sorted(arrays)}, expected ['test', 'val']"
+        )
+    for key, arr in arrays.items():
+        if arr.dtype != np.int64 or arr.shape != shape:
+            raise DataError(
+                f"{path}: array {key!r} is {arr.dtype} {arr.shape}, expected int64 "
+                f"{shape} (users x eval-negatives from {MANIFEST})"
+            )
+        _check_range(
+            path, key, arr, 0, num_items, f"the catalogue has {num_items} items"
+        )
+    return arrays
+
+
+def _check_range(
+    path: Path,
+    name: str,
+    values: NDArray[np.int64],
+    lo: int,
+    hi: int | None,
+    what: str = "",
+) -> None:
+    """Raise unless ``lo <= values < hi`` (``hi=None``: no upper bound).
+
+    ``what`` explains the bound in the message, e.g. the catalogue size.
+    """
+    if len(values) == 0:
+        return
+    bad = (values < lo) | (values >= hi) if hi is not None else values < lo
+    if bad.any():
+        value = values[np.unravel_index(int(np.argmax(bad)), values.shape)]
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi - 1}]"
+        raise DataError(
+            f"{path}: {name} value {int(value)} is out of range: every value must be "
+            f"{bound}{f' ({what})' if what else ''}"
+        )
+
+
+def _check_unique(path: Path, name: str, values: NDArray[Any]) -> None:
+    """Raise if a column has a repeated value."""
+    keys = values.astype(str) if values.dtype == object else values
+    uniq, counts = np.unique(keys, return_counts=True)
+    if (counts > 1).any():
+        raise DataError(
+            f"{path}: {name} {uniq[counts > 1][0]!r} appears more than once"
+        )
