@@ -201,7 +201,7 @@ def _print_summary(summary: PrepareSummary) -> None:
         table.add_column("name")
     for column in ("users", "train interactions", "val/test users"):
         table.add_column(column, justify="right")
-    table.add_column("files")
+    table.add_column("files", no_wrap=True)
     for silo in s.silos:
         cells = [str(silo.silo_id), *([silo.name or ""] if named else [])]
         cells += [str(silo.num_users), str(silo.num_train), str(silo.num_heldout)]

@@ -213,17 +213,19 @@ def prepare_silos(
         timestamp_col=timestamp_col,
     )
     data_file = Path(interactions.source)
-    pooled = pooled_split(interactions, eval_negatives=eval_negatives, seed=seed)
     names: list[str] | None
     assignment: dict[str, Any]
     if num_silos is None:  # by column (_check_arguments: exactly one is given)
         column = str(silo_column)
+        # Before the split: a bad column is the more basic error, and found sooner.
         parts, names = _parts_by_column(
             data_file, interactions, column, item_col, timestamp_col
         )
+        pooled = pooled_split(interactions, eval_negatives=eval_negatives, seed=seed)
         assignment = {"method": "column", "column": column}
         described = f"{len(parts)} silos by column {column!r}"
     else:
+        pooled = pooled_split(interactions, eval_negatives=eval_negatives, seed=seed)
         parts = partition_users(
             pooled.split,
             scheme="silos",
