@@ -1,0 +1,68 @@
+"""``fedrec audit RUN_DIR``: verify and recompute a run's privacy claims."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from common.privacy.audit import EXIT_CODES, AuditInputError, audit_run
+from common.privacy.audit_report import write_audit
+
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def audit(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by fedrec simulate/deploy.")],
+    out: Annotated[Path | None, typer.Option(help="Where to write audit.json/audit.md/plots (default: RUN_DIR).")] = None,
+    empirical: Annotated[bool, typer.Option(help="Score the run's canaries (if it trained any).")] = True,
+) -> None:
+    """Verify every ledger chain, replay every ε (PLD, RDP, PRV), check budgets and canaries.
+
+    Exit codes: 0 passed; 1 not an auditable run directory; 3 broken or unanchored
+    ledger chain; 4 claimed ε differs from the replayed ε (or a DP round is missing
+    from the ledger); 5 budget overrun; 6 the empirical lower bound exceeds the
+    claimed ε. With several problems, the smallest code wins.
+    """
+    try:
+        result = audit_run(run_dir, empirical=empirical)
+    except AuditInputError as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    paths = write_audit(result, out or run_dir)
+    table = Table(title="privacy audit (ε replayed from the ledgers)")
+    for col in ("ledger", "unit", "δ", "rounds", "steps", "ε PLD", "ε RDP", "ε PRV", "no ampl.", "budget"):
+        table.add_column(col, justify="left" if col in ("ledger", "unit") else "right")
+    for led in result.ledgers:
+        if not led.trajectory:
+            continue
+        table.add_row(
+            led.owner, str(led.unit), f"{led.delta:.2e}", str(len(led.trajectory)), str(led.total_steps),
+            f"{led.final_pld:.3f}", f"{led.final_rdp:.3f}",
+            "n/a" if led.final_prv is None else f"{led.final_prv:.3f}",
+            f"{led.no_amplification:.3g}", f"{led.target_epsilon:g}" if led.target_epsilon else "-",
+        )
+    console.print(table)
+    emp = result.empirical or {}
+    if "one-run" in emp:
+        one = emp["one-run"]
+        console.print(
+            f"empirical (one-run, silo {one['silo']}, {one['canaries']} canaries): "
+            f"ε_LB = {one['epsilon_lb']:.3f} at 95% vs claimed ε = {one['claimed-epsilon']:.3f}"
+        )
+    if "one-shot" in emp:
+        shot = emp["one-shot"]
+        console.print(f"empirical (one-shot, canary clients): ε̂ = {shot['epsilon']:.3f} vs claimed ε = {shot['claimed-epsilon']:.3f}")
+    for w in result.warnings:
+        console.print(f"[yellow]warning:[/] {w}")
+    for p in result.problems:
+        err.print(f"[bold red]{p}[/]")
+    console.print("written: " + ", ".join(str(p) for p in paths))
+    if result.problems:
+        err.print(f"[bold red]audit FAILED[/] (exit code {result.exit_code}; codes: {EXIT_CODES})")
+        raise typer.Exit(result.exit_code)
+    console.print("[bold green]audit passed[/]")
