@@ -33,6 +33,7 @@ from common.data.partition import partition_users
 from common.errors import ConfigError, FedrecError
 from common.seeding import derive_seed
 from server.reporting import default_run_dir
+from simulations.audit_cli import audit
 from simulations.data_cli import data_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -323,6 +324,7 @@ def centralized(
     console.print(f"results: {out}")
 
 
+app.command()(audit)
 app.add_typer(data_app, name="data", help="Prepare data for deployment: one directory per silo.")
 
 
