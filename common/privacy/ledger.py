@@ -158,8 +158,10 @@ class Chain:
         if event.get("prev") != self.head:
             raise LedgerError(
                 self.source, number,
-                "prev does not match the hash of the line before it: that line or this one "
-                "was edited, or lines were deleted or reordered",
+                f"prev does not match the hash of line {number - 1}: line {number - 1} was "
+                "edited, or lines around it were deleted or reordered"
+                if number > 1
+                else "prev of the first line is not the genesis hash: lines before it were deleted",
             )
         if event.get("owner") != self.owner:
             raise LedgerError(
