@@ -21,6 +21,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -241,6 +242,11 @@ def _compare(problems: list[Problem], owner: str, rnd: int, line: int, source: s
 
 def _prv(uses: list[MechanismUse], delta: float) -> tuple[float | None, str]:
     """Opacus' PRV accountant over the same steps (an independent implementation)."""
+    return _prv_cached(tuple(merged(uses)), delta)
+
+
+@lru_cache(maxsize=256)
+def _prv_cached(uses: tuple[MechanismUse, ...], delta: float) -> tuple[float | None, str]:
     try:
         from opacus.accountants import PRVAccountant
     except ImportError:
@@ -255,14 +261,18 @@ def _prv(uses: list[MechanismUse], delta: float) -> tuple[float | None, str]:
 
 def _epsilon_delta_curve(uses: list[MechanismUse]) -> list[tuple[float, float]]:
     """ε at every δ of :data:`DELTA_GRID` from one composed PLD (RDP below PLD's σ range)."""
-    parts = merged(uses)
+    return list(_curve_cached(tuple(merged(uses))))
+
+
+@lru_cache(maxsize=256)
+def _curve_cached(parts: tuple[MechanismUse, ...]) -> tuple[tuple[float, float], ...]:
     if any(u.noise_multiplier == 0 for u in parts):
-        return [(float(d), math.inf) for d in DELTA_GRID]
+        return tuple((float(d), math.inf) for d in DELTA_GRID)
     name = "pld" if min(u.noise_multiplier for u in parts) >= PLD_MIN_NOISE else "rdp"
     acc = pld.PLDAccountant() if name == "pld" else rdp.RdpAccountant(list(range(2, 64)) + [80, 96, 128, 256, 512, 1024])
     for use in parts:
         acc.compose(use.dp_event())
-    return [(float(d), float(acc.get_epsilon(float(d)))) for d in DELTA_GRID]
+    return tuple((float(d), float(acc.get_epsilon(float(d)))) for d in DELTA_GRID)
 
 
 # ---------------------------------------------------------------- anchors
