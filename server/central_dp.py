@@ -63,8 +63,18 @@ class ClientLevelDP(Strategy):
         settings: PrivacySettings,
         num_rounds: int,
         rng: np.random.Generator | None = None,
+        canaries: int = 0,
+        canary_seed: int = 0,
+        disable_noise: bool = False,
     ) -> None:
         self.inner = inner
+        # Canary clients (Andrew et al., 2024): simulated members of the population,
+        # sampled like real silos; a sampled canary contributes S·c_i for its fixed
+        # random unit direction c_i (what clipping makes of a huge update along c_i).
+        self.canaries = canaries
+        self._canary_rng = np.random.default_rng(canary_seed)
+        self._directions: np.ndarray | None = None  # (canaries, d) float32
+        self.disable_noise = disable_noise  # audit demonstration only (audit.unsafe-disable-noise)
         self.settings = settings
         self.num_rounds = num_rounds
         self.rng = rng or np.random.default_rng(secrets.randbits(128))
@@ -93,7 +103,7 @@ class ClientLevelDP(Strategy):
     def _fix_mechanism(self, grid: Grid) -> None:
         if self.population:
             return
-        self.population = len(list(grid.get_node_ids()))
+        self.population = len(list(grid.get_node_ids())) + self.canaries
         if not self.delta:
             self.delta = default_delta(max(self.population, 1))
         if not self.noise_multiplier:
@@ -162,7 +172,9 @@ class ClientLevelDP(Strategy):
             factor = min(1.0, clip / (norm + 1e-12))
             for k in base:
                 total[k] += factor * delta[k]
-        std = self.noise_multiplier * clip
+        if self.canaries:
+            self._add_canaries(total, clip)
+        std = 0.0 if self.disable_noise else self.noise_multiplier * clip
         expected = self.settings.central_sample_rate * self.population
         new = ArrayRecord()
         for k, ref in self._sent.items():
@@ -212,6 +224,37 @@ class ClientLevelDP(Strategy):
             else None
         )
         return new, metrics
+
+    # ---------------------------------------------------------------- canaries
+    def _canary_directions(self, shapes: dict[str, tuple[int, ...]]) -> np.ndarray:
+        if self._directions is None:
+            dim = sum(int(np.prod(s)) for s in shapes.values())
+            d = self._canary_rng.standard_normal((self.canaries, dim), dtype=np.float32)
+            d /= np.linalg.norm(d, axis=1, keepdims=True)
+            self._directions = d
+        return self._directions
+
+    def _add_canaries(self, total: dict[str, np.ndarray], clip: float) -> None:
+        """Add S·c_i for each canary client Poisson-sampled this round."""
+        names = sorted(total)
+        directions = self._canary_directions({k: total[k].shape for k in names})
+        chosen = self.rng.random(self.canaries) < self.settings.central_sample_rate
+        flat = clip * directions[chosen].sum(0, dtype=np.float64)
+        offset = 0
+        for k in names:
+            size = total[k].size
+            total[k] += flat[offset : offset + size].reshape(total[k].shape)
+            offset += size
+
+    def canary_cosines(self, initial: ArrayRecord, final: ArrayRecord) -> dict[str, Any]:
+        """Cosine of each canary direction with the model's total change (one-shot audit input)."""
+        names = sorted(initial)
+        change = np.concatenate(
+            [(final[k].numpy().astype(np.float64) - initial[k].numpy()).ravel() for k in names]
+        )
+        directions = self._canary_directions({k: tuple(initial[k].shape) for k in names})
+        cosines = directions.astype(np.float64) @ change / (np.linalg.norm(change) + 1e-30)
+        return {"cosines": cosines.tolist(), "dim": int(change.size), "canaries": self.canaries}
 
     # ---------------------------------------------------------------- evaluate
     def configure_evaluate(

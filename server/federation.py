@@ -17,8 +17,8 @@ from common.models import build_model, shared_state
 from common.seeding import derive_seed
 from server.loop import run_rounds
 from server.metered_grid import MeteredGrid
-from server.checkpoint import save_arrays
-from server.reporting import INITIAL_CHECKPOINT, REPORT_FILE, RunRecorder, default_run_dir
+from server.checkpoint import atomic_write_json, save_arrays
+from server.reporting import CENTRAL_CANARIES, INITIAL_CHECKPOINT, REPORT_FILE, RunRecorder, default_run_dir
 from server.central_dp import ClientLevelDP
 from server.strategy import SharedModelFedAvg
 
@@ -48,7 +48,12 @@ def run_federation(grid: Grid, run_config: Mapping[str, Scalar]) -> Path:
         cfg.strategy, cfg.eval.k, ledgers=recorder.ledgers
     )
     if cfg.privacy.central:
-        strategy = ClientLevelDP(strategy, cfg.privacy, cfg.num_server_rounds)
+        strategy = ClientLevelDP(
+            strategy, cfg.privacy, cfg.num_server_rounds,
+            canaries=cfg.audit.central_canaries,
+            canary_seed=derive_seed(cfg.audit.seed, "central-canaries"),
+            disable_noise=cfg.audit.unsafe_disable_noise,
+        )
     initial = initial_shared_arrays(cfg, num_items)
     save_arrays(recorder.run_dir / INITIAL_CHECKPOINT, initial)
     final = run_rounds(
@@ -61,6 +66,8 @@ def run_federation(grid: Grid, run_config: Mapping[str, Scalar]) -> Path:
         evaluate_every=cfg.eval.every,
         on_round_end=recorder.record_round,
     )
+    if isinstance(strategy, ClientLevelDP) and strategy.canaries:
+        atomic_write_json(recorder.run_dir / CENTRAL_CANARIES, strategy.canary_cosines(initial, final))
     recorder.finish(final, cfg.eval.k, cfg.privacy.mode, strategy.stop_reason)
     log(INFO, "fedrec run finished; report: %s", recorder.run_dir / REPORT_FILE)
     return recorder.run_dir

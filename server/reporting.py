@@ -25,7 +25,8 @@ REPORT_FILE = "report.md"
 PLOT_FILE = "metrics.png"
 PRIVACY_PLOT_FILE = "privacy.png"
 FINAL_CHECKPOINT = "final.npz"
-INITIAL_CHECKPOINT = "initial.npz"  # the shared model before round 1 (audits compare with it)
+INITIAL_CHECKPOINT = "initial.npz"
+CENTRAL_CANARIES = "central-canaries.json"  # canary clients' cosines (one-shot audit)  # the shared model before round 1 (audits compare with it)
 
 
 def default_run_dir(dataset: str) -> Path:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -254,7 +255,9 @@ def _prv_cached(uses: tuple[MechanismUse, ...], delta: float) -> tuple[float | N
     acc = PRVAccountant()
     acc.history = [(u.noise_multiplier, u.sample_rate, u.steps) for u in uses if u.steps]
     try:
-        return float(acc.get_epsilon(delta=delta, eps_error=0.01)), "opacus PRVAccountant, eps_error 0.01"
+        with warnings.catch_warnings(), np.errstate(divide="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)  # log(0) at q = 1 is harmless there
+            return float(acc.get_epsilon(delta=delta, eps_error=0.01)), "opacus PRVAccountant, eps_error 0.01"
     except Exception as exc:  # noqa: BLE001 - PRV's numerical limits (e.g. tiny σ) are reported, not fatal
         return None, f"PRV failed: {exc}"
 
@@ -440,7 +443,13 @@ def _empirical(
         server = next((led for led in ledgers if led.owner == "server"), None)
         delta = float(server.delta) if server and server.delta is not None else 1e-5
         est = empirical.one_shot_epsilon(np.array(data["cosines"]), int(data["dim"]), delta)
-        out["one-shot"] = {"claimed-epsilon": server.final_pld if server else math.nan, **est.to_dict()}
+        claimed = server.final_pld if server else math.nan
+        out["one-shot"] = {"claimed-epsilon": claimed, **est.to_dict()}
+        if est.epsilon > claimed:
+            warnings.append(
+                f"server: the one-shot estimate ε̂={est.epsilon:.3f} from {est.count} canary clients exceeds "
+                f"the claimed client-level ε={claimed:.3f} (an estimate, not a bound: investigate)"
+            )
     if cfg.audit.unsafe_disable_noise:
         warnings.append("config sets audit.unsafe-disable-noise: this run trained WITHOUT noise while claiming σ (a deliberate audit demonstration)")
     return out or None

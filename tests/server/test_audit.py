@@ -194,3 +194,18 @@ def test_empirical_audit_flags_a_run_without_noise_and_passes_the_correct_one(tm
     assert broken.exit_code == 6 and _categories(broken) == {"empirical"}
     assert c["epsilon_lb"] <= c["claimed-epsilon"] and not correct.problems
     assert not math.isnan(c["claimed-epsilon"])
+
+
+def test_central_canary_clients_give_a_one_shot_estimate_that_sees_missing_noise(tmp_path):
+    settings = {
+        "privacy.mode": "central", "audit.central-canaries": 500,
+        "privacy.central-noise-multiplier": 1.0, "privacy.central-delta": 1e-5,
+        "privacy.central-target-epsilon": 0.0,
+    }
+    correct = audit_run(_run(tmp_path / "ok", **settings))
+    broken = audit_run(_run(tmp_path / "broken", **settings, **{"audit.unsafe-disable-noise": True}))
+    ok, bad = correct.empirical["one-shot"], broken.empirical["one-shot"]
+    claimed = ok["claimed-epsilon"]  # z = 1, q = 1, 3 rounds: a Gaussian with z/√3
+    assert claimed == pytest.approx(epsilon([MechanismUse(1.0, 1.0, 3)], 1e-5))
+    assert claimed / 1.5 < ok["epsilon"] < claimed * 1.5
+    assert bad["epsilon"] > 2 * claimed
