@@ -9,6 +9,7 @@ from flwr.clientapp import ClientApp
 from flwr.supercore import log
 
 from client import privacy, silo, state
+from client.durable import SiloStore, StateError
 from common import records
 from common.privacy import canaries
 from common.config import AppConfig, NodeConfig
@@ -48,16 +49,20 @@ def _with_canaries(cfg: AppConfig, node: NodeConfig, data: SiloData) -> SiloData
 
 def _prepare(
     msg: Message, context: Context
-) -> tuple[AppConfig, NodeConfig, SiloData, Recommender]:
-    """Parse settings, get the silo's data, and build its model (shared + private)."""
+) -> tuple[AppConfig, NodeConfig, SiloData, Recommender, SiloStore | None]:
+    """Parse settings, restore durable state, get the silo's data, build its model."""
     cfg = AppConfig.from_run_config(context.run_config)
     node = NodeConfig.from_node_config(context.node_config)
+    run_uid = str(msg.content.config_records[records.CONFIG].get(records.RUN_UID, ""))
+    store = SiloStore.open(cfg, node, run_uid)
+    if store is not None and store.restore(context.state):
+        log(INFO, "silo %d restored its state from %s (last trained round %d)", node.partition_id, store.path, store.last_round())
     data = _silo_data(cfg, node, context)
     model = silo.new_model(cfg, data, node.partition_id)
     shared = msg.content.array_records[records.ARRAYS].to_torch_state_dict()
     silo.load_shared(model, dict(shared))
     state.restore_user_params(context.state, model)
-    return cfg, node, data, model
+    return cfg, node, data, model, store
 
 
 # ---------------------------------------------------------------- handlers
@@ -68,8 +73,38 @@ def train(msg: Message, context: Context) -> Message:
     Under local DP the silo first checks its budget: a round that would take its ε
     above ``privacy.target-epsilon`` is declined with a normal reply that says so.
     """
-    cfg, node, data, model = _prepare(msg, context)
+    cfg, node, data, model, store = _prepare(msg, context)
     server_round = int(msg.content.config_records[records.CONFIG][records.SERVER_ROUND])
+    if store is not None and server_round <= store.last_round():
+        return _repeat_reply(msg, context, cfg, node, store, server_round)
+    reply = _train(msg, context, cfg, node, data, model, server_round)
+    if store is not None and records.ARRAYS in reply.content.array_records:
+        store.save_round(server_round, reply.content, context.state)
+    elif store is not None:
+        store.save_state(context.state)  # a decline: its ledger line
+    return reply
+
+
+def _repeat_reply(
+    msg: Message, context: Context, cfg: AppConfig, node: NodeConfig, store: SiloStore, server_round: int
+) -> Message:
+    """A round this silo already trained (the server resumed): resend, never retrain."""
+    saved = store.saved_reply(server_round)
+    if saved is None:
+        raise StateError(
+            f"silo {node.partition_id} already trained round {server_round} (its ledger counts it) "
+            f"but the reply saved in {store.path} is for another round; it will not spend budget twice"
+        )
+    log(INFO, "silo %d resends its saved reply for round %d (already trained and counted)", node.partition_id, server_round)
+    if cfg.privacy.local:
+        chain = privacy.load_ledger(context.state, node.partition_id)
+        saved[records.LEDGER] = privacy.ledger_record(chain, node.partition_id, _held_by_server(msg, node.partition_id))
+    return Message(content=saved, reply_to=msg)
+
+
+def _train(
+    msg: Message, context: Context, cfg: AppConfig, node: NodeConfig, data: SiloData, model: Recommender, server_round: int
+) -> Message:
     if not cfg.privacy.local:
         stats = silo.train_round(model, cfg, data, node.partition_id, server_round)
         state.save_user_params(context.state, model)
@@ -139,7 +174,7 @@ def _train_reply(
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the silo's own users; return sums the server can add up."""
-    cfg, _, data, model = _prepare(msg, context)
+    cfg, _, data, model, _ = _prepare(msg, context)
     sums = silo.evaluate_users(model, cfg, data)
     metrics = MetricRecord({records.NUM_EXAMPLES: int(sums["test-users"]), **sums})
     return Message(content=RecordDict({records.METRICS: metrics}), reply_to=msg)

@@ -152,6 +152,8 @@ class AppConfig:
     num_server_rounds: int
     seed: int
     run_dir: str
+    resume: bool
+    state_root: str
     data: DataSettings
     model: ModelSettings
     train: TrainSettings
@@ -174,6 +176,8 @@ class AppConfig:
             num_server_rounds=r.int("num-server-rounds", lo=1),
             seed=r.int("seed", lo=0),
             run_dir=r.str("run-dir"),
+            resume=r.bool("resume"),
+            state_root=r.str("state-root"),
             data=DataSettings(
                 dataset=r.choice(
                     "data.dataset", ("synthetic", "ml-100k", "ml-1m", "csv", "parquet")
@@ -249,6 +253,8 @@ class AppConfig:
             ),
         )
         r.reject_unknown()
+        if cfg.resume and not cfg.run_dir:
+            raise ConfigError("resume: name the run to continue with run-dir")
         if cfg.data.dataset != "synthetic" and not cfg.data.path:
             raise ConfigError(
                 f"data.path: dataset {cfg.data.dataset!r} needs a path to its files "

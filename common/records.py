@@ -10,6 +10,7 @@ LEDGER_COUNTS = "ledger-counts"  # train config: ledger lines the server holds, 
 
 NUM_EXAMPLES = "num-examples"  # FedAvg weight: training positives in the silo
 SERVER_ROUND = "server-round"  # set by Flower's strategies in every instruction
+RUN_UID = "run-uid"  # train/evaluate config: identifies the run (silos key durable state by it)
 TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"
 

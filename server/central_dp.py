@@ -100,6 +100,24 @@ class ClientLevelDP(Strategy):
     def declined(self) -> list[tuple[int, int]]:
         return self.inner.declined
 
+    def restore(self, rounds: list[dict[str, Any]]) -> None:
+        """Resume: the inner logs from ``metrics.jsonl``, the accountant from the server ledger.
+
+        Every ``dp-fedavg`` event counts, also one of a round interrupted before it
+        completed (its noisy aggregate may have been released): never under-count.
+        """
+        self.inner.restore(rounds)
+        self.log = [dict(r["central-privacy"]) for r in rounds if r.get("central-privacy")]
+        if self.inner.ledgers is None:
+            raise RuntimeError("resuming central DP needs the run's ledgers")
+        events = self.inner.ledgers.server.chain.events("dp-fedavg")
+        self.uses = [MechanismUse(float(e["noise-multiplier"]), float(e["sample-rate"]), int(e["steps"])) for e in events]
+        if events:
+            first = events[0]
+            self.population = int(first["population"])
+            self.delta = float(first["delta"])
+            self.noise_multiplier = float(first["noise-multiplier"])
+
     def _fix_mechanism(self, grid: Grid) -> None:
         if self.population:
             return

@@ -7,7 +7,7 @@ from logging import INFO
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
@@ -17,7 +17,8 @@ from common.models import build_model, shared_state
 from common.seeding import derive_seed
 from server.loop import run_rounds
 from server.metered_grid import MeteredGrid
-from server.checkpoint import atomic_write_json, save_arrays
+from common import records
+from common.storage import atomic_write_json, load_arrays, save_arrays
 from server.reporting import CENTRAL_CANARIES, INITIAL_CHECKPOINT, REPORT_FILE, RunRecorder, default_run_dir
 from server.central_dp import ClientLevelDP
 from server.strategy import SharedModelFedAvg
@@ -33,17 +34,28 @@ def initial_shared_arrays(cfg: AppConfig, num_items: int) -> ArrayRecord:
 def run_federation(grid: Grid, run_config: Mapping[str, Scalar]) -> Path:
     """Run ``num-server-rounds`` rounds of FedAvg over the shared model on ``grid``.
 
-    Writes the run directory (config, per-round metrics and checkpoints, final
-    model, report) and returns its path.
+    Writes the run directory (config, per-round metrics and checkpoints, ledgers,
+    final model, report) and returns its path. With ``resume`` it continues the run
+    in ``run-dir`` after its last completed round: shared model from that round's
+    checkpoint, privacy history from the ledgers, silos' state from their disks.
     """
     cfg = AppConfig.from_run_config(run_config)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.data.dataset)
     recorder = RunRecorder(run_dir.resolve())
-    recorder.start(run_config)
-    log(INFO, "fedrec run directory: %s", recorder.run_dir)
+    if cfg.resume:
+        point = recorder.resume(run_config)
+        arrays, first_round = point.arrays, point.last_round + 1
+        initial = load_arrays(recorder.run_dir / INITIAL_CHECKPOINT)
+        log(INFO, "fedrec resumes %s after round %d", recorder.run_dir, point.last_round)
+    else:
+        recorder.start(run_config)
+        # Audit canary items (if any) extend the catalogue after the real items.
+        num_items = load_interactions(cfg.data, cfg.seed).num_items + cfg.audit.canaries
+        initial = arrays = initial_shared_arrays(cfg, num_items)
+        save_arrays(recorder.run_dir / INITIAL_CHECKPOINT, initial)
+        first_round = 1
+        log(INFO, "fedrec run directory: %s", recorder.run_dir)
 
-    # Audit canary items (if any) extend the catalogue after the real items.
-    num_items = load_interactions(cfg.data, cfg.seed).num_items + cfg.audit.canaries
     strategy: SharedModelFedAvg | ClientLevelDP = SharedModelFedAvg(
         cfg.strategy, cfg.eval.k, ledgers=recorder.ledgers
     )
@@ -54,18 +66,21 @@ def run_federation(grid: Grid, run_config: Mapping[str, Scalar]) -> Path:
             canary_seed=derive_seed(cfg.audit.seed, "central-canaries"),
             disable_noise=cfg.audit.unsafe_disable_noise,
         )
-    initial = initial_shared_arrays(cfg, num_items)
-    save_arrays(recorder.run_dir / INITIAL_CHECKPOINT, initial)
-    final = run_rounds(
-        strategy,
-        MeteredGrid(grid),
-        initial,
-        first_round=1,
-        last_round=cfg.num_server_rounds,
-        timeout=cfg.strategy.timeout,
-        evaluate_every=cfg.eval.every,
-        on_round_end=recorder.record_round,
-    )
+    if cfg.resume:
+        strategy.restore(recorder.rounds)
+    final = arrays
+    if first_round <= cfg.num_server_rounds and not strategy.stop_reason:
+        final = run_rounds(
+            strategy,
+            MeteredGrid(grid),
+            arrays,
+            first_round=first_round,
+            last_round=cfg.num_server_rounds,
+            timeout=cfg.strategy.timeout,
+            evaluate_every=cfg.eval.every,
+            on_round_end=recorder.record_round,
+            config=ConfigRecord({records.RUN_UID: recorder.run_uid}),
+        )
     if isinstance(strategy, ClientLevelDP) and strategy.canaries:
         atomic_write_json(recorder.run_dir / CENTRAL_CANARIES, strategy.canary_cosines(initial, final))
     recorder.finish(final, cfg.eval.k, cfg.privacy.mode, strategy.stop_reason)

@@ -30,15 +30,17 @@ def run_rounds(
     timeout: float,
     evaluate_every: int,
     on_round_end: Callable[[RoundRecord, ArrayRecord], None],
+    config: ConfigRecord | None = None,
 ) -> ArrayRecord:
     """Run rounds ``first_round..last_round``; return the final shared arrays.
 
     ``on_round_end`` receives each round's record and the aggregated arrays
     (checkpointing happens there, before the next round starts).
     """
+    base = config or ConfigRecord()
     for server_round in range(first_round, last_round + 1):
         start = time.perf_counter()
-        instructions = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))  # type: ignore[arg-type]
+        instructions = list(strategy.configure_train(server_round, arrays, ConfigRecord(dict(base)), grid))  # type: ignore[arg-type]
         if getattr(strategy, "stop_reason", None):
             log(INFO, "fedrec stops before round %d: %s", server_round, strategy.stop_reason)  # type: ignore[attr-defined]
             break
@@ -49,7 +51,7 @@ def run_rounds(
         eval_metrics: MetricRecord | None = None
         if server_round % evaluate_every == 0 or server_round == last_round:
             eval_replies = grid.send_and_receive(
-                strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),  # type: ignore[arg-type]
+                strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(base)), grid),  # type: ignore[arg-type]
                 timeout=timeout,
             )
             eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -15,7 +16,8 @@ from typing import Any
 
 from flwr.app import ArrayRecord
 
-from server.checkpoint import atomic_write_bytes, atomic_write_json, save_arrays
+from common.errors import ConfigError
+from common.storage import atomic_write_bytes, atomic_write_json, load_arrays, save_arrays
 from server.ledger import RunLedgers
 
 CONFIG_FILE = "config.json"
@@ -85,13 +87,23 @@ def _clean(values: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True, slots=True)
+class ResumePoint:
+    """Where a resumed run continues: its id, last completed round and shared model."""
+
+    run_uid: str
+    last_round: int
+    arrays: ArrayRecord
+
+
 class RunRecorder:
     """Writes one run's directory; every file is written atomically."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self.rounds: list[dict[str, Any]] = []
-        self.ledgers: RunLedgers | None = None  # set by start()
+        self.ledgers: RunLedgers | None = None  # set by start() / resume()
+        self.run_uid = ""
 
     def start(self, run_config: Mapping[str, Any]) -> None:
         """Create the directory and write the resolved config with library versions.
@@ -107,25 +119,69 @@ class RunRecorder:
                 "choose another run directory"
             )
         (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        self.run_uid = uuid.uuid4().hex
         atomic_write_json(
             self.run_dir / CONFIG_FILE,
-            {"run-config": dict(run_config), "versions": library_versions()},
+            {"run-config": dict(run_config), "run-uid": self.run_uid, "versions": library_versions()},
         )
         self.ledgers = RunLedgers(self.run_dir)
 
+    def resume(self, run_config: Mapping[str, Any]) -> ResumePoint:
+        """Reopen a run directory to continue after its last completed round.
+
+        A round is complete once its line is in ``metrics.jsonl`` (its checkpoint and
+        ledger commit are written before it). Settings that shape the model, data or
+        privacy must equal the original run's; ``num-server-rounds`` may grow.
+
+        Raises
+        ------
+        ConfigError
+            If the directory is not a resumable run or its settings differ.
+        """
+        config_path = self.run_dir / CONFIG_FILE
+        if not config_path.exists():
+            raise ConfigError(f"resume: {config_path} not found: {self.run_dir} holds no fedrec run")
+        try:
+            saved = json.loads(config_path.read_text())
+            original, self.run_uid = saved["run-config"], saved["run-uid"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise ConfigError(f"resume: {config_path} is unreadable or predates resumable runs ({exc})") from None
+        free = {"resume", "num-server-rounds", "run-dir", "state-root"}
+        changed = sorted(k for k in set(original) | set(run_config) if k not in free and original.get(k) != run_config.get(k))
+        if changed:
+            diffs = ", ".join(f"{k}: {original.get(k)!r} -> {run_config.get(k)!r}" for k in changed)
+            raise ConfigError(f"resume: settings differ from the run in {self.run_dir}: {diffs}")
+        metrics = self.run_dir / METRICS_FILE
+        text = metrics.read_text() if metrics.exists() else ""
+        if text and not text.endswith("\n"):
+            raise ConfigError(f"resume: {metrics} ends in an incomplete line (interrupted write); inspect it")
+        for number, line in enumerate(text.splitlines(), 1):
+            try:
+                self.rounds.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise ConfigError(f"resume: {metrics}, line {number}: not valid JSON") from None
+        last = int(self.rounds[-1]["round"]) if self.rounds else 0
+        path = self.run_dir / "checkpoints" / f"round-{last:04d}.npz" if last else self.run_dir / INITIAL_CHECKPOINT
+        if not path.exists():
+            raise ConfigError(f"resume: checkpoint {path} of the last completed round {last} is missing")
+        self.ledgers = RunLedgers(self.run_dir)
+        return ResumePoint(self.run_uid, last, load_arrays(path))
+
     def record_round(self, record: RoundRecord, arrays: ArrayRecord) -> None:
         """Append the round's metrics (synced) and checkpoint the shared model."""
+        # Order matters for resume: checkpoint and ledger commit first; the metrics line
+        # marks the round complete; state.json last.
+        save_arrays(self.run_dir / "checkpoints" / f"round-{record.server_round:04d}.npz", arrays)
+        state: dict[str, Any] = {"last-completed-round": record.server_round}
+        if self.ledgers is not None:
+            self.ledgers.commit_round(record.server_round)
+            state["ledger"] = self.ledgers.anchor()
         line = record.to_json()
         self.rounds.append(line)
         with (self.run_dir / METRICS_FILE).open("a") as f:
             f.write(json.dumps(line, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        save_arrays(self.run_dir / "checkpoints" / f"round-{record.server_round:04d}.npz", arrays)
-        state: dict[str, Any] = {"last-completed-round": record.server_round}
-        if self.ledgers is not None:
-            self.ledgers.commit_round(record.server_round)
-            state["ledger"] = self.ledgers.anchor()
         atomic_write_json(self.run_dir / STATE_FILE, state)
 
     def finish(

@@ -57,6 +57,16 @@ class SharedModelFedAvg(FedAvg):
         self.stop_reason: str | None = None
         self.ledgers = ledgers
 
+    def restore(self, rounds: list[dict[str, Any]]) -> None:
+        """Rebuild the logs of a resumed run from its ``metrics.jsonl`` rounds."""
+        for r in rounds:
+            for entry in r.get("privacy", []):
+                self.privacy_log.append(dict(entry))
+                if not entry.get("trained", True):
+                    self.declined.append((int(r["round"]), int(entry["partition-id"])))
+            for rej in r.get("rejected", []):
+                self.rejected.append((int(r["round"]), int(rej["node"]), str(rej["reason"])))
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:

@@ -393,7 +393,7 @@ def _empirical(
     if not (cfg.audit.canaries or cfg.audit.central_canaries):
         return None
     from common.privacy import canaries, empirical
-    from server.checkpoint import load_arrays
+    from common.storage import load_arrays
 
     initial_path, final_path = run_dir / "initial.npz", run_dir / "final.npz"
     for path in (initial_path, final_path):

@@ -17,7 +17,7 @@ PLOT_DELTA = "audit-epsilon-delta.png"
 
 def write_audit(result: AuditResult, out_dir: Path) -> list[Path]:
     """Write the JSON, the statement and the plots; returns their paths."""
-    from server.checkpoint import atomic_write_bytes
+    from common.storage import atomic_write_bytes
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / AUDIT_JSON, out_dir / AUDIT_MD]

@@ -1,0 +1,161 @@
+"""A silo's durable state on its own disk: what must survive a SuperNode restart.
+
+Under ``<state-dir>/<run-uid>/`` (one directory per run, so a new run never
+inherits an old run's budget or embeddings):
+
+``user-params.npz``   users' private parameters (embeddings, biases)
+``accountant.json``   the privacy accountant (mechanism + every use so far)
+``ledger.jsonl``      the silo's privacy ledger (append-only, hash-chained)
+``last-reply.npz`` / ``last-reply.json``  the last training reply and its round
+``progress.json``     the last round this silo trained
+
+Each file is replaced atomically (synced temp file + rename); the ledger is only
+appended. Order of writes after a round: reply, parameters, accountant, ledger,
+progress. A crash before the ledger line means the round's output was never sent,
+so it is not counted and may be redone; once the ledger records a round, a repeat
+request for it (after a server resume) gets the saved reply, never a second
+training: the budget is spent once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from common import records
+from common.config import AppConfig, NodeConfig
+from common.errors import FedrecError
+from common.privacy.ledger import LedgerError, LedgerFile, silo_owner
+from common.storage import atomic_write_json, load_arrays, save_arrays
+
+USER_PARAMS = "user-params.npz"
+ACCOUNTANT = "accountant.json"
+LEDGER = "ledger.jsonl"
+LAST_REPLY_ARRAYS = "last-reply.npz"
+LAST_REPLY_META = "last-reply.json"
+PROGRESS = "progress.json"
+
+
+class StateError(FedrecError):
+    """A silo's durable state is unreadable or inconsistent."""
+
+
+def state_dir(cfg: AppConfig, node: NodeConfig) -> Path | None:
+    """Where silo ``node`` keeps durable state: node ``state-dir``, else ``<state-root>/silo-<id>``."""
+    if node.state_dir:
+        return Path(node.state_dir)
+    if cfg.state_root:
+        return Path(cfg.state_root) / f"silo-{node.partition_id}"
+    return None
+
+
+@dataclass
+class SiloStore:
+    """Durable state of one silo in one run."""
+
+    path: Path
+    partition_id: int
+
+    @classmethod
+    def open(cls, cfg: AppConfig, node: NodeConfig, run_uid: str) -> SiloStore | None:
+        """The store of this run, or None when the silo has no state directory."""
+        root = state_dir(cfg, node)
+        if root is None or not run_uid:
+            return None
+        path = root / run_uid
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateError(f"state-dir {root}: cannot create {path} ({exc.strerror})") from None
+        return cls(path, node.partition_id)
+
+    # ------------------------------------------------------------ reading
+    def last_round(self) -> int:
+        """The last round this silo trained (0 when none)."""
+        return int(self._json(PROGRESS).get("last-round", 0)) if (self.path / PROGRESS).exists() else 0
+
+    def restore(self, state: RecordDict) -> bool:
+        """Fill empty node state from disk (after a restart); True if anything was restored."""
+        restored = False
+        if records.STATE_USER_PARAMS not in state and (self.path / USER_PARAMS).exists():
+            state[records.STATE_USER_PARAMS] = self._arrays(USER_PARAMS)
+            restored = True
+        if records.STATE_PRIVACY not in state.config_records and (self.path / ACCOUNTANT).exists():
+            state[records.STATE_PRIVACY] = ConfigRecord(self._json(ACCOUNTANT))  # type: ignore[arg-type]
+            restored = True
+        if records.STATE_LEDGER not in state.config_records and (self.path / LEDGER).exists():
+            state[records.STATE_LEDGER] = ConfigRecord({"lines": self.ledger().chain.lines})
+            restored = True
+        return restored
+
+    def ledger(self) -> LedgerFile:
+        """The silo's ledger on disk (verified)."""
+        try:
+            return LedgerFile(self.path / LEDGER, silo_owner(self.partition_id))
+        except LedgerError as exc:
+            raise StateError(f"silo state: {exc}") from None
+
+    def saved_reply(self, server_round: int) -> RecordDict | None:
+        """The reply this silo sent for ``server_round`` (None if it is not the saved one)."""
+        meta_path = self.path / LAST_REPLY_META
+        if not meta_path.exists():
+            return None
+        meta = self._json(LAST_REPLY_META)
+        if int(meta.get("round", -1)) != server_round:
+            return None
+        content = RecordDict({records.ARRAYS: self._arrays(LAST_REPLY_ARRAYS)})
+        content[records.METRICS] = MetricRecord(meta["metrics"])
+        if meta.get("privacy") is not None:
+            content[records.PRIVACY] = ConfigRecord(meta["privacy"])
+        return content
+
+    # ------------------------------------------------------------ writing
+    def save_round(self, server_round: int, reply: RecordDict, state: RecordDict) -> None:
+        """Persist a trained round: reply, user params, accountant, ledger lines, progress."""
+        save_arrays(self.path / LAST_REPLY_ARRAYS, reply.array_records[records.ARRAYS])
+        privacy = reply.config_records.get(records.PRIVACY)
+        atomic_write_json(
+            self.path / LAST_REPLY_META,
+            {
+                "round": server_round,
+                "metrics": dict(reply.metric_records[records.METRICS]),
+                "privacy": None if privacy is None else dict(privacy),
+            },
+        )
+        self.save_state(state)
+        atomic_write_json(self.path / PROGRESS, {"last-round": server_round})
+
+    def save_state(self, state: RecordDict) -> None:
+        """Persist user params, accountant and new ledger lines from node state."""
+        if records.STATE_USER_PARAMS in state:
+            save_arrays(self.path / USER_PARAMS, state.array_records[records.STATE_USER_PARAMS])
+        if records.STATE_PRIVACY in state.config_records:
+            atomic_write_json(self.path / ACCOUNTANT, dict(state.config_records[records.STATE_PRIVACY]))
+        if records.STATE_LEDGER in state.config_records:
+            lines = [str(x) for x in state.config_records[records.STATE_LEDGER]["lines"]]  # type: ignore[union-attr]
+            ledger = self.ledger()
+            if lines[: len(ledger)] != ledger.chain.lines:
+                raise StateError(f"{ledger.path}: node state's ledger does not extend the one on disk")
+            ledger.extend(lines[len(ledger) :])
+
+    # ------------------------------------------------------------ helpers
+    def _json(self, name: str) -> dict[str, Any]:
+        path = self.path / name
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise StateError(f"silo state file {path} is unreadable ({exc})") from None
+        if not isinstance(data, dict):
+            raise StateError(f"silo state file {path}: expected a JSON object")
+        return data
+
+    def _arrays(self, name: str) -> ArrayRecord:
+        path = self.path / name
+        try:
+            return load_arrays(path)
+        except (OSError, ValueError) as exc:
+            raise StateError(f"silo state file {path} is unreadable ({exc})") from None
