@@ -110,10 +110,19 @@ def simulate(
     run_dir: RunDirOpt = None,
     cpus_per_client: Annotated[int, typer.Option(help="Ray CPUs per simulated client.")] = 1,
     verbose: Annotated[bool, typer.Option(help="Show Flower's full log stream.")] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="Continue this run directory after its last completed round (same settings; --rounds may grow)."),
+    ] = None,
 ) -> None:
     """Run the federated app on Flower's simulation runtime (its own SuperLink)."""
     from simulations.launcher import flwr_run, superlink
 
+    if resume is not None:
+        if run_dir is not None and run_dir.resolve() != resume.resolve():
+            _fail(ConfigError("--resume and --run-dir name different directories"))
+        config, silos = _resume_options(resume, config, silos, rounds is not None)
+        run_dir = resume
     try:
         named: dict[str, Scalar | None] = {
             "data.dataset": dataset,
@@ -131,10 +140,16 @@ def simulate(
     except FedrecError as e:
         _fail(e)
     out = _run_dir(run_dir, cfg.data.dataset)
-    if (out / "metrics.jsonl").exists():
-        _fail(ConfigError(f"{out} already holds a run (metrics.jsonl exists); choose another --run-dir"))
-    run_config["run-dir"] = str(out)
+    if resume is None and (out / "metrics.jsonl").exists():
+        _fail(ConfigError(f"{out} already holds a run (metrics.jsonl exists); choose another --run-dir or --resume it"))
+    run_config["run-dir"] = str(out.resolve())
+    run_config["resume"] = resume is not None
+    if not run_config.get("state-root"):
+        # Silos keep durable state (user rows, accountant, ledger) beside the run, so
+        # a resumed simulation continues their budgets instead of starting over.
+        run_config["state-root"] = str((out / "silos").resolve())
     out.mkdir(parents=True, exist_ok=True)
+    (out / "simulation.json").write_text(json.dumps({"clients": num_clients}) + "\n")
     console.print(
         f"[bold]fedrec simulate[/]: {cfg.data.dataset}, {num_clients} clients "
         f"({cfg.data.partition}), {cfg.num_server_rounds} rounds, model {cfg.model.name}"
@@ -182,6 +197,26 @@ def simulate(
     if stop_reason:
         console.print(f"[bold yellow]stopped after round {len(rounds_done)}:[/] {stop_reason}")
     console.print(f"report: {out / 'report.md'}")
+
+
+def _resume_options(
+    run_dir: Path, config: list[str] | None, silos: int | None, new_rounds: bool
+) -> tuple[list[str], int | None]:
+    """The original run's settings (from its config.json), then the user's overrides."""
+    path = run_dir / "config.json"
+    try:
+        original = json.loads(path.read_text())["run-config"]
+    except (OSError, json.JSONDecodeError, KeyError) as exc:
+        _fail(ConfigError(f"--resume: {path} is missing or unreadable ({exc}): not a fedrec run directory"))
+    overrides_file = run_dir / "resume-overrides.toml"
+    from simulations.launcher import toml_value
+
+    drop = {"resume", "run-dir", *(["num-server-rounds"] if new_rounds else [])}
+    keep = {k: v for k, v in original.items() if k not in drop}
+    overrides_file.write_text("".join(f"{json.dumps(k)} = {toml_value(v)}\n" for k, v in sorted(keep.items())))
+    sim = run_dir / "simulation.json"
+    clients = json.loads(sim.read_text()).get("clients") if sim.exists() else None
+    return [str(overrides_file), *(config or [])], silos or clients
 
 
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
