@@ -3,18 +3,24 @@
 from logging import INFO, WARNING
 
 import numpy as np
-
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from flwr.supercore import log
 
 from client import privacy, silo, state
 from client.durable import SiloStore, StateError
 from common import records
-from common.privacy import canaries
 from common.config import AppConfig, NodeConfig
 from common.data.pipeline import SiloData, silo_data
 from common.models import Recommender, shared_state
+from common.privacy import canaries
 from common.training import TrainStats
 
 app = ClientApp()

@@ -11,16 +11,22 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
+from common import records
 from common.config import AppConfig, Scalar
 from common.data.pipeline import load_interactions
 from common.models import build_model, shared_state
 from common.seeding import derive_seed
+from common.storage import atomic_write_json, load_arrays, save_arrays
+from server.central_dp import ClientLevelDP
 from server.loop import run_rounds
 from server.metered_grid import MeteredGrid
-from common import records
-from common.storage import atomic_write_json, load_arrays, save_arrays
-from server.reporting import CENTRAL_CANARIES, INITIAL_CHECKPOINT, REPORT_FILE, RunRecorder, default_run_dir
-from server.central_dp import ClientLevelDP
+from server.reporting import (
+    CENTRAL_CANARIES,
+    INITIAL_CHECKPOINT,
+    REPORT_FILE,
+    RunRecorder,
+    default_run_dir,
+)
 from server.strategy import SharedModelFedAvg
 
 

@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from dp_accounting import pld, rdp
 
 from common.config import AppConfig
 from common.errors import FedrecError
-from dp_accounting import pld, rdp
-
 from common.privacy.accounting import PLD_MIN_NOISE, MechanismUse, epsilon, merged
 from common.privacy.ledger import Chain, LedgerError, read_ledger, silo_owner
 

@@ -1,11 +1,20 @@
 """The hash-chained privacy ledger: append, verify, and detect every kind of tampering."""
 
+import itertools
 import json
 from pathlib import Path
 
 import pytest
 
-from common.privacy.ledger import GENESIS, Chain, LedgerError, LedgerFile, encode, line_hash, read_ledger
+from common.privacy.ledger import (
+    GENESIS,
+    Chain,
+    LedgerError,
+    LedgerFile,
+    encode,
+    line_hash,
+    read_ledger,
+)
 
 
 def _ledger(path: Path, n: int = 5) -> LedgerFile:
@@ -31,7 +40,7 @@ def test_appended_ledger_reads_back_verified_and_chained(tmp_path):
     assert [e["round"] for e in events] == [1, 2, 3, 4, 5]
     assert events[0]["prev"] == GENESIS
     lines = _lines(tmp_path / "l.jsonl")
-    for before, after in zip(lines, lines[1:], strict=False):
+    for before, after in itertools.pairwise(lines):
         assert json.loads(after)["prev"] == line_hash(before)
     assert {"dp-accounting", "opacus", "torch", "flwr"} <= set(events[0]["versions"])
 
