@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from logging import INFO
 from pathlib import Path
@@ -13,6 +14,7 @@ from flwr.supercore import log
 
 from common import records
 from common.config import AppConfig, Scalar
+from common.errors import DataError
 from common.data.pipeline import load_interactions
 from common.models import build_model, shared_state
 from common.seeding import derive_seed
@@ -37,6 +39,24 @@ def initial_shared_arrays(cfg: AppConfig, num_items: int) -> ArrayRecord:
     return ArrayRecord(torch_state_dict=shared_state(model))
 
 
+def catalogue_size(cfg: AppConfig) -> int:
+    """Items in the shared catalogue: from prepared silo data if ``data.path`` holds it.
+
+    In a deployment the server needs only the catalogue's size; ``data.path`` may
+    name a directory written by ``fedrec data prepare`` (or one silo's directory in
+    it), so the server never loads interactions.
+    """
+    path = Path(cfg.data.path) if cfg.data.path else None
+    if path is not None and path.is_dir():
+        for manifest in (path / "silo.json", *sorted(path.glob("silo-*/silo.json"))[:1]):
+            if manifest.is_file():
+                try:
+                    return int(json.loads(manifest.read_text())["counts"]["items"])
+                except (OSError, ValueError, KeyError, TypeError) as exc:
+                    raise DataError(f"{manifest}: cannot read the catalogue size ({exc})") from None
+    return load_interactions(cfg.data, cfg.seed).num_items
+
+
 def run_federation(grid: Grid, run_config: Mapping[str, Scalar]) -> Path:
     """Run ``num-server-rounds`` rounds of FedAvg over the shared model on ``grid``.
 
@@ -56,7 +76,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Scalar]) -> Path:
     else:
         recorder.start(run_config)
         # Audit canary items (if any) extend the catalogue after the real items.
-        num_items = load_interactions(cfg.data, cfg.seed).num_items + cfg.audit.canaries
+        num_items = catalogue_size(cfg) + cfg.audit.canaries
         initial = arrays = initial_shared_arrays(cfg, num_items)
         save_arrays(recorder.run_dir / INITIAL_CHECKPOINT, initial)
         first_round = 1
