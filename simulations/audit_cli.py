@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -12,7 +13,8 @@ from rich.table import Table
 from common.privacy.audit import EXIT_CODES, AuditInputError, audit_run
 from common.privacy.audit_report import write_audit
 
-console = Console(soft_wrap=True)
+# Wide enough for the ε table when output is not a terminal (logs, CI).
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 150)
 err = Console(stderr=True, soft_wrap=True)
 
 
