@@ -102,7 +102,13 @@ class SharedModelFedAvg(FedAvg):
                         summary["epsilon-if-trained"],
                     )
                     continue
-            reason = None if msg.has_error() else self._invalid_reason(msg.content)
+            if msg.has_error():
+                # A silo that failed (bad data path, unreadable files, crash) says why.
+                reason = f"silo failed: {msg.error.reason}"
+                self.rejected.append((server_round, node, reason))
+                log(WARNING, "round %d: node %d failed: %s", server_round, node, msg.error.reason)
+                continue
+            reason = self._invalid_reason(msg.content)
             if reason is None:
                 accepted.append(msg)
             else:

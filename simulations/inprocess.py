@@ -10,8 +10,9 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
@@ -89,7 +90,13 @@ class LocalGrid(Grid):
             wire = message_from_proto(message_to_proto(msg))
             if self.drop is not None and self.drop(node, wire):
                 continue
-            reply = self.app(wire, self.contexts[node])
+            try:
+                reply = self.app(wire, self.contexts[node])
+            except Exception as exc:  # noqa: BLE001 - what Flower's runtime does: an error reply
+                reply = Message(
+                    error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}:<'{exc}'>"),
+                    reply_to=wire,
+                )
             reply = message_from_proto(message_to_proto(reply))
             if self.on_reply is not None:
                 self.on_reply(reply)
