@@ -97,3 +97,12 @@ def test_simulate_with_local_dp_prints_epsilon_per_silo_and_stops_at_the_budget(
         assert all(e["epsilon"] <= 1.5 for e in r["privacy"])
     assert not all(e["trained"] for e in rounds[-1]["privacy"])
     assert "## Privacy" in (run_dir / "report.md").read_text()
+    # The run directory of a real Ray simulation passes `fedrec audit` (budget declines included).
+    audit = subprocess.run(
+        [sys.executable, "-m", "simulations.cli", "audit", str(run_dir)], capture_output=True, text=True,
+        timeout=300, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr[-3000:]
+    assert "audit passed" in audit.stdout
+    statement = (run_dir / "audit.md").read_text()
+    assert "declined round" in statement and (run_dir / "audit-epsilon-delta.png").exists()
