@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 from flwr.supercore import log
 
 from client import privacy, silo, state
-from client.durable import SiloStore, StateError
+from client.durable import SiloStore, StateError, fingerprint
 from common import records
 from common.config import AppConfig, NodeConfig
 from common.data.pipeline import SiloData, silo_data
@@ -62,7 +62,11 @@ def _prepare(
     run_uid = str(msg.content.config_records[records.CONFIG].get(records.RUN_UID, ""))
     store = SiloStore.open(cfg, node, run_uid)
     if store is not None and store.restore(context.state):
-        log(INFO, "silo %d restored its state from %s (last trained round %d)", node.partition_id, store.path, store.last_round())
+        params = context.state.array_records.get(records.STATE_USER_PARAMS)
+        log(
+            INFO, "silo %d restored its state from %s (last trained round %d, user params %s)",
+            node.partition_id, store.path, store.last_round(), "none" if params is None else fingerprint(params),
+        )
     data = _silo_data(cfg, node, context)
     model = silo.new_model(cfg, data, node.partition_id)
     shared = msg.content.array_records[records.ARRAYS].to_torch_state_dict()

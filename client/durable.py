@@ -19,11 +19,13 @@ training: the budget is spent once.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common import records
@@ -38,6 +40,16 @@ LEDGER = "ledger.jsonl"
 LAST_REPLY_ARRAYS = "last-reply.npz"
 LAST_REPLY_META = "last-reply.json"
 PROGRESS = "progress.json"
+
+
+def fingerprint(arrays: ArrayRecord) -> str:
+    """Short SHA-256 of an ArrayRecord's names, shapes and bytes (for logs and tests)."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        arr = arrays[name].numpy()
+        h.update(f"{name}{arr.shape}{arr.dtype}".encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()[:16]
 
 
 class StateError(FedrecError):
