@@ -35,6 +35,7 @@ from common.seeding import derive_seed
 from server.reporting import default_run_dir
 from simulations.audit_cli import audit
 from simulations.data_cli import data_app
+from simulations.deploy import deploy_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(soft_wrap=True)
@@ -361,6 +362,7 @@ def centralized(
 
 app.command()(audit)
 app.add_typer(data_app, name="data", help="Prepare data for deployment: one directory per silo.")
+app.add_typer(deploy_app, name="deploy", help="Run on real Flower processes: SuperLink, SuperNodes, TLS, node auth.")
 
 
 def main() -> None:
