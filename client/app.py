@@ -14,7 +14,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.supercore import log
 
-from client import privacy, silo, state
+from client import silo, state
 from client.durable import SiloStore, StateError, fingerprint
 from common import records
 from common.config import AppConfig, NodeConfig
@@ -107,6 +107,8 @@ def _repeat_reply(
         )
     log(INFO, "silo %d resends its saved reply for round %d (already trained and counted)", node.partition_id, server_round)
     if cfg.privacy.local:
+        from client import privacy
+
         chain = privacy.load_ledger(context.state, node.partition_id)
         saved[records.LEDGER] = privacy.ledger_record(chain, node.partition_id, _held_by_server(msg, node.partition_id))
     return Message(content=saved, reply_to=msg)
@@ -119,6 +121,10 @@ def _train(
         stats = silo.train_round(model, cfg, data, node.partition_id, server_round)
         state.save_user_params(context.state, model)
         return _train_reply(msg, model, stats.num_examples, stats, None)
+
+    # Imported here: opacus, dp-accounting and scipy cost ~2 s per ClientApp process
+    # (Flower starts one per message) and a run without local DP never needs them.
+    from client import privacy
 
     acc = privacy.load_accountant(context.state, cfg, data.split)
     chain = privacy.load_ledger(context.state, node.partition_id)

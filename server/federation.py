@@ -14,8 +14,8 @@ from flwr.supercore import log
 
 from common import records
 from common.config import AppConfig, Scalar
-from common.errors import DataError
 from common.data.pipeline import load_interactions
+from common.errors import DataError
 from common.models import build_model, shared_state
 from common.seeding import derive_seed
 from common.storage import atomic_write_json, load_arrays, save_arrays

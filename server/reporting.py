@@ -17,7 +17,12 @@ from typing import Any
 from flwr.app import ArrayRecord
 
 from common.errors import ConfigError
-from common.storage import atomic_write_bytes, atomic_write_json, load_arrays, save_arrays
+from common.storage import (
+    atomic_write_bytes,
+    atomic_write_json,
+    load_arrays,
+    save_arrays,
+)
 from server.ledger import RunLedgers
 
 CONFIG_FILE = "config.json"

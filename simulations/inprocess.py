@@ -37,6 +37,8 @@ class LocalGrid(Grid):
         ``drop(node_id, message) -> bool``: simulate a node that does not answer.
     """
 
+    in_process = True  # MeteredGrid calls send_and_receive directly (no push/pull)
+
     def __init__(
         self,
         app: ClientApp,
