@@ -5,9 +5,10 @@ auth, one SuperNode per silo on 127.0.0.1), runs the default app for ``--rounds`
 rounds and reads the ServerApp's own round timings from ``metrics.jsonl``. Round 1
 is left out of the mean (it fetches the FAB and builds each silo's data).
 
-Rows marked "patched" are not Flower options: they replace a hard-coded
-``time.sleep`` in Flower 1.41 (the ServerApp grid's 3 s reply poll, the SuperNode's
-3 s idle poll) to show what those waits cost; ``deploy local`` never uses them.
+Rows marked "patched" are not options: one caps the SuperNode's hard-coded 3 s idle
+poll (flwr 1.41) at 0.1 s, one puts back the 3 s reply poll of Flower's
+``Grid.send_and_receive`` that fedrec's ServerApp replaced with a 0.1 s poll; they show
+what those waits cost. ``deploy local`` never uses them.
 
     python -m simulations.benchmark_latency --silos 3 --rounds 4
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -46,9 +48,10 @@ _PATCHED_SUPERNODE = (
     "sys.exit(flower_supernode())\n"
 )
 _PATCHED_GRID = (
-    "\n\n# benchmark_latency: poll the SuperLink for replies every 0.1 s, not Flower's 3 s.\n"
-    "import flwr.superlink.grid.http_grid as _http_grid  # noqa: E402\n"
-    + _CAP_SLEEP.format(module="_http_grid")
+    "\n\n# benchmark_latency: poll for replies every 3 s, as Flower's Grid loop does.\n"
+    "if MeteredGrid.__init__.__defaults__ != (0.1,):\n"
+    "    raise RuntimeError('benchmark_latency: MeteredGrid(grid, poll_interval=0.1) changed')\n"
+    "MeteredGrid.__init__.__defaults__ = (3.0,)\n"
 )
 
 
@@ -112,18 +115,21 @@ def settings(rounds: int) -> list[Setting]:
             FLOWER_DEFAULTS,
             run_config={"eval.every": rounds},
         ),
-        Setting("ServerApp reply poll 0.1 s (patched, not an option)", FLOWER_DEFAULTS, patch_grid=True),
         Setting(
-            "ServerApp reply + SuperNode idle polls 0.1 s (patched, not options)",
+            "ServerApp reply poll 3 s (Flower's Grid loop; fedrec polls 0.1 s) (patched)",
             FLOWER_DEFAULTS,
             patch_grid=True,
+        ),
+        Setting(
+            "SuperNode idle poll 0.1 s instead of 3 s (patched, not an option)",
+            FLOWER_DEFAULTS,
             patch_supernode=True,
         ),
     ]
 
 
 def patched_app(directory: Path) -> Path:
-    """A copy of the app whose ServerApp polls for replies every 0.1 s."""
+    """A copy of the app whose ServerApp polls for replies every 3 s (Flower's loop)."""
     app = directory / "app"
     for package in ("common", "client", "server"):
         shutil.copytree(
@@ -202,6 +208,8 @@ def main(
     """Measure s/round per setting and print a markdown table."""
     from common.config import parse_override
 
+    # SIGTERM unwinds like Ctrl-C, so every deployment's processes are stopped.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     overrides: dict[str, object] = dict(parse_override(c) for c in config or [])
     rows = settings(rounds)
     chosen = [rows[i] for i in only] if only else rows
@@ -234,6 +242,10 @@ def main(
     )
     print()
     print(table([r for r in results if r]))
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
