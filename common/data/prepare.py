@@ -11,10 +11,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import shutil
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -36,6 +34,7 @@ from common.data.schema import Interactions
 from common.data.split import NO_ITEM, UserSplit
 from common.errors import ConfigError, DataError, DataWarning
 from common.seeding import derive_seed
+from common.storage import atomic_write_bytes
 
 FORMAT: Final = "fedrec-silo"
 FORMAT_VERSION: Final = 1
@@ -611,7 +610,7 @@ def _write_silo(
     files = {}
     for name in DATA_FILES:
         data = contents[name]
-        _atomic_write_bytes(silo_dir / name, data)
+        atomic_write_bytes(silo_dir / name, data)
         files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     manifest = {
         **manifest,
@@ -625,7 +624,7 @@ def _write_silo(
         "files": files,
     }
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-    _atomic_write_bytes(silo_dir / MANIFEST, text.encode())
+    atomic_write_bytes(silo_dir / MANIFEST, text.encode())
     return PreparedSilo(
         silo_id=int(manifest["silo-id"]),
         name=manifest["silo-name"],
@@ -642,29 +641,6 @@ def _parquet_bytes(columns: Mapping[str, pa.Array]) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(pa.table(dict(columns)), sink)
     return bytes(sink.getvalue().to_pybytes())
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a synced temporary file and an atomic rename, then sync the folder.
-
-    (``server/checkpoint.py`` has the same helper; ``common`` may not import it.)
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # POSIX: make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 def _file_sha256(path: Path) -> str:
