@@ -17,7 +17,7 @@ interaction, so the bound audits the user- and the interaction-level claim alike
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from numpy.typing import NDArray
@@ -53,16 +53,7 @@ def canary_plan(audit: AuditSettings, num_real_items: int) -> CanaryPlan:
 
 def with_canary_items(split: UserSplit, count: int) -> UserSplit:
     """The same users, in a catalogue extended by ``count`` canary items."""
-    return UserSplit(
-        num_items=split.num_items + count,
-        train_user=split.train_user,
-        train_item=split.train_item,
-        val_item=split.val_item,
-        test_item=split.test_item,
-        val_negatives=split.val_negatives,
-        test_negatives=split.test_negatives,
-        user_global_idx=split.user_global_idx,
-    )
+    return replace(split, num_items=split.num_items + count)
 
 
 def with_canary_users(split: UserSplit, plan: CanaryPlan) -> UserSplit:

@@ -141,9 +141,17 @@ class Chain:
         return line
 
     def extend(self, lines: Iterable[str]) -> None:
-        """Accept lines written elsewhere (e.g. a silo's), verifying they continue the chain."""
-        for line in lines:
-            self._accept(line)
+        """Accept lines written elsewhere (e.g. a silo's), verifying they continue the chain.
+
+        All or nothing: if any line fails, the chain is left as it was.
+        """
+        start = len(self.entries)
+        try:
+            for line in lines:
+                self._accept(line)
+        except LedgerError:
+            del self.entries[start:]
+            raise
 
     def _accept(self, line: str) -> None:
         number = len(self.entries) + 1
@@ -239,9 +247,7 @@ class LedgerFile:
 
     def extend(self, lines: list[str]) -> None:
         """Verify that ``lines`` continue the chain, then write them."""
-        check = Chain(self.chain.owner, self.chain.lines, source=str(self.path))
-        check.extend(lines)  # raises before anything is written
-        self.chain.extend(lines)
+        self.chain.extend(lines)  # raises before anything is written
         self._write(lines)
 
     def _write(self, lines: list[str]) -> None:
