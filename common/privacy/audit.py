@@ -391,7 +391,7 @@ def _empirical(
         return None
     if not (cfg.audit.canaries or cfg.audit.central_canaries):
         return None
-    from common.privacy import canaries, empirical
+    from common.privacy import canaries, one_run, one_shot
     from common.storage import load_arrays
 
     initial_path, final_path = run_dir / "initial.npz", run_dir / "final.npz"
@@ -419,7 +419,7 @@ def _empirical(
                 f"(2·m·δ = {2 * plan.count * delta:.3g} > 0.05): the lower bound stays near 0 whatever "
                 "the model leaks; claim ε at δ ≤ 0.025/m (privacy.delta) to audit it"
             )
-        result = empirical.one_run_audit(scores, plan.included, delta)
+        result = one_run.one_run_audit(scores, plan.included, delta)
         claimed = audited.final_pld if audited else math.nan
         out["one-run"] = {
             "silo": cfg.audit.canary_silo,
@@ -441,7 +441,7 @@ def _empirical(
         data = json.loads((run_dir / "central-canaries.json").read_text())
         server = next((led for led in ledgers if led.owner == "server"), None)
         delta = float(server.delta) if server and server.delta is not None else 1e-5
-        est = empirical.one_shot_epsilon(np.array(data["cosines"]), int(data["dim"]), delta)
+        est = one_shot.one_shot_epsilon(np.array(data["cosines"]), int(data["dim"]), delta)
         claimed = server.final_pld if server else math.nan
         out["one-shot"] = {"claimed-epsilon": claimed, **est.to_dict()}
         if est.epsilon > claimed:
