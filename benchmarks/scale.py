@@ -1,6 +1,6 @@
 """Many-client simulation cost: seconds per round and peak memory, Ray vs in-process.
 
-    python -m simulations.benchmark_scale --clients 1000 --rounds 3
+    python -m benchmarks.scale --clients 1000 --rounds 3
 
 Runs the same by-user synthetic federation (every user is a client) twice:
 through ``fedrec simulate`` on Flower's Ray runtime, and in-process over

@@ -5,7 +5,7 @@ in silo 0, once with ``audit.unsafe-disable-noise`` (trained without noise while
 the ledger claims σ) and ``--correct`` times correctly with different canary draws,
 audits every run and prints one table row per run::
 
-    python -m simulations.audit_demo --correct 5 --out runs/audit-demo
+    python -m benchmarks.audit_demo --correct 5 --out runs/audit-demo
 """
 
 from __future__ import annotations

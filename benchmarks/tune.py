@@ -1,6 +1,6 @@
 """Grid search of centralized hyperparameters on the validation split.
 
-    python -m simulations.tune --epochs 20 -c data.dataset=ml-100k \
+    python -m benchmarks.tune --epochs 20 -c data.dataset=ml-100k \
         -c data.path=../shared/data/ml-100k -g train.lr=0.001,0.005 -g train.l2=0,0.001
 
 Selection uses validation HR@10 only; the test column is printed for the selected

@@ -1,9 +1,9 @@
 """Federated vs centralized on MovieLens-100K: the README's benchmark table.
 
-    python -m simulations.benchmark_ml100k --data-dir ../shared/data/ml-100k
+    python -m benchmarks.ml100k --data-dir ../shared/data/ml-100k
 
 For each model (configs in ``simulations/configs/ml100k-<model>.toml``, chosen on
-validation with ``simulations.tune``) it runs ``fedrec centralized`` and
+validation with ``benchmarks.tune``) it runs ``fedrec centralized`` and
 ``fedrec simulate`` (Flower's Ray runtime, 5 IID silos) and reports test metrics
 at the epoch/round with the best validation HR@10, plus the popularity floor.
 """
@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-CONFIGS = Path(__file__).resolve().parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "simulations" / "configs"
 
 
 def fedrec(*args: str) -> None:

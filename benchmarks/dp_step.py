@@ -1,8 +1,8 @@
 """Cost of one DP-SGD step on an embedding recommender: fedrec vs Opacus vs non-private.
 
-    python -m simulations.benchmark_dp_step                  # full table, ~10 min on 2 CPU cores
-    python -m simulations.benchmark_dp_step --markdown       # the same as a markdown table (README)
-    python -m simulations.benchmark_dp_step --models mf --items 3706 --steps 10
+    python -m benchmarks.dp_step             # full table, ~10 min on 2 CPU cores
+    python -m benchmarks.dp_step --markdown  # the same as a markdown table (README)
+    python -m benchmarks.dp_step --models mf --items 3706 --steps 10
 
 What is measured
 ----------------
@@ -341,7 +341,7 @@ def _short_error(error: BaseException) -> str:
 def run_cell_isolated(cell: Cell, timeout_s: float = 300.0) -> dict[str, Any]:
     """Run one cell in a fresh interpreter (memory high-water mark, crash/OOM isolation)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "simulations.benchmark_dp_step", "--cell", json.dumps(asdict(cell))]
+    cmd = [sys.executable, "-m", "benchmarks.dp_step", "--cell", json.dumps(asdict(cell))]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT, env=env)
     except subprocess.TimeoutExpired:

@@ -1,7 +1,7 @@
 """Privacy–utility benchmark: test HR@10 at ε ∈ {1, 2, 4, 8, ∞}, local and central DP.
 
-    python -m simulations.privacy_utility --preset ml100k --data-dir ../shared/data/ml-100k
-    python -m simulations.privacy_utility --preset synthetic-100k
+    python -m benchmarks.privacy_utility --preset ml100k --data-dir ../shared/data/ml-100k
+    python -m benchmarks.privacy_utility --preset synthetic-100k
 
 Each point is one federated run through fedrec's real ServerApp and ClientApps
 (in-process grid, protobuf round trip of every message). For a target ε the noise

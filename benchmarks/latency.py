@@ -10,7 +10,7 @@ poll (flwr 1.41) at 0.1 s, one puts back the 3 s reply poll of Flower's
 ``Grid.send_and_receive`` that fedrec's ServerApp replaced with a 0.1 s poll; they show
 what those waits cost. ``deploy local`` never uses them.
 
-    python -m simulations.benchmark_latency --silos 3 --rounds 4
+    python -m benchmarks.latency --silos 3 --rounds 4
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ _PATCHED_SUPERNODE = (
     "sys.exit(flower_supernode())\n"
 )
 _PATCHED_GRID = (
-    "\n\n# benchmark_latency: poll for replies every 3 s, as Flower's Grid loop does.\n"
+    "\n\n# benchmarks.latency: poll for replies every 3 s, as Flower's Grid loop does.\n"
     "if MeteredGrid.__init__.__defaults__ != (0.1,):\n"
-    "    raise RuntimeError('benchmark_latency: MeteredGrid(grid, poll_interval=0.1) changed')\n"
+    "    raise RuntimeError('benchmarks.latency: MeteredGrid(grid, poll_interval=0.1) changed')\n"
     "MeteredGrid.__init__.__defaults__ = (3.0,)\n"
 )
 

@@ -2,7 +2,7 @@
 
 import re
 
-from simulations.benchmark_dp_step import METHODS, main
+from benchmarks.dp_step import METHODS, main
 
 
 def test_tiny_benchmark_prints_a_timed_row_for_every_method(capsys):
