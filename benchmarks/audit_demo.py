@@ -24,9 +24,9 @@ from simulations.inprocess import run_inprocess
 SETTINGS = {
     "num-server-rounds": 3,
     "privacy.mode": "local",
-    "privacy.noise-multiplier": 2.5,
-    "privacy.delta": 1e-5,
-    "privacy.target-epsilon": 0.0,
+    "privacy.local.noise-multiplier": 2.5,
+    "privacy.local.delta": 1e-5,
+    "privacy.local.target-epsilon": 0.0,
     "audit.canaries": 1000,
 }
 
@@ -50,7 +50,7 @@ def main() -> None:
         result = audit_run(run_dir)
         write_audit(result, run_dir)
         one = result.empirical["one-run"]  # type: ignore[index]
-        sigma = SETTINGS["privacy.noise-multiplier"]
+        sigma = SETTINGS["privacy.local.noise-multiplier"]
         used = 0.0 if extra.get("audit.unsafe-disable-noise") else sigma
         verdict = "FLAGGED (exit 6)" if result.exit_code == 6 else ("passed" if not result.problems else f"exit {result.exit_code}")
         print(

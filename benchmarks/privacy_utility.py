@@ -44,8 +44,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "eval.every": 3,
             "eval.full-ranking": False,
         },
-        "private": {"privacy.batch-size": 32, "privacy.lr": 0.5, "privacy.user-lr": 0.05, "privacy.user-epochs": 3, "train.lr": 0.02, "privacy.clip": 1.0, "model.dim": 16},
-        "central": {"privacy.central-sample-rate": 1.0, "privacy.central-clip": 0.5, "privacy.central-delta": 1e-5},
+        "private": {"privacy.local.batch-size": 32, "privacy.local.optimizer.lr": 0.5, "privacy.local.optimizer.user-lr": 0.05, "privacy.local.optimizer.user-epochs": 3, "train.lr": 0.02, "privacy.local.clip": 1.0, "model.dim": 16},
+        "central": {"privacy.central.sample-rate": 1.0, "privacy.central.clip": 0.5, "privacy.central.delta": 1e-5},
     },
     "synthetic-100k": {
         "silos": 5,
@@ -60,8 +60,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "eval.every": 5,
             "eval.full-ranking": False,
         },
-        "private": {"privacy.batch-size": 512, "privacy.lr": 2.0, "privacy.user-lr": 0.05, "privacy.user-epochs": 1, "privacy.clip": 1.0},
-        "central": {"privacy.central-sample-rate": 0.5, "privacy.central-clip": 0.5, "privacy.central-delta": 1e-5},
+        "private": {"privacy.local.batch-size": 512, "privacy.local.optimizer.lr": 2.0, "privacy.local.optimizer.user-lr": 0.05, "privacy.local.optimizer.user-epochs": 1, "privacy.local.clip": 1.0},
+        "central": {"privacy.central.sample-rate": 0.5, "privacy.central.clip": 0.5, "privacy.central.delta": 1e-5},
     },
 }
 
@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=0, help="override the preset's num-server-rounds")
     parser.add_argument(
-        "--lrs", default="", help="local DP: privacy.lr values to try per ε; the best validation HR@10 is kept"
+        "--lrs", default="", help="local DP: privacy.local.optimizer.lr values to try per ε; the best validation HR@10 is kept"
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -133,16 +133,16 @@ def main() -> None:
         silos = preset.get("central-silos", preset["silos"]) if mode == "central" else preset["silos"]
         for eps in (float(e) for e in args.epsilons.split(",")):
             if mode == "local":
-                over = {**preset["private"], "privacy.mode": "local", "privacy.noise-multiplier": 0.0, "privacy.target-epsilon": eps}
+                over = {**preset["private"], "privacy.mode": "local", "privacy.local.noise-multiplier": 0.0, "privacy.local.target-epsilon": eps}
             else:
-                over = {**preset["central"], "privacy.mode": "central", "privacy.central-noise-multiplier": 0.0, "privacy.central-target-epsilon": eps}
+                over = {**preset["central"], "privacy.mode": "central", "privacy.central.noise-multiplier": 0.0, "privacy.central.target-epsilon": eps}
             lrs = [float(x) for x in args.lrs.split(",") if x] if mode == "local" else []
             if not lrs:
                 record(mode, eps, run_point(base, over, silos, out / f"{mode}-eps{eps:g}"))
                 continue
             # Select the learning rate on validation; report its test metrics.
             tried = [
-                {**run_point(base, {**over, "privacy.lr": lr}, silos, out / f"{mode}-eps{eps:g}-lr{lr:g}"), "lr": lr}
+                {**run_point(base, {**over, "privacy.local.optimizer.lr": lr}, silos, out / f"{mode}-eps{eps:g}-lr{lr:g}"), "lr": lr}
                 for lr in lrs
             ]
             record(mode, eps, max(tried, key=lambda r: r["val-hr@10"]))

@@ -18,7 +18,8 @@ from client import silo, state
 from client.durable import SiloStore, StateError, fingerprint
 from common import records
 from common.config import AppConfig, NodeConfig
-from common.data.pipeline import SiloData, silo_data
+from common.data.pipeline import silo_data
+from common.data.silo import SiloData
 from common.models import Recommender, shared_state
 from common.privacy import canaries
 from common.training import TrainStats
@@ -81,7 +82,7 @@ def train(msg: Message, context: Context) -> Message:
     """Train the silo's users on the received shared model; return shared params only.
 
     Under local DP the silo first checks its budget: a round that would take its ε
-    above ``privacy.target-epsilon`` is declined with a normal reply that says so.
+    above ``privacy.local.target-epsilon`` is declined with a normal reply that says so.
     """
     cfg, node, data, model, store = _prepare(msg, context)
     server_round = int(msg.content.config_records[records.CONFIG][records.SERVER_ROUND])
@@ -106,7 +107,7 @@ def _repeat_reply(
             f"but the reply saved in {store.path} is for another round; it will not spend budget twice"
         )
     log(INFO, "silo %d resends its saved reply for round %d (already trained and counted)", node.partition_id, server_round)
-    if cfg.privacy.local:
+    if cfg.privacy.is_local:
         from client import privacy
 
         chain = privacy.load_ledger(context.state, node.partition_id)
@@ -117,7 +118,7 @@ def _repeat_reply(
 def _train(
     msg: Message, context: Context, cfg: AppConfig, node: NodeConfig, data: SiloData, model: Recommender, server_round: int
 ) -> Message:
-    if not cfg.privacy.local:
+    if not cfg.privacy.is_local:
         stats = silo.train_round(model, cfg, data, node.partition_id, server_round)
         state.save_user_params(context.state, model)
         return _train_reply(msg, model, stats.num_examples, stats, None)
@@ -136,7 +137,7 @@ def _train(
     privacy.record_round(chain, acc, result, cfg, server_round)
     privacy.save_ledger(context.state, chain)
     summary = privacy.reply_record(
-        acc, result, node.partition_id, cfg.privacy.clip, cfg.privacy.target_epsilon
+        acc, result, node.partition_id, cfg.privacy.local.clip, cfg.privacy.local.target_epsilon
     )
     ledger = privacy.ledger_record(chain, node.partition_id, _held_by_server(msg, node.partition_id))
     if not result.trained:
@@ -144,7 +145,7 @@ def _train(
             INFO,
             "silo %d declines round %d: ε would reach %.3f > budget %.3f (spent %.3f)",
             node.partition_id, server_round, result.epsilon_if_trained,
-            cfg.privacy.target_epsilon, result.epsilon,
+            cfg.privacy.local.target_epsilon, result.epsilon,
         )
         content = RecordDict({records.PRIVACY: summary, records.LEDGER: ledger})
         return Message(content=content, reply_to=msg)

@@ -100,12 +100,12 @@ def new_accountant(cfg: AppConfig, split: UserSplit) -> SiloAccountant:
     A calibrated σ spends ``target-epsilon`` over ``num-server-rounds`` rounds of
     ``steps-per-round`` steps (the silo takes part in every round at most).
     """
-    p = cfg.privacy
+    p = cfg.privacy.local
     sampler = UnitSampler(split, p.unit, p.batch_size, p.max_positives)
     steps = steps_per_round(sampler.sample_rate, cfg.train.local_epochs)
     delta = p.delta or default_delta(sampler.population)
     sigma = p.noise_multiplier or calibrate_noise(
-        sampler.sample_rate, steps * cfg.num_server_rounds, p.target_epsilon, delta, p.accountant
+        sampler.sample_rate, steps * cfg.num_server_rounds, p.target_epsilon, delta, cfg.privacy.accountant
     )
     return SiloAccountant(
         unit=p.unit,
@@ -114,7 +114,7 @@ def new_accountant(cfg: AppConfig, split: UserSplit) -> SiloAccountant:
         steps_per_round=steps,
         noise_multiplier=sigma,
         delta=delta,
-        accountant=p.accountant,
+        accountant=cfg.privacy.accountant,
     )
 
 
@@ -153,12 +153,12 @@ def private_round(
     """Train one round of DP-SGD unless it would take ε above the budget.
 
     The budget check runs *before* any step, so a silo never exceeds
-    ``privacy.target-epsilon``. On success ``acc`` holds the new use.
+    ``privacy.local.target-epsilon``. On success ``acc`` holds the new use.
     """
-    p = cfg.privacy
+    p = cfg.privacy.local
     planned = acc.planned()
     if p.target_epsilon > 0:
-        exceeds, eps_after = would_exceed(acc.uses, planned, acc.delta, p.target_epsilon, p.accountant)
+        exceeds, eps_after = would_exceed(acc.uses, planned, acc.delta, p.target_epsilon, acc.accountant)
         if exceeds:
             return PrivateRoundResult(False, None, acc.epsilon(), eps_after)
     settings = LocalDPSettings(
@@ -167,11 +167,11 @@ def private_round(
         # without noise) that the empirical audit must flag.
         noise_multiplier=0.0 if cfg.audit.unsafe_disable_noise else acc.noise_multiplier,
         clip=p.clip,
-        lr=p.lr,
-        user_lr=p.user_lr,
+        lr=p.optimizer.lr,
+        user_lr=p.optimizer.user_lr,
         expected_batch_size=p.batch_size,
         max_positives=p.max_positives,
-        user_epochs=p.user_epochs,
+        user_epochs=p.optimizer.user_epochs,
         negative_items=split.num_items - cfg.audit.canaries,
     )
     # Noise and sampling come from fresh OS entropy: a seed in the run config would
@@ -232,7 +232,7 @@ def record_round(
     chain: Chain, acc: SiloAccountant, result: PrivateRoundResult, cfg: AppConfig, server_round: int
 ) -> str:
     """Append this round's event: the mechanism use, or the budget decline."""
-    p = cfg.privacy
+    p = cfg.privacy.local
     common = {
         "unit": acc.unit,
         "neighbouring": NEIGHBOURING[acc.unit],

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -88,39 +88,60 @@ class StrategySettings:
 
 
 @dataclass(frozen=True, slots=True)
-class PrivacySettings:
-    """Differential privacy: local DP-SGD in each silo and/or central DP-FedAvg.
+class DPOptimizerSettings:
+    """The optimiser of local DP-SGD (``[privacy.local.optimizer]``)."""
 
-    A value of 0 for a noise multiplier means "calibrate it to the target ε over
-    the planned rounds"; 0 for a δ means "1/N^1.1 for the N privacy units"; 0 for
-    a target ε means "no budget" (only with an explicit noise multiplier).
+    lr: float  # SGD learning rate of the released (shared) parameters
+    user_lr: float  # SGD learning rate of users' own rows during DP steps
+    user_epochs: int  # unit = user: epochs fitting users' own rows before the DP steps
+
+
+@dataclass(frozen=True, slots=True)
+class LocalPrivacySettings:
+    """The mechanism of local DP-SGD in each silo (``[privacy.local]``).
+
+    A noise multiplier of 0 means "calibrate it to ``target_epsilon`` over the
+    planned rounds"; a δ of 0 means "1/N^1.1 for the silo's N units"; a target ε of
+    0 means "no budget" (only with an explicit noise multiplier).
     """
 
-    mode: Literal["none", "local", "central", "local+central"]
     unit: Literal["user", "interaction"]
     noise_multiplier: float
     clip: float
     target_epsilon: float
     delta: float
-    accountant: Literal["pld", "rdp"]
-    batch_size: int
-    lr: float
-    user_lr: float
-    user_epochs: int
+    batch_size: int  # expected units per Poisson batch (q = batch_size / N)
     max_positives: int
-    central_noise_multiplier: float
-    central_clip: float
-    central_sample_rate: float
-    central_target_epsilon: float
-    central_delta: float
+    optimizer: DPOptimizerSettings
+
+
+@dataclass(frozen=True, slots=True)
+class CentralPrivacySettings:
+    """Client-level DP-FedAvg on the server (``[privacy.central]``); 0 values as for local."""
+
+    noise_multiplier: float
+    clip: float
+    sample_rate: float
+    target_epsilon: float
+    delta: float
+
+
+@dataclass(frozen=True, slots=True)
+class PrivacySettings:
+    """Where noise goes (``mode``), the accountant of record, and each mechanism's settings."""
+
+    mode: Literal["none", "local", "central", "local+central"]
+    accountant: Literal["pld", "rdp"]
+    local: LocalPrivacySettings
+    central: CentralPrivacySettings
 
     @property
-    def local(self) -> bool:
+    def is_local(self) -> bool:
         """Whether silos run DP-SGD."""
         return self.mode in ("local", "local+central")
 
     @property
-    def central(self) -> bool:
+    def is_central(self) -> bool:
         """Whether the server runs client-level DP-FedAvg."""
         return self.mode in ("central", "local+central")
 
@@ -225,24 +246,28 @@ class AppConfig:
             ),
             privacy=PrivacySettings(
                 mode=r.choice("privacy.mode", ("none", "local", "central", "local+central")),
-                unit=r.choice("privacy.unit", ("user", "interaction")),
-                noise_multiplier=r.float("privacy.noise-multiplier", lo=0.0),
-                clip=r.float("privacy.clip", lo=0.0, lo_open=True),
-                target_epsilon=r.float("privacy.target-epsilon", lo=0.0),
-                delta=r.float("privacy.delta", lo=0.0, hi=0.5),
                 accountant=r.choice("privacy.accountant", ("pld", "rdp")),
-                batch_size=r.int("privacy.batch-size", lo=1),
-                lr=r.float("privacy.lr", lo=0.0, lo_open=True),
-                user_lr=r.float("privacy.user-lr", lo=0.0),
-                user_epochs=r.int("privacy.user-epochs", lo=0),
-                max_positives=r.int("privacy.max-positives", lo=1),
-                central_noise_multiplier=r.float("privacy.central-noise-multiplier", lo=0.0),
-                central_clip=r.float("privacy.central-clip", lo=0.0, lo_open=True),
-                central_sample_rate=r.float(
-                    "privacy.central-sample-rate", lo=0.0, hi=1.0, lo_open=True
+                local=LocalPrivacySettings(
+                    unit=r.choice("privacy.local.unit", ("user", "interaction")),
+                    noise_multiplier=r.float("privacy.local.noise-multiplier", lo=0.0),
+                    clip=r.float("privacy.local.clip", lo=0.0, lo_open=True),
+                    target_epsilon=r.float("privacy.local.target-epsilon", lo=0.0),
+                    delta=r.float("privacy.local.delta", lo=0.0, hi=0.5),
+                    batch_size=r.int("privacy.local.batch-size", lo=1),
+                    max_positives=r.int("privacy.local.max-positives", lo=1),
+                    optimizer=DPOptimizerSettings(
+                        lr=r.float("privacy.local.optimizer.lr", lo=0.0, lo_open=True),
+                        user_lr=r.float("privacy.local.optimizer.user-lr", lo=0.0),
+                        user_epochs=r.int("privacy.local.optimizer.user-epochs", lo=0),
+                    ),
                 ),
-                central_target_epsilon=r.float("privacy.central-target-epsilon", lo=0.0),
-                central_delta=r.float("privacy.central-delta", lo=0.0, hi=0.5),
+                central=CentralPrivacySettings(
+                    noise_multiplier=r.float("privacy.central.noise-multiplier", lo=0.0),
+                    clip=r.float("privacy.central.clip", lo=0.0, lo_open=True),
+                    sample_rate=r.float("privacy.central.sample-rate", lo=0.0, hi=1.0, lo_open=True),
+                    target_epsilon=r.float("privacy.central.target-epsilon", lo=0.0),
+                    delta=r.float("privacy.central.delta", lo=0.0, hi=0.5),
+                ),
             ),
             audit=AuditSettings(
                 canaries=r.int("audit.canaries", lo=0),
@@ -263,34 +288,34 @@ class AppConfig:
         if cfg.model.name == "neumf" and cfg.model.mlp_layers[0] % 2:
             raise ConfigError("model.mlp-layers: the first width must be even")
         p = cfg.privacy
-        if p.local and p.noise_multiplier == 0 and p.target_epsilon == 0:
+        if p.is_local and p.local.noise_multiplier == 0 and p.local.target_epsilon == 0:
             raise ConfigError(
-                "privacy.noise-multiplier: local DP needs a noise multiplier or a "
-                "privacy.target-epsilon to calibrate it to"
+                "privacy.local.noise-multiplier: local DP needs a noise multiplier or a "
+                "privacy.local.target-epsilon to calibrate it to"
             )
-        if p.local and cfg.data.partition == "by-user":
+        if p.is_local and cfg.data.partition == "by-user":
             raise ConfigError(
                 "privacy.mode: with data.partition = by-user every client is one user, so "
                 "DP-SGD inside a client has a population of one; use privacy.mode = central "
                 "(client-level DP is then user-level)"
             )
-        if p.central and cfg.strategy.fraction_train != 1.0:
+        if p.is_central and cfg.strategy.fraction_train != 1.0:
             raise ConfigError(
                 "strategy.fraction-train: central DP samples silos itself "
-                "(privacy.central-sample-rate); leave strategy.fraction-train at 1.0"
+                "(privacy.central.sample-rate); leave strategy.fraction-train at 1.0"
             )
-        if p.central and p.central_noise_multiplier == 0 and p.central_target_epsilon == 0:
+        if p.is_central and p.central.noise_multiplier == 0 and p.central.target_epsilon == 0:
             raise ConfigError(
-                "privacy.central-noise-multiplier: central DP needs a noise multiplier or a "
-                "privacy.central-target-epsilon to calibrate it to"
+                "privacy.central.noise-multiplier: central DP needs a noise multiplier or a "
+                "privacy.central.target-epsilon to calibrate it to"
             )
         a = cfg.audit
-        if a.canaries and not p.local:
+        if a.canaries and not p.is_local:
             raise ConfigError(
                 "audit.canaries: canary users audit local DP-SGD; set privacy.mode = local "
                 "(or local+central)"
             )
-        if a.central_canaries and not p.central:
+        if a.central_canaries and not p.is_central:
             raise ConfigError(
                 "audit.central-canaries: canary clients audit central DP; set "
                 "privacy.mode = central (or local+central)"
@@ -373,10 +398,29 @@ def merge_overrides(
     """``base`` updated with ``overrides``; an override of an unknown key is an error."""
     unknown = sorted(set(overrides) - set(base))
     if unknown:
-        raise ConfigError(
-            f"unknown config key {unknown[0]!r}; known keys: {', '.join(sorted(base))}"
-        )
+        raise _unknown_key_error(unknown[0], base)
     return {**base, **overrides}
+
+
+# Keys of earlier fedrec versions, refused with the name that replaced them.
+RENAMED_KEYS = {
+    **{
+        f"privacy.{name}": f"privacy.local.{name}"
+        for name in ("unit", "noise-multiplier", "clip", "target-epsilon", "delta", "batch-size", "max-positives")
+    },
+    **{f"privacy.{name}": f"privacy.local.optimizer.{name}" for name in ("lr", "user-lr", "user-epochs")},
+    **{
+        f"privacy.central-{name}": f"privacy.central.{name}"
+        for name in ("noise-multiplier", "clip", "sample-rate", "target-epsilon", "delta")
+    },
+}
+
+
+def _unknown_key_error(key: str, known: Iterable[str] = ()) -> ConfigError:
+    if key in RENAMED_KEYS:
+        return ConfigError(f"config key {key!r} was renamed: use {RENAMED_KEYS[key]!r}")
+    listing = f"; known keys: {', '.join(sorted(known))}" if known else ""
+    return ConfigError(f"unknown config key {key!r}{listing}")
 
 
 class _Reader:
@@ -455,4 +499,4 @@ class _Reader:
     def reject_unknown(self) -> None:
         unknown = sorted(set(self._values) - self._read)
         if unknown:
-            raise ConfigError(f"unknown config key {unknown[0]!r}")
+            raise _unknown_key_error(unknown[0])

@@ -82,8 +82,8 @@ class ClientLevelDP(Strategy):
         self.log: list[dict[str, Any]] = []
         self.stop_reason: str | None = None
         self.population = 0
-        self.delta = settings.central_delta
-        self.noise_multiplier = settings.central_noise_multiplier
+        self.delta = settings.central.delta
+        self.noise_multiplier = settings.central.noise_multiplier
         self._sent: ArrayRecord | None = None
         self._sampled = 0
 
@@ -126,22 +126,22 @@ class ClientLevelDP(Strategy):
             self.delta = default_delta(max(self.population, 1))
         if not self.noise_multiplier:
             self.noise_multiplier = calibrate_noise(
-                self.settings.central_sample_rate,
+                self.settings.central.sample_rate,
                 self.num_rounds,
-                self.settings.central_target_epsilon,
+                self.settings.central.target_epsilon,
                 self.delta,
                 self.settings.accountant,
             )
         log(
             INFO,
             "central DP: %d silos, q=%.3f, z=%.4f, S=%g, δ=%.3g (unit: silo)",
-            self.population, self.settings.central_sample_rate, self.noise_multiplier,
-            self.settings.central_clip, self.delta,
+            self.population, self.settings.central.sample_rate, self.noise_multiplier,
+            self.settings.central.clip, self.delta,
         )
 
     def planned(self) -> MechanismUse:
         """One more round of the central mechanism."""
-        return MechanismUse(self.noise_multiplier, self.settings.central_sample_rate, 1)
+        return MechanismUse(self.noise_multiplier, self.settings.central.sample_rate, 1)
 
     def epsilon(self) -> float:
         """Client-level ε so far at :attr:`delta`."""
@@ -153,7 +153,7 @@ class ClientLevelDP(Strategy):
     ) -> Iterable[Message]:
         """Stop at the budget; otherwise Poisson-sample silos among the inner's messages."""
         self._fix_mechanism(grid)
-        target = self.settings.central_target_epsilon
+        target = self.settings.central.target_epsilon
         if target > 0:
             exceeds, eps_after = would_exceed(
                 self.uses, self.planned(), self.delta, target, self.settings.accountant
@@ -165,7 +165,7 @@ class ClientLevelDP(Strategy):
                 )
                 return []
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
-        keep = self.rng.random(len(messages)) < self.settings.central_sample_rate
+        keep = self.rng.random(len(messages)) < self.settings.central.sample_rate
         self._sent = arrays
         self._sampled = int(keep.sum())
         return [m for m, k in zip(messages, keep, strict=True) if k]
@@ -180,7 +180,7 @@ class ClientLevelDP(Strategy):
         self.stop_reason = self.stop_reason or self.inner.stop_reason
         base = {k: v.numpy().astype(np.float64) for k, v in self._sent.items()}
         total = {k: np.zeros_like(v) for k, v in base.items()}
-        clip = self.settings.central_clip
+        clip = self.settings.central.clip
         norms = []
         for msg in accepted:
             got = msg.content.array_records[records.ARRAYS]
@@ -193,7 +193,7 @@ class ClientLevelDP(Strategy):
         if self.canaries:
             self._add_canaries(total, clip)
         std = 0.0 if self.disable_noise else self.noise_multiplier * clip
-        expected = self.settings.central_sample_rate * self.population
+        expected = self.settings.central.sample_rate * self.population
         new = ArrayRecord()
         for k, ref in self._sent.items():
             noisy = total[k] + self.rng.normal(0.0, std, size=total[k].shape)
@@ -204,7 +204,7 @@ class ClientLevelDP(Strategy):
             "epsilon": self.epsilon(),
             "delta": self.delta,
             "noise-multiplier": self.noise_multiplier,
-            "sample-rate": self.settings.central_sample_rate,
+            "sample-rate": self.settings.central.sample_rate,
             "clip": clip,
             "population": self.population,
             "sampled": self._sampled,
@@ -225,13 +225,13 @@ class ClientLevelDP(Strategy):
                 epsilon=entry["epsilon"],
                 delta=self.delta,
                 **{
-                    "delta-rule": "configured" if self.settings.central_delta else "1/N^1.1 for the N silos",
+                    "delta-rule": "configured" if self.settings.central.delta else "1/N^1.1 for the N silos",
                     "noise-multiplier": self.noise_multiplier,
-                    "sample-rate": self.settings.central_sample_rate,
+                    "sample-rate": self.settings.central.sample_rate,
                     "steps": 1,
                     "clip": clip,
                     "population": self.population,
-                    "target-epsilon": self.settings.central_target_epsilon,
+                    "target-epsilon": self.settings.central.target_epsilon,
                     "released": "shared model parameters after the round",
                 },
             )
@@ -256,7 +256,7 @@ class ClientLevelDP(Strategy):
         """Add S·c_i for each canary client Poisson-sampled this round."""
         names = sorted(total)
         directions = self._canary_directions({k: total[k].shape for k in names})
-        chosen = self.rng.random(self.canaries) < self.settings.central_sample_rate
+        chosen = self.rng.random(self.canaries) < self.settings.central.sample_rate
         flat = clip * directions[chosen].sum(0, dtype=np.float64)
         offset = 0
         for k in names:
@@ -289,5 +289,5 @@ class ClientLevelDP(Strategy):
 
     def summary(self) -> None:
         """Log the mechanism."""
-        log(INFO, "ClientLevelDP(z=%s, S=%s, q=%s) around:", self.noise_multiplier, self.settings.central_clip, self.settings.central_sample_rate)
+        log(INFO, "ClientLevelDP(z=%s, S=%s, q=%s) around:", self.noise_multiplier, self.settings.central.clip, self.settings.central.sample_rate)
         self.inner.summary()

@@ -85,7 +85,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Scalar]) -> Path:
     strategy: SharedModelFedAvg | ClientLevelDP = SharedModelFedAvg(
         cfg.strategy, cfg.eval.k, ledgers=recorder.ledgers
     )
-    if cfg.privacy.central:
+    if cfg.privacy.is_central:
         strategy = ClientLevelDP(
             strategy, cfg.privacy, cfg.num_server_rounds,
             canaries=cfg.audit.central_canaries,

@@ -417,7 +417,7 @@ def _empirical(
             warnings.append(
                 f"{owner}: δ={delta:.3g} is too large for a one-run audit with {plan.count} canaries "
                 f"(2·m·δ = {2 * plan.count * delta:.3g} > 0.05): the lower bound stays near 0 whatever "
-                "the model leaks; claim ε at δ ≤ 0.025/m (privacy.delta) to audit it"
+                "the model leaks; claim ε at δ ≤ 0.025/m (privacy.local.delta) to audit it"
             )
         result = one_run.one_run_audit(scores, plan.included, delta)
         claimed = audited.final_pld if audited else math.nan

@@ -315,17 +315,36 @@ def test_node_config_ignores_keys_flower_adds() -> None:
 @pytest.mark.parametrize(
     ("changes", "key"),
     [
-        ({"privacy.mode": "local", "privacy.noise-multiplier": 0.0, "privacy.target-epsilon": 0.0}, "privacy.noise-multiplier"),
-        ({"privacy.mode": "central", "privacy.central-noise-multiplier": 0.0, "privacy.central-target-epsilon": 0.0}, "privacy.central-noise-multiplier"),
+        ({"privacy.mode": "local", "privacy.local.noise-multiplier": 0.0, "privacy.local.target-epsilon": 0.0}, "privacy.local.noise-multiplier"),
+        ({"privacy.mode": "central", "privacy.central.noise-multiplier": 0.0, "privacy.central.target-epsilon": 0.0}, "privacy.central.noise-multiplier"),
         ({"privacy.mode": "central", "strategy.fraction-train": 0.5}, "strategy.fraction-train"),
         ({"privacy.mode": "everywhere"}, "privacy.mode"),
-        ({"privacy.unit": "item"}, "privacy.unit"),
-        ({"privacy.clip": 0.0}, "privacy.clip"),
-        ({"privacy.central-sample-rate": 1.5}, "privacy.central-sample-rate"),
-        ({"privacy.delta": 0.9}, "privacy.delta"),
+        ({"privacy.local.unit": "item"}, "privacy.local.unit"),
+        ({"privacy.local.clip": 0.0}, "privacy.local.clip"),
+        ({"privacy.central.sample-rate": 1.5}, "privacy.central.sample-rate"),
+        ({"privacy.local.delta": 0.9}, "privacy.local.delta"),
         ({"privacy.mode": "local", "data.partition": "by-user"}, "privacy.mode"),
     ],
 )
 def test_privacy_settings_are_validated_by_name(defaults: dict[str, Scalar], changes: dict[str, Scalar], key: str) -> None:
     with pytest.raises(ConfigError, match=key):
         AppConfig.from_run_config({**defaults, **changes})
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("privacy.noise-multiplier", "privacy.local.noise-multiplier"),
+        ("privacy.user-lr", "privacy.local.optimizer.user-lr"),
+        ("privacy.central-clip", "privacy.central.clip"),
+    ],
+)
+def test_a_renamed_key_is_refused_naming_its_new_name(old: str, new: str) -> None:
+    # Arrange
+    base = load_default_run_config()
+
+    # Act / Assert
+    with pytest.raises(ConfigError, match=f"'{old}' was renamed: use '{new}'"):
+        merge_overrides(base, {old: 1.0})
+    with pytest.raises(ConfigError, match=f"'{old}' was renamed: use '{new}'"):
+        AppConfig.from_run_config({**base, old: 1.0})

@@ -24,9 +24,9 @@ CONFIG = {
     "data.synthetic.num-items": 300,
     "model.dim": 8,
     "privacy.mode": "local",
-    "privacy.noise-multiplier": 1.2,
-    "privacy.target-epsilon": 0.0,
-    "privacy.batch-size": 20,
+    "privacy.local.noise-multiplier": 1.2,
+    "privacy.local.target-epsilon": 0.0,
+    "privacy.local.batch-size": 20,
     "strategy.timeout": 90.0,  # a silo killed mid-round is missing after 90 s, not an hour
     "eval.every": 10,
 }

@@ -80,8 +80,8 @@ def test_simulate_with_local_dp_prints_epsilon_per_silo_and_stops_at_the_budget(
         sys.executable, "-m", "simulations.cli", "simulate",
         "--silos", "3", "--rounds", "6", "--run-dir", str(run_dir),
         "-c", "data.synthetic.num-users=300", "-c", "data.synthetic.num-items=300",
-        "-c", "model.dim=8", "-c", "privacy.mode=local", "-c", "privacy.target-epsilon=1.5",
-        "-c", "privacy.batch-size=16",
+        "-c", "model.dim=8", "-c", "privacy.mode=local", "-c", "privacy.local.target-epsilon=1.5",
+        "-c", "privacy.local.batch-size=16",
     ]
     # Act
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path,

@@ -31,9 +31,9 @@ def _config(run_dir: Path, **extra) -> dict:
             "model.dim": 16,
             "eval.full-ranking-k": 20,
             "privacy.mode": "local",
-            "privacy.noise-multiplier": SIGMA,
-            "privacy.target-epsilon": 0.0,
-            "privacy.batch-size": 20,
+            "privacy.local.noise-multiplier": SIGMA,
+            "privacy.local.target-epsilon": 0.0,
+            "privacy.local.batch-size": 20,
             **extra,
         }
     )
@@ -185,7 +185,7 @@ def test_not_a_run_directory_is_a_clear_error(tmp_path):
 @pytest.mark.slow
 def test_empirical_audit_flags_a_run_without_noise_and_passes_the_correct_one(tmp_path):
     # Same settings; the broken run trains without noise while its ledger claims σ = 2.5.
-    settings = {"audit.canaries": 1000, "privacy.batch-size": 64, "privacy.delta": 1e-5, "privacy.noise-multiplier": 2.5}
+    settings = {"audit.canaries": 1000, "privacy.local.batch-size": 64, "privacy.local.delta": 1e-5, "privacy.local.noise-multiplier": 2.5}
     broken = audit_run(_run(tmp_path / "broken", **settings, **{"audit.unsafe-disable-noise": True}))
     correct = audit_run(_run(tmp_path / "correct", **settings))
     b, c = broken.empirical["one-run"], correct.empirical["one-run"]
@@ -199,8 +199,8 @@ def test_empirical_audit_flags_a_run_without_noise_and_passes_the_correct_one(tm
 def test_central_canary_clients_give_a_one_shot_estimate_that_sees_missing_noise(tmp_path):
     settings = {
         "privacy.mode": "central", "audit.central-canaries": 500,
-        "privacy.central-noise-multiplier": 1.0, "privacy.central-delta": 1e-5,
-        "privacy.central-target-epsilon": 0.0,
+        "privacy.central.noise-multiplier": 1.0, "privacy.central.delta": 1e-5,
+        "privacy.central.target-epsilon": 0.0,
     }
     correct = audit_run(_run(tmp_path / "ok", **settings))
     broken = audit_run(_run(tmp_path / "broken", **settings, **{"audit.unsafe-disable-noise": True}))

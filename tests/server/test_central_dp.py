@@ -15,9 +15,9 @@ from tests.server.test_strategy import SETTINGS, FourNodeGrid, _reply
 NAME = "item_embedding.weight"
 
 
-def _privacy(**changes):
+def _privacy(accountant="pld", **central):
     base = AppConfig.from_run_config(load_default_run_config()).privacy
-    return dataclasses.replace(base, **changes)
+    return dataclasses.replace(base, accountant=accountant, central=dataclasses.replace(base.central, **central))
 
 
 def _current():
@@ -25,7 +25,7 @@ def _current():
 
 
 def test_updates_are_clipped_summed_and_divided_by_the_expected_count():
-    settings = _privacy(central_noise_multiplier=1e-12, central_clip=1.0, central_sample_rate=1.0, central_delta=1e-5, central_target_epsilon=0.0)
+    settings = _privacy(noise_multiplier=1e-12, clip=1.0, sample_rate=1.0, delta=1e-5, target_epsilon=0.0)
     dp = ClientLevelDP(SharedModelFedAvg(SETTINGS, k=10), settings, num_rounds=5, rng=np.random.default_rng(0))
     instructions = list(dp.configure_train(1, _current(), ConfigRecord(), FourNodeGrid()))
     assert len(instructions) == 4
@@ -39,7 +39,7 @@ def test_updates_are_clipped_summed_and_divided_by_the_expected_count():
 
 
 def test_noise_std_is_z_times_clip_over_expected_count():
-    settings = _privacy(central_noise_multiplier=2.0, central_clip=0.5, central_sample_rate=1.0, central_delta=1e-5)
+    settings = _privacy(noise_multiplier=2.0, clip=0.5, sample_rate=1.0, delta=1e-5)
     dp = ClientLevelDP(SharedModelFedAvg(SETTINGS, k=10), settings, num_rounds=5, rng=np.random.default_rng(1))
     big = ArrayRecord({NAME: Array(np.zeros((200, 50), dtype=np.float32))})
     dp.configure_train(1, big, ConfigRecord(), FourNodeGrid())
@@ -48,7 +48,7 @@ def test_noise_std_is_z_times_clip_over_expected_count():
 
 
 def test_silos_are_poisson_sampled_at_rate_q():
-    settings = _privacy(central_noise_multiplier=1.0, central_sample_rate=0.3, central_delta=1e-5, central_target_epsilon=0.0, accountant="rdp")
+    settings = _privacy(noise_multiplier=1.0, sample_rate=0.3, delta=1e-5, target_epsilon=0.0, accountant="rdp")
     dp = ClientLevelDP(SharedModelFedAvg(SETTINGS, k=10), settings, num_rounds=500, rng=np.random.default_rng(2))
     counts = []
     for rnd in range(1, 401):
@@ -59,7 +59,7 @@ def test_silos_are_poisson_sampled_at_rate_q():
 
 
 def test_budget_stops_before_the_round_that_would_exceed():
-    settings = _privacy(central_noise_multiplier=1.0, central_sample_rate=1.0, central_delta=1e-5, central_target_epsilon=5.0)
+    settings = _privacy(noise_multiplier=1.0, sample_rate=1.0, delta=1e-5, target_epsilon=5.0)
     dp = ClientLevelDP(SharedModelFedAvg(SETTINGS, k=10), settings, num_rounds=100, rng=np.random.default_rng(3))
     released = 0
     for rnd in range(1, 100):

@@ -36,9 +36,9 @@ def local_dp_config(small_run_config):
     small_run_config.update(
         {
             "privacy.mode": "local",
-            "privacy.noise-multiplier": 1.2,
-            "privacy.target-epsilon": 0.0,  # no budget
-            "privacy.batch-size": 20,
+            "privacy.local.noise-multiplier": 1.2,
+            "privacy.local.target-epsilon": 0.0,  # no budget
+            "privacy.local.batch-size": 20,
             "num-server-rounds": 3,
         }
     )
@@ -90,7 +90,7 @@ def test_silo_declines_the_round_that_would_exceed_its_budget(local_dp_config):
     probe = _rounds({"run-dir": local_dp_config["run-dir"] + "-probe"})[0]["privacy"][0]
     use = MechanismUse(1.2, probe["sample-rate"], probe["round-steps"])
     eps2, eps3 = (epsilon([use] * r, probe["delta"]) for r in (2, 3))
-    local_dp_config["privacy.target-epsilon"] = (eps2 + eps3) / 2
+    local_dp_config["privacy.local.target-epsilon"] = (eps2 + eps3) / 2
     # Act
     run_inprocess(local_dp_config, num_nodes=3)
     # Assert: every silo trains rounds 1-2, declines round 3, and the run stops there.
@@ -99,7 +99,7 @@ def test_silo_declines_the_round_that_would_exceed_its_budget(local_dp_config):
     for r in rounds:
         for e in r["privacy"]:
             assert e["trained"] == (r["round"] <= 2)
-            assert e["epsilon"] <= local_dp_config["privacy.target-epsilon"]
+            assert e["epsilon"] <= local_dp_config["privacy.local.target-epsilon"]
     declined = rounds[-1]["privacy"]
     assert all(e["epsilon-if-trained"] == pytest.approx(eps3, rel=1e-6) for e in declined)
     report = (Path(local_dp_config["run-dir"]) / "report.md").read_text()
@@ -125,16 +125,16 @@ def test_central_dp_run_accounts_client_level_epsilon_and_stops_at_its_budget(sm
     small_run_config.update(
         {
             "privacy.mode": "central",
-            "privacy.central-noise-multiplier": 0.8,
-            "privacy.central-sample-rate": 0.5,
-            "privacy.central-clip": 0.5,
-            "privacy.central-delta": 1e-3,
+            "privacy.central.noise-multiplier": 0.8,
+            "privacy.central.sample-rate": 0.5,
+            "privacy.central.clip": 0.5,
+            "privacy.central.delta": 1e-3,
             "num-server-rounds": 6,
         }
     )
     use = MechanismUse(0.8, 0.5, 1)
     eps = [epsilon([use] * r, 1e-3) for r in range(1, 7)]
-    small_run_config["privacy.central-target-epsilon"] = (eps[2] + eps[3]) / 2  # room for 3 rounds
+    small_run_config["privacy.central.target-epsilon"] = (eps[2] + eps[3]) / 2  # room for 3 rounds
     run_inprocess(small_run_config, num_nodes=4)
     rounds = _rounds(small_run_config)
     assert [r["round"] for r in rounds] == [1, 2, 3]
@@ -146,7 +146,7 @@ def test_central_dp_run_accounts_client_level_epsilon_and_stops_at_its_budget(sm
 
 
 def test_interaction_unit_noises_user_rows_and_counts_interactions(local_dp_config):
-    local_dp_config.update({"num-server-rounds": 1, "privacy.unit": "interaction", "privacy.batch-size": 200})
+    local_dp_config.update({"num-server-rounds": 1, "privacy.local.unit": "interaction", "privacy.local.batch-size": 200})
     grid = run_inprocess(local_dp_config, num_nodes=2)
     summary = _rounds(local_dp_config)[0]["privacy"]
     for ctx in grid.contexts.values():
@@ -161,9 +161,9 @@ def test_local_and_central_dp_together(local_dp_config):
     local_dp_config.update(
         {
             "privacy.mode": "local+central",
-            "privacy.central-noise-multiplier": 1.0,
-            "privacy.central-delta": 1e-3,
-            "privacy.central-target-epsilon": 0.0,
+            "privacy.central.noise-multiplier": 1.0,
+            "privacy.central.delta": 1e-3,
+            "privacy.central.target-epsilon": 0.0,
             "num-server-rounds": 2,
         }
     )

@@ -33,9 +33,9 @@ def _config(run_dir: Path, rounds: int = 4, **extra) -> dict:
             "model.dim": 16,
             "eval.full-ranking-k": 20,
             "privacy.mode": "local",
-            "privacy.noise-multiplier": 1.2,
-            "privacy.target-epsilon": 0.0,
-            "privacy.batch-size": 20,
+            "privacy.local.noise-multiplier": 1.2,
+            "privacy.local.target-epsilon": 0.0,
+            "privacy.local.batch-size": 20,
             **extra,
         }
     )
@@ -151,8 +151,8 @@ def test_resume_refuses_changed_settings_and_missing_runs(tmp_path):
     run = tmp_path / "run"
     cfg = _config(run, rounds=1)
     run_federation(LocalGrid(client_app, cfg, NODES), cfg)
-    changed = _config(run, rounds=2, resume=True, **{"privacy.noise-multiplier": 0.5})
-    with pytest.raises(ConfigError, match="privacy.noise-multiplier: 1.2 -> 0.5"):
+    changed = _config(run, rounds=2, resume=True, **{"privacy.local.noise-multiplier": 0.5})
+    with pytest.raises(ConfigError, match="privacy.local.noise-multiplier: 1.2 -> 0.5"):
         run_federation(LocalGrid(client_app, changed, NODES), changed)
     missing = _config(tmp_path / "nothing", resume=True)
     with pytest.raises(ConfigError, match="holds no fedrec run"):
