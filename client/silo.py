@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from common.config import AppConfig
-from common.data.pipeline import SiloData
+from common.data.silo import SiloData
 from common.evaluation import EvalProtocol, SumValue, evaluation_sums
 from common.models import Recommender, build_model, load_partial_state
 from common.seeding import derive_seed, numpy_rng

@@ -10,7 +10,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 
 from common import records
-from common.data.pipeline import SiloData
+from common.data.silo import SiloData
 from common.data.split import UserSplit
 from common.models import Recommender, load_partial_state, private_state
 

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from common.config import AppConfig
-from common.data.pipeline import SiloData, load_interactions, split_interactions
+from common.data.pipeline import load_interactions, split_interactions
+from common.data.silo import SiloData
 from common.evaluation import EvalProtocol, evaluation_sums, summarize
 from common.models import build_model
 from common.seeding import derive_seed, numpy_rng

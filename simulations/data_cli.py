@@ -15,7 +15,8 @@ from common.config import (
     load_default_run_config,
     merge_overrides,
 )
-from common.data.prepare import DATA_FILES, MANIFEST, PrepareSummary, prepare_silos
+from common.data.prepare import PrepareSummary, prepare_silos
+from common.data.prepared import DATA_FILES, MANIFEST
 from common.errors import ConfigError, DataError, FedrecError
 
 data_app = typer.Typer(

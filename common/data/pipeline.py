@@ -2,32 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from numpy.typing import NDArray
-
 from common.config import DataSettings
+from common.data import prepared
 from common.data.loaders import load_dataset
 from common.data.partition import partition_users
 from common.data.schema import Interactions
-from common.data.split import UserSplit, leave_one_out
+from common.data.silo import SiloData, pooled_split
 from common.data.synthetic import SyntheticSpec, generate_synthetic
 from common.seeding import derive_seed
-
-
-@dataclass(frozen=True, slots=True)
-class SiloData:
-    """Everything one silo trains and evaluates on.
-
-    ``item_popularity`` (training interactions per item divided by the number of
-    users, over all silos) is a public catalogue statistic used only for the
-    popularity-bias metric.
-    """
-
-    split: UserSplit
-    item_popularity: NDArray[np.float64]
 
 
 def load_interactions(data: DataSettings, seed: int, path: str = "") -> Interactions:
@@ -57,21 +41,6 @@ def split_interactions(data: DataSettings, seed: int, interactions: Interactions
     return pooled_split(interactions, eval_negatives=data.eval_negatives, seed=seed)
 
 
-def pooled_split(
-    interactions: Interactions, *, eval_negatives: int, seed: int
-) -> SiloData:
-    """Split all users leave-one-out (run seed ``seed``); add item popularity.
-
-    The one place the global split is made: simulation and ``fedrec data prepare``
-    both call it, so the same seed gives the same held-out items and negatives.
-    """
-    split = leave_one_out(
-        interactions, num_negatives=eval_negatives, seed=derive_seed(seed, "split")
-    )
-    counts = np.bincount(split.train_item, minlength=split.num_items)
-    return SiloData(split, counts / split.num_users)
-
-
 def silo_data(
     data: DataSettings, seed: int, partition_id: int, num_partitions: int, path: str = ""
 ) -> SiloData:
@@ -91,18 +60,15 @@ def silo_data(
     """
     where = path or data.path
     if where and Path(where).is_dir():
-        # Imported here, not at the top: common.data.prepare imports this module.
-        from common.data import prepare
-
-        if prepare.is_prepared_silo(Path(where)):
-            return prepare.load_prepared_silo(
+        if prepared.is_prepared_silo(Path(where)):
+            return prepared.load_prepared_silo(
                 Path(where),
                 partition_id=partition_id,
                 num_partitions=num_partitions,
                 seed=seed,
                 eval_negatives=data.eval_negatives,
             )
-        prepare.reject_prepared_root(Path(where), partition_id)
+        prepared.reject_prepared_root(Path(where), partition_id)
     interactions = load_interactions(data, seed, path)
     pooled = split_interactions(data, seed, interactions)
     parts = partition_users(

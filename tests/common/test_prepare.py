@@ -1,9 +1,7 @@
-"""Tests of per-silo data directories: `fedrec data prepare` and its loader."""
+"""Tests of `fedrec data prepare`: the per-silo directories it writes."""
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
 import re
@@ -12,128 +10,27 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from common.config import AppConfig, DataSettings, load_default_run_config
-from common.data.pipeline import SiloData, silo_data
-from common.data.prepare import (
-    DATA_FILES,
-    MANIFEST,
-    load_prepared_silo,
-    prepare_silos,
-)
+from common.config import load_default_run_config
+from common.data.pipeline import silo_data
+from common.data.prepare import prepare_silos
+from common.data.prepared import DATA_FILES, MANIFEST, load_prepared_silo
 from common.data.split import NO_ITEM
-from common.data.synthetic import SyntheticSpec, generate_synthetic
-from common.errors import ConfigError, DataError, DataWarning
+from common.errors import ConfigError, DataError
 from simulations.cli import app
+from tests.common.prepared_inputs import (
+    NEGATIVES,
+    SEED,
+    assert_same_data,
+    csv_settings,
+    prepare_csv,
+)
 
 REPO = Path(__file__).resolve().parents[2]
-SEED = 7
-NEGATIVES = 20
-PLATFORMS = ("gamma", "alpha", "beta")  # sorted: alpha=0, beta=1, gamma=2
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def log_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A synthetic log as CSV, with a platform per user and two short users."""
-    data = generate_synthetic(
-        SyntheticSpec(num_users=150, num_items=200, mean_interactions=12, seed=5)
-    )
-    frame = pd.DataFrame(
-        {
-            "user_id": data.user_ids[data.user_idx],
-            "item_id": data.item_ids[data.item_idx],
-            "timestamp": data.timestamp,
-            "platform": [PLATFORMS[u % 3] for u in data.user_idx],
-        }
-    )
-    short = pd.DataFrame(  # users with < 3 interactions have no held-out items
-        {
-            "user_id": ["short-1", "short-2", "short-2"],
-            "item_id": list(frame["item_id"][:3]),
-            "timestamp": [1, 2, 3],
-            "platform": ["beta", "gamma", "gamma"],
-        }
-    )
-    path = tmp_path_factory.mktemp("log") / "log.csv"
-    pd.concat([frame, short]).to_csv(path, index=False)
-    return path
-
-
-def _settings(path: Path, **overrides: str | int | float) -> DataSettings:
-    run_config = load_default_run_config()
-    run_config.update({"data.dataset": "csv", "data.path": str(path)})
-    run_config.update({"data.eval-negatives": NEGATIVES})
-    run_config.update({f"data.{k}": v for k, v in overrides.items()})
-    return AppConfig.from_run_config(run_config).data
-
-
-def _assert_same(a: SiloData, b: SiloData) -> None:
-    for name in (
-        "train_user",
-        "train_item",
-        "val_item",
-        "test_item",
-        "val_negatives",
-        "test_negatives",
-        "user_global_idx",
-    ):
-        x, y = getattr(a.split, name), getattr(b.split, name)
-        assert x.dtype == y.dtype == np.int64, name
-        np.testing.assert_array_equal(x, y, err_msg=name)
-    assert a.split.num_items == b.split.num_items
-    np.testing.assert_array_equal(a.item_popularity, b.item_popularity)
-
-
-def _prepare(log: Path, out: Path, **kw: object) -> None:
-    args: dict[str, object] = {"seed": SEED, "eval_negatives": NEGATIVES, **kw}
-    if "silo_column" not in args:
-        args.setdefault("num_silos", 4)
-    prepare_silos("csv", log, out, **args)  # type: ignore[arg-type]
-
-
-@pytest.fixture(scope="module")
-def prepared(log_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("prepared")
-    _prepare(log_csv, out)
-    return out
-
-
-@pytest.fixture
-def silo_copy(prepared: Path, tmp_path: Path) -> Path:
-    """A private copy of silo 0 that a test may damage."""
-    copy = tmp_path / "silo-0"
-    copy.mkdir()
-    for f in (prepared / "silo-0").iterdir():
-        (copy / f.name).write_bytes(f.read_bytes())
-    return copy
-
-
-def _replace(silo_dir: Path, name: str, data: bytes) -> None:
-    """Rewrite a data file and its manifest entry, so only the content check fails."""
-    (silo_dir / name).write_bytes(data)
-    manifest = json.loads((silo_dir / MANIFEST).read_text())
-    manifest["files"][name] = {
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "bytes": len(data),
-    }
-    (silo_dir / MANIFEST).write_text(json.dumps(manifest))
-
-
-def _edit_manifest(silo_dir: Path, **changes: object) -> None:
-    manifest = json.loads((silo_dir / MANIFEST).read_text())
-    manifest.update(changes)
-    (silo_dir / MANIFEST).write_text(json.dumps(manifest))
-
-
-def _parquet(table: pa.Table) -> bytes:
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
-    return sink.getvalue()
 
 
 # By N silos: equal to simulation
@@ -143,11 +40,11 @@ def _parquet(table: pa.Table) -> bytes:
 def test_prepared_silos_equal_simulation(log_csv: Path, tmp_path: Path, skew: str):
     # Arrange
     out = tmp_path / "out"
-    _prepare(log_csv, out, num_silos=4, skew=skew, dirichlet_alpha=0.3)
-    data = _settings(log_csv, skew=skew, **{"dirichlet-alpha": 0.3})
+    prepare_csv(log_csv, out, num_silos=4, skew=skew, dirichlet_alpha=0.3)
+    data = csv_settings(log_csv, skew=skew, **{"dirichlet-alpha": 0.3})
     # Act / Assert
     for k in range(4):
-        _assert_same(load_prepared_silo(out / f"silo-{k}"), silo_data(data, SEED, k, 4))
+        assert_same_data(load_prepared_silo(out / f"silo-{k}"), silo_data(data, SEED, k, 4))
 
 
 def test_prepared_silos_cover_every_interaction_once(log_csv: Path, prepared: Path):
@@ -196,17 +93,6 @@ def test_plain_pandas_and_numpy_read_a_silo(prepared: Path):
     assert val_negatives.shape == (len(users), NEGATIVES)
     assert str(train["item_idx"].dtype) == "int64"
 
-
-def test_silo_data_loads_a_prepared_directory(log_csv: Path, prepared: Path):
-    # Arrange: the run config names another data set; the prepared files win
-    other = AppConfig.from_run_config(load_default_run_config()).data
-    # Act
-    with pytest.warns(DataWarning, match="prepared with eval-negatives 20"):
-        data = silo_data(other, SEED, 3, 4, path=str(prepared / "silo-3"))
-    # Assert
-    _assert_same(data, silo_data(_settings(log_csv), SEED, 3, 4))
-
-
 # By a silo column
 
 
@@ -245,7 +131,7 @@ def test_users_land_where_the_column_says(log_csv: Path, tmp_path: Path):
 
 def test_column_split_is_the_global_split(log_csv: Path, tmp_path: Path):
     # Arrange: whatever the assignment, held-out items come from the one global split
-    pooled = silo_data(_settings(log_csv), SEED, 0, 1)
+    pooled = silo_data(csv_settings(log_csv), SEED, 0, 1)
     # Act
     prepare_silos(
         "csv",
@@ -320,7 +206,7 @@ def test_user_in_two_silos_is_an_error(tmp_path: Path):
 
 def test_missing_silo_column_is_named(log_csv: Path, tmp_path: Path):
     with pytest.raises(DataError, match=r"missing column.*'site'"):
-        _prepare(log_csv, tmp_path / "out", silo_column="site")
+        prepare_csv(log_csv, tmp_path / "out", silo_column="site")
 
 
 # Arguments and the output directory
@@ -336,7 +222,7 @@ def test_missing_silo_column_is_named(log_csv: Path, tmp_path: Path):
 )
 def test_bad_arguments_are_named(log_csv: Path, tmp_path: Path, kw, match):
     with pytest.raises(ConfigError, match=match):
-        _prepare(log_csv, tmp_path / "out", **kw)
+        prepare_csv(log_csv, tmp_path / "out", **kw)
 
 
 def test_silo_column_needs_a_csv_or_parquet_file(tmp_path: Path):
@@ -353,7 +239,7 @@ def test_silo_column_needs_a_csv_or_parquet_file(tmp_path: Path):
 
 def test_too_many_silos_is_an_error(log_csv: Path, tmp_path: Path):
     with pytest.raises(DataError, match="non-empty silos"):
-        _prepare(log_csv, tmp_path / "out", num_silos=10_000)
+        prepare_csv(log_csv, tmp_path / "out", num_silos=10_000)
 
 
 def test_non_empty_output_directory_is_refused(log_csv: Path, tmp_path: Path):
@@ -361,16 +247,16 @@ def test_non_empty_output_directory_is_refused(log_csv: Path, tmp_path: Path):
     (tmp_path / "notes.txt").write_text("mine")
     # Act / Assert
     with pytest.raises(ConfigError, match=r"is not empty.*--force"):
-        _prepare(log_csv, tmp_path)
+        prepare_csv(log_csv, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_force_replaces_an_earlier_prepare(log_csv: Path, tmp_path: Path):
     # Arrange
-    _prepare(log_csv, tmp_path, num_silos=5)
+    prepare_csv(log_csv, tmp_path, num_silos=5)
     (tmp_path / "notes.txt").write_text("mine")
     # Act
-    _prepare(log_csv, tmp_path, num_silos=2, force=True)
+    prepare_csv(log_csv, tmp_path, num_silos=2, force=True)
     # Assert
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "notes.txt",
@@ -381,162 +267,12 @@ def test_force_replaces_an_earlier_prepare(log_csv: Path, tmp_path: Path):
 
 def test_force_keeps_files_it_did_not_write(log_csv: Path, tmp_path: Path):
     # Arrange
-    _prepare(log_csv, tmp_path, num_silos=2)
+    prepare_csv(log_csv, tmp_path, num_silos=2)
     (tmp_path / "silo-1" / "keys.pem").write_text("secret")
     # Act / Assert
     with pytest.raises(ConfigError, match=r"refusing to delete .*silo-1.*keys\.pem"):
-        _prepare(log_csv, tmp_path, num_silos=2, force=True)
+        prepare_csv(log_csv, tmp_path, num_silos=2, force=True)
     assert (tmp_path / "silo-1" / "keys.pem").exists()
-
-
-# Loading: every problem is a DataError naming the file
-
-
-@pytest.mark.parametrize("name", [*DATA_FILES, MANIFEST])
-def test_missing_file_is_named(silo_copy: Path, name: str):
-    # Arrange
-    (silo_copy / name).unlink()
-    # Act / Assert
-    with pytest.raises(DataError, match=re.escape(f"{silo_copy / name}: missing")):
-        load_prepared_silo(silo_copy)
-
-
-@pytest.mark.parametrize("name", DATA_FILES)
-def test_corrupted_file_is_named(silo_copy: Path, name: str):
-    # Arrange: flip one byte in the middle
-    data = bytearray((silo_copy / name).read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    (silo_copy / name).write_bytes(bytes(data))
-    # Act / Assert
-    with pytest.raises(DataError, match=re.escape(f"{silo_copy / name}: contents")):
-        load_prepared_silo(silo_copy)
-
-
-@pytest.mark.parametrize(
-    ("changes", "match"),
-    [
-        ({"format-version": 2}, "format-version 2 is not supported"),
-        ({"format-version": True}, "format-version True is not supported"),
-        ({"format": "other"}, "format is 'other'"),
-        ({"silo-id": 4}, r"silo-id must be an integer in \[0, 3\]"),
-        ({"eval-negatives": "20"}, "eval-negatives must be an integer"),
-        ({"files": {}}, "files lists"),
-    ],
-)
-def test_bad_manifest_is_named(silo_copy: Path, changes: dict, match: str):
-    # Arrange
-    _edit_manifest(silo_copy, **changes)
-    # Act / Assert
-    with pytest.raises(
-        DataError, match=re.escape(str(silo_copy / MANIFEST)) + ".*" + match
-    ):
-        load_prepared_silo(silo_copy)
-
-
-def test_manifest_that_is_not_json_is_named(silo_copy: Path):
-    (silo_copy / MANIFEST).write_text("{not json")
-    with pytest.raises(
-        DataError, match=re.escape(f"{silo_copy / MANIFEST}: not valid JSON")
-    ):
-        load_prepared_silo(silo_copy)
-
-
-def test_counts_not_matching_the_manifest_are_named(silo_copy: Path):
-    # Arrange
-    manifest = json.loads((silo_copy / MANIFEST).read_text())
-    manifest["counts"]["users"] += 1
-    (silo_copy / MANIFEST).write_text(json.dumps(manifest))
-    # Act / Assert
-    with pytest.raises(
-        DataError, match=re.escape(f"{silo_copy / 'users.parquet'}: has")
-    ):
-        load_prepared_silo(silo_copy)
-
-
-def test_item_out_of_catalogue_range_is_named(silo_copy: Path):
-    # Arrange
-    table = pq.read_table(silo_copy / "train.parquet")
-    items = table.column("item_idx").to_numpy().copy()
-    items[3] = 10_000
-    _replace(
-        silo_copy,
-        "train.parquet",
-        _parquet(table.set_column(1, "item_idx", pa.array(items))),
-    )
-    # Act / Assert
-    message = f"{silo_copy / 'train.parquet'}: item_idx value 10000 is out of range"
-    with pytest.raises(DataError, match=re.escape(message) + ".*catalogue has"):
-        load_prepared_silo(silo_copy)
-
-
-def test_wrong_dtype_is_named(silo_copy: Path):
-    # Arrange
-    table = pq.read_table(silo_copy / "users.parquet")
-    column = table.schema.get_field_index("val_item")
-    table = table.set_column(column, "val_item", pc.cast(table["val_item"], pa.int32()))
-    _replace(silo_copy, "users.parquet", _parquet(table))
-    # Act / Assert
-    message = (
-        f"{silo_copy / 'users.parquet'}: column 'val_item' has type int32, "
-        "expected int64"
-    )
-    with pytest.raises(DataError, match=re.escape(message)):
-        load_prepared_silo(silo_copy)
-
-
-def test_wrong_negatives_shape_is_named(silo_copy: Path):
-    # Arrange
-    with np.load(silo_copy / "negatives.npz") as npz:
-        val, test = npz["val"], npz["test"]
-    buf = io.BytesIO()
-    np.savez(buf, val=val[:, :-1], test=test)
-    _replace(silo_copy, "negatives.npz", buf.getvalue())
-    # Act / Assert
-    with pytest.raises(
-        DataError, match=re.escape(f"{silo_copy / 'negatives.npz'}: array 'val'")
-    ):
-        load_prepared_silo(silo_copy)
-
-
-def test_pickled_negatives_are_refused(silo_copy: Path):
-    buf = io.BytesIO()
-    np.savez(buf, val=np.array([object()]), test=np.array([1]))
-    _replace(silo_copy, "negatives.npz", buf.getvalue())
-    with pytest.raises(
-        DataError, match=re.escape(f"{silo_copy / 'negatives.npz'}: cannot read")
-    ):
-        load_prepared_silo(silo_copy)
-
-
-# The client hook: partition ids must match
-
-
-@pytest.mark.parametrize(("partition_id", "num_partitions"), [(1, 4), (0, 5)])
-def test_partition_mismatch_is_an_error(
-    log_csv: Path, prepared: Path, partition_id: int, num_partitions: int
-):
-    message = (
-        f"holds silo 0 of 4, but the node config says partition-id={partition_id}, "
-        f"num-partitions={num_partitions}"
-    )
-    with pytest.raises(DataError, match=re.escape(message)):
-        silo_data(
-            _settings(log_csv),
-            SEED,
-            partition_id,
-            num_partitions,
-            str(prepared / "silo-0"),
-        )
-
-
-def test_prepare_output_root_is_not_a_silo(log_csv: Path, prepared: Path):
-    with pytest.raises(DataError, match=re.escape(f"e.g. {prepared / 'silo-2'}")):
-        silo_data(_settings(log_csv), SEED, 2, 4, str(prepared))
-
-
-def test_other_seed_than_prepared_warns(log_csv: Path, prepared: Path):
-    with pytest.warns(DataWarning, match="prepared with seed 7 but the run has 8"):
-        silo_data(_settings(log_csv), SEED + 1, 0, 4, str(prepared / "silo-0"))
 
 
 # CLI
