@@ -4,7 +4,7 @@
 
 Runs the same by-user synthetic federation (every user is a client) twice:
 through ``fedrec simulate`` on Flower's Ray runtime, and in-process over
-:class:`simulations.inprocess.LocalGrid` (the real ClientApp and ServerApp logic with
+:class:`simulations.inprocess.InProcessGrid` (the real ClientApp and ServerApp logic with
 protobuf serialisation of every message, but no Ray). The difference per client and
 round is the runtime's overhead; the in-process time is what fedrec itself costs.
 Peak memory is the machine-wide rise of used memory (MemTotal - MemAvailable)
@@ -113,7 +113,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name, xs, total, mem in (
         ("Flower simulation (Ray), `fedrec simulate`", ray_rounds, ray_total, ray_mem),
-        ("in-process LocalGrid (fedrec's own cost)", local_rounds, local_total, local_mem),
+        ("in-process InProcessGrid (fedrec's own cost)", local_rounds, local_total, local_mem),
     ):
         print(f"| {name} | {xs[0]:.1f} | {steady(xs):.1f} | {1000 * steady(xs) / n:.1f} | "
               f"{total:.1f} | {mem.peak_rise / 2**30:.2f} GiB |")

@@ -57,10 +57,7 @@ class MeteredGrid:
     ) -> Iterable[Message]:
         """Send, wait for replies, and count both directions."""
         messages = list(messages)
-        if getattr(self._grid, "in_process", False):
-            replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        else:
-            replies = self._push_and_pull(messages, timeout)
+        replies = self._push_and_pull(messages, timeout)
         t = self.traffic
         t.sent += sum(payload_bytes(m.content) for m in messages)
         t.received += sum(payload_bytes(r.content) for r in replies if not r.has_error())

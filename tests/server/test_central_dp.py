@@ -9,8 +9,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from common.config import AppConfig, load_default_run_config
 from server.central_dp import ClientLevelDP
 from server.strategy import SharedModelFedAvg
-
-from tests.server.test_strategy import SETTINGS, FourNodeGrid, _reply
+from tests.fakes import STRATEGY_SETTINGS, FourNodeGrid, train_reply
 
 NAME = "item_embedding.weight"
 
@@ -26,12 +25,12 @@ def _current():
 
 def test_updates_are_clipped_summed_and_divided_by_the_expected_count():
     settings = _privacy(noise_multiplier=1e-12, clip=1.0, sample_rate=1.0, delta=1e-5, target_epsilon=0.0)
-    dp = ClientLevelDP(SharedModelFedAvg(SETTINGS, k=10), settings, num_rounds=5, rng=np.random.default_rng(0))
+    dp = ClientLevelDP(SharedModelFedAvg(STRATEGY_SETTINGS, k=10), settings, num_rounds=5, rng=np.random.default_rng(0))
     instructions = list(dp.configure_train(1, _current(), ConfigRecord(), FourNodeGrid()))
     assert len(instructions) == 4
     small = np.full((3, 2), 0.1, dtype=np.float32)  # norm 0.245: kept as is
     big = np.full((3, 2), 10.0, dtype=np.float32)  # norm 24.5: scaled to norm 1
-    replies = [_reply(instructions[0], {NAME: small}, 1.0), _reply(instructions[1], {NAME: big}, 1000.0)]
+    replies = [train_reply(instructions[0], {NAME: small}, 1.0), train_reply(instructions[1], {NAME: big}, 1000.0)]
     arrays, _ = dp.aggregate_train(1, replies)
     expected = (small + big / np.linalg.norm(big)) / 4  # weights ignored; divide by q·N = 4
     np.testing.assert_allclose(arrays[NAME].numpy(), expected, rtol=1e-5)
@@ -40,7 +39,7 @@ def test_updates_are_clipped_summed_and_divided_by_the_expected_count():
 
 def test_noise_std_is_z_times_clip_over_expected_count():
     settings = _privacy(noise_multiplier=2.0, clip=0.5, sample_rate=1.0, delta=1e-5)
-    dp = ClientLevelDP(SharedModelFedAvg(SETTINGS, k=10), settings, num_rounds=5, rng=np.random.default_rng(1))
+    dp = ClientLevelDP(SharedModelFedAvg(STRATEGY_SETTINGS, k=10), settings, num_rounds=5, rng=np.random.default_rng(1))
     big = ArrayRecord({NAME: Array(np.zeros((200, 50), dtype=np.float32))})
     dp.configure_train(1, big, ConfigRecord(), FourNodeGrid())
     arrays, _ = dp.aggregate_train(1, [])  # no silo answered: a noise-only release
@@ -49,7 +48,7 @@ def test_noise_std_is_z_times_clip_over_expected_count():
 
 def test_silos_are_poisson_sampled_at_rate_q():
     settings = _privacy(noise_multiplier=1.0, sample_rate=0.3, delta=1e-5, target_epsilon=0.0, accountant="rdp")
-    dp = ClientLevelDP(SharedModelFedAvg(SETTINGS, k=10), settings, num_rounds=500, rng=np.random.default_rng(2))
+    dp = ClientLevelDP(SharedModelFedAvg(STRATEGY_SETTINGS, k=10), settings, num_rounds=500, rng=np.random.default_rng(2))
     counts = []
     for rnd in range(1, 401):
         counts.append(len(list(dp.configure_train(rnd, _current(), ConfigRecord(), FourNodeGrid()))))
@@ -60,7 +59,7 @@ def test_silos_are_poisson_sampled_at_rate_q():
 
 def test_budget_stops_before_the_round_that_would_exceed():
     settings = _privacy(noise_multiplier=1.0, sample_rate=1.0, delta=1e-5, target_epsilon=5.0)
-    dp = ClientLevelDP(SharedModelFedAvg(SETTINGS, k=10), settings, num_rounds=100, rng=np.random.default_rng(3))
+    dp = ClientLevelDP(SharedModelFedAvg(STRATEGY_SETTINGS, k=10), settings, num_rounds=100, rng=np.random.default_rng(3))
     released = 0
     for rnd in range(1, 100):
         if not list(dp.configure_train(rnd, _current(), ConfigRecord(), FourNodeGrid())):

@@ -4,7 +4,7 @@ import json
 
 from client.app import app as client_app
 from server.federation import run_federation
-from simulations.inprocess import LocalGrid
+from tests.fakes import LocalGrid
 
 
 def _rounds(cfg) -> list[dict]:

@@ -9,6 +9,7 @@ from common import records
 from server.checkpoint import load_arrays
 from common.models import is_private
 from simulations.inprocess import run_inprocess
+from tests.fakes import run_local
 
 
 def test_rounds_improve_hit_rate_and_write_run_dir(small_run_config):
@@ -36,7 +37,7 @@ def test_outgoing_messages_carry_only_shared_parameters_and_metrics(small_run_co
     small_run_config["num-server-rounds"] = 2
     replies: list[Message] = []
     # Act
-    grid = run_inprocess(small_run_config, num_nodes=2, on_reply=replies.append)
+    grid = run_local(small_run_config, num_nodes=2, on_reply=replies.append)
     # Assert
     shared_names = set(load_arrays(Path(small_run_config["run-dir"]) / "final.npz"))
     assert replies, "no replies were captured"

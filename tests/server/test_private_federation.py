@@ -13,6 +13,7 @@ from common import records
 from common.models import is_private
 from common.privacy.accounting import MechanismUse, epsilon
 from simulations.inprocess import run_inprocess
+from tests.fakes import LocalGrid, run_local
 
 
 def _rounds(cfg) -> list[dict]:
@@ -48,17 +49,15 @@ def local_dp_config(small_run_config):
 def test_epsilon_composes_every_step_of_every_round_across_state_reloads(local_dp_config, monkeypatch):
     # Arrange: every node's state goes through protobuf after each reply.
     holder: dict = {}
-    import simulations.inprocess as inprocess
-
-    original = inprocess.LocalGrid.__init__
+    original = LocalGrid.__init__
 
     def init(self, *args, **kwargs):
         original(self, *args, **kwargs)
         holder["grid"] = self
 
-    monkeypatch.setattr(inprocess.LocalGrid, "__init__", init)
+    monkeypatch.setattr(LocalGrid, "__init__", init)
     # Act
-    grid = run_inprocess(local_dp_config, num_nodes=3, on_reply=_reload_state_after_every_reply(holder))
+    grid = run_local(local_dp_config, num_nodes=3, on_reply=_reload_state_after_every_reply(holder))
     # Assert
     rounds = _rounds(local_dp_config)
     assert len(rounds) == 3
@@ -109,7 +108,7 @@ def test_silo_declines_the_round_that_would_exceed_its_budget(local_dp_config):
 
 def test_dp_replies_carry_only_shared_parameters_and_a_privacy_summary(local_dp_config):
     replies: list[Message] = []
-    run_inprocess({**local_dp_config, "num-server-rounds": 1}, num_nodes=2, on_reply=replies.append)
+    run_local({**local_dp_config, "num-server-rounds": 1}, num_nodes=2, on_reply=replies.append)
     train_replies = [r for r in replies if r.content.array_records]
     assert train_replies
     for reply in train_replies:

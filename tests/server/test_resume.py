@@ -15,7 +15,7 @@ from common.privacy.audit import audit_run
 from common.storage import load_arrays
 from server.federation import run_federation
 from server.reporting import RunRecorder
-from simulations.inprocess import LocalGrid
+from tests.fakes import LocalGrid
 
 NODES = 3
 
@@ -114,9 +114,9 @@ def test_restarted_silo_keeps_its_user_embeddings_and_its_epsilon(tmp_path):
     cfg = _config(tmp_path / "run", rounds=3)
     grid = LocalGrid(client_app, cfg, NODES)
     seen: dict[int, np.ndarray] = {}
-    original = grid.send_and_receive
+    original = grid.push_messages
 
-    def send_and_receive(messages, *, timeout=None):
+    def push_messages(messages):
         messages = list(messages)
         if messages and messages[0].metadata.message_type.startswith("train"):
             rnd = int(messages[0].content.config_records[records.CONFIG][records.SERVER_ROUND])
@@ -126,13 +126,13 @@ def test_restarted_silo_keeps_its_user_embeddings_and_its_epsilon(tmp_path):
                 (store,) = (tmp_path / "run" / "silos" / "silo-1").iterdir()
                 seen["disk"] = load_arrays(store / "user-params.npz")["user_embedding.weight"].numpy()
                 grid.contexts[2].state = RecordDict()
-        replies = original(messages, timeout=timeout)
+        message_ids = original(messages)
         if "before" in seen and "after" not in seen:
             seen["restored_ledger"] = len(grid.contexts[2].state.config_records[records.STATE_LEDGER]["lines"])
             seen["after"] = True
-        return replies
+        return message_ids
 
-    grid.send_and_receive = send_and_receive
+    grid.push_messages = push_messages
     run_federation(grid, cfg)
     rounds = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     eps = [next(e["epsilon"] for e in r["privacy"] if e["partition-id"] == 1) for r in rounds]

@@ -2,36 +2,16 @@
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common import records
-from common.config import StrategySettings
 from server.strategy import SharedModelFedAvg
-
-SETTINGS = StrategySettings(fraction_train=1.0, fraction_evaluate=1.0, min_nodes=1, timeout=10.0)
-
-
-class FourNodeGrid:
-    def get_node_ids(self):
-        return [1, 2, 3, 4]
-
-
-def _reply(instruction: Message, arrays: dict[str, np.ndarray], weight: float) -> Message:
-    content = RecordDict(
-        {
-            records.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-            records.METRICS: MetricRecord(
-                {records.NUM_EXAMPLES: weight, records.TRAIN_LOSS: 1.0, records.TRAIN_SECONDS: 0.1}
-            ),
-        }
-    )
-    instruction.metadata.__dict__["_message_id"] = f"m{instruction.metadata.dst_node_id}"
-    return Message(content, reply_to=instruction)
+from tests.fakes import STRATEGY_SETTINGS, FourNodeGrid, train_reply
 
 
 def test_fedavg_is_example_weighted_and_malformed_updates_are_rejected():
     # Arrange
-    strategy = SharedModelFedAvg(SETTINGS, k=10)
+    strategy = SharedModelFedAvg(STRATEGY_SETTINGS, k=10)
     current = ArrayRecord({"item_embedding.weight": Array(np.zeros((3, 2), dtype=np.float32))})
     instructions = list(strategy.configure_train(1, current, ConfigRecord(), FourNodeGrid()))
     good_a = {"item_embedding.weight": np.ones((3, 2), dtype=np.float32)}
@@ -39,10 +19,10 @@ def test_fedavg_is_example_weighted_and_malformed_updates_are_rejected():
     leaks_users = {**good_a, "user_embedding.weight": np.ones((5, 2), dtype=np.float32)}
     not_finite = {"item_embedding.weight": np.full((3, 2), np.nan, dtype=np.float32)}
     replies = [
-        _reply(instructions[0], good_a, 3.0),
-        _reply(instructions[1], good_b, 1.0),
-        _reply(instructions[2], leaks_users, 100.0),
-        _reply(instructions[3], not_finite, 100.0),
+        train_reply(instructions[0], good_a, 3.0),
+        train_reply(instructions[1], good_b, 1.0),
+        train_reply(instructions[2], leaks_users, 100.0),
+        train_reply(instructions[3], not_finite, 100.0),
     ]
     # Act
     arrays, metrics = strategy.aggregate_train(1, replies)
@@ -65,10 +45,10 @@ def test_fedavg_is_example_weighted_and_malformed_updates_are_rejected():
     ],
 )
 def test_each_malformed_update_is_rejected_with_its_reason(arrays, weight, reason):
-    strategy = SharedModelFedAvg(SETTINGS, k=10)
+    strategy = SharedModelFedAvg(STRATEGY_SETTINGS, k=10)
     current = ArrayRecord({"item_embedding.weight": Array(np.zeros((3, 2), dtype=np.float32))})
     instruction = next(iter(strategy.configure_train(1, current, ConfigRecord(), FourNodeGrid())))
-    result, _ = strategy.aggregate_train(1, [_reply(instruction, arrays, weight)])
+    result, _ = strategy.aggregate_train(1, [train_reply(instruction, arrays, weight)])
     assert result is None
     assert reason in strategy.rejected[0][2]
 
@@ -76,7 +56,7 @@ def test_each_malformed_update_is_rejected_with_its_reason(arrays, weight, reaso
 def test_evaluation_sums_are_added_then_divided():
     # Arrange: silo A 2/4 hits, silo B 3/6 hits, so pooled HR = 5/10 (a mean of
     # per-silo rates weighted wrongly would differ).
-    strategy = SharedModelFedAvg(SETTINGS, k=10)
+    strategy = SharedModelFedAvg(STRATEGY_SETTINGS, k=10)
 
     def sums(users: int, hits: int) -> RecordDict:
         metrics = {

@@ -1,0 +1,89 @@
+"""Test doubles: an in-process Grid with fault hooks, and helpers shared by test modules."""
+
+from collections.abc import Callable, Iterable, Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.app import app as client_app
+from common import records
+from common.config import StrategySettings
+from server.federation import run_federation
+from simulations.inprocess import InProcessGrid, Scalar
+
+STRATEGY_SETTINGS = StrategySettings(fraction_train=1.0, fraction_evaluate=1.0, min_nodes=1, timeout=10.0)
+
+
+class LocalGrid(InProcessGrid):
+    """An :class:`InProcessGrid` whose traffic tests can watch and whose nodes can fall silent.
+
+    Parameters
+    ----------
+    app, run_config, num_nodes
+        As for :class:`InProcessGrid`.
+    on_reply : callable, optional
+        Called with every reply (after serialisation), as soon as its node answers.
+    drop : callable, optional
+        ``drop(node_id, message) -> bool``: that node does not answer the message. The
+        message is then never delivered, so ``push_messages`` returns no ID for it and
+        a caller waiting for replies does not wait for this one.
+    """
+
+    def __init__(
+        self,
+        app: ClientApp,
+        run_config: Mapping[str, Scalar],
+        num_nodes: int,
+        on_reply: Callable[[Message], None] | None = None,
+        drop: Callable[[int, Message], bool] | None = None,
+    ) -> None:
+        super().__init__(app, run_config, num_nodes)
+        self.on_reply = on_reply
+        self.drop = drop
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        message_ids = []
+        for msg in messages:
+            if self.drop is not None and self.drop(msg.metadata.dst_node_id, msg):
+                continue
+            message_ids += super().push_messages([msg])
+        return message_ids
+
+    def _run_node(self, wire: Message) -> Message:
+        reply = super()._run_node(wire)
+        if self.on_reply is not None:
+            self.on_reply(reply)
+        return reply
+
+
+def run_local(
+    run_config: Mapping[str, Scalar],
+    num_nodes: int,
+    on_reply: Callable[[Message], None] | None = None,
+) -> LocalGrid:
+    """Run the fedrec server side over a :class:`LocalGrid`; return the grid."""
+    grid = LocalGrid(client_app, run_config, num_nodes, on_reply=on_reply)
+    run_federation(grid, run_config)
+    return grid
+
+
+class FourNodeGrid:
+    """Just enough of a Grid for a strategy's ``configure_*``: nodes 1 to 4."""
+
+    def get_node_ids(self) -> list[int]:
+        return [1, 2, 3, 4]
+
+
+def train_reply(instruction: Message, arrays: dict[str, np.ndarray], weight: float) -> Message:
+    """A training reply to ``instruction`` carrying ``arrays`` and ``weight`` examples."""
+    content = RecordDict(
+        {
+            records.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            records.METRICS: MetricRecord(
+                {records.NUM_EXAMPLES: weight, records.TRAIN_LOSS: 1.0, records.TRAIN_SECONDS: 0.1}
+            ),
+        }
+    )
+    instruction.metadata.__dict__["_message_id"] = f"m{instruction.metadata.dst_node_id}"
+    return Message(content, reply_to=instruction)
