@@ -31,7 +31,8 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from common import records
 from common.config import AppConfig, NodeConfig
 from common.errors import FedrecError
-from common.privacy.ledger import LedgerError, LedgerFile, silo_owner
+from common.privacy.events import silo_owner
+from common.privacy.ledger import LedgerError, LedgerFile
 from common.storage import atomic_write_json, load_arrays, save_arrays
 
 USER_PARAMS = "user-params.npz"
@@ -100,7 +101,7 @@ class SiloStore:
             state[records.STATE_PRIVACY] = ConfigRecord(self._json(ACCOUNTANT))  # type: ignore[arg-type]
             restored = True
         if records.STATE_LEDGER not in state.config_records and (self.path / LEDGER).exists():
-            state[records.STATE_LEDGER] = ConfigRecord({"lines": self.ledger().chain.lines})
+            state[records.STATE_LEDGER] = ConfigRecord({records.LEDGER_LINES: self.ledger().chain.lines})
             restored = True
         return restored
 
@@ -148,7 +149,7 @@ class SiloStore:
         if records.STATE_PRIVACY in state.config_records:
             atomic_write_json(self.path / ACCOUNTANT, dict(state.config_records[records.STATE_PRIVACY]))
         if records.STATE_LEDGER in state.config_records:
-            lines = [str(x) for x in state.config_records[records.STATE_LEDGER]["lines"]]  # type: ignore[union-attr]
+            lines = [str(x) for x in state.config_records[records.STATE_LEDGER][records.LEDGER_LINES]]  # type: ignore[union-attr]
             ledger = self.ledger()
             if lines[: len(ledger)] != ledger.chain.lines:
                 raise StateError(f"{ledger.path}: node state's ledger does not extend the one on disk")

@@ -13,9 +13,16 @@ SERVER_ROUND = "server-round"  # set by Flower's strategies in every instruction
 RUN_UID = "run-uid"  # train/evaluate config: identifies the run (silos key durable state by it)
 TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"
+TRAIN_SILOS = "silos"  # aggregated metrics: silos whose replies were combined
 
 # Keys of the node's persistent state (context.state); never sent.
 STATE_USER_PARAMS = "fedrec.user-params"
 STATE_SILO_DATA = "fedrec.silo-data"
 STATE_PRIVACY = "fedrec.privacy"
 STATE_LEDGER = "fedrec.ledger"
+
+# Fields of the LEDGER record.
+LEDGER_PARTITION = "partition-id"
+LEDGER_FIRST_SEQ = "first-seq"  # seq of the first line sent
+LEDGER_LINES = "lines"
+LEDGER_HEAD = "head"  # hash of the silo's last line

@@ -18,19 +18,23 @@ other module spells a run-directory file name.
     simulation.json flower.log flower/ resume-overrides.toml   (fedrec simulate)
     silos/silo-<k>/         silos' durable state in a simulation
     logs/ deployment/       (fedrec deploy local)
+    credentials/ superlink/ supernodes/node-<k>/ logs/<process>.log   (fedrec deploy local)
+    summary.json            (fedrec centralized)
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from common.errors import FedrecError
+from common.privacy.events import PrivacyRelease, ReleaseError
 
 _SILO_LEDGER = re.compile(r"silo-(\d+)\.jsonl")
 
@@ -43,6 +47,85 @@ def default_run_dir(label: str) -> Path:
     """``runs/<UTC time>-<label>`` under the working directory."""
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     return Path.cwd() / "runs" / f"{stamp}-{label}"
+
+
+@dataclass(frozen=True, slots=True)
+class CentralCounts:
+    """What the server counted in a central-DP round."""
+
+    sampled: int  # silos Poisson-sampled
+    aggregated: int  # valid updates aggregated
+    clipped: int  # updates whose norm exceeded the clip bound
+
+
+@dataclass(frozen=True, slots=True)
+class RoundRecord:
+    """What happened in one round: one line of ``metrics.jsonl``."""
+
+    server_round: int
+    seconds: float
+    train: Mapping[str, float]
+    evaluate: Mapping[str, float]
+    bytes_sent: int
+    bytes_received: int
+    missing_nodes: tuple[int, ...]
+    rejected: tuple[tuple[int, str], ...]  # (node id, reason)
+    privacy: tuple[PrivacyRelease, ...] = ()  # the silos' local-DP releases
+    central: PrivacyRelease | None = None  # the server's central-DP release
+    central_counts: CentralCounts | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict (NaN becomes null)."""
+        return {
+            "round": self.server_round,
+            "seconds": round(self.seconds, 4),
+            "train": _clean(self.train),
+            "evaluate": _clean(self.evaluate),
+            "bytes-sent": self.bytes_sent,
+            "bytes-received": self.bytes_received,
+            "missing-nodes": list(self.missing_nodes),
+            "rejected": [{"node": n, "reason": r} for n, r in self.rejected],
+            "privacy": [e.to_json() for e in self.privacy],
+            "central-privacy": None if self.central is None else self.central.to_json(),
+            "central-counts": None if self.central_counts is None else asdict(self.central_counts),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RoundRecord:
+        """Inverse of :meth:`to_json` (null metrics become NaN).
+
+        Raises
+        ------
+        KeyError, TypeError, ValueError
+            On a line that is not a round record (callers name the file and line).
+        """
+        central = data.get("central-privacy")
+        counts = data.get("central-counts")
+        return cls(
+            server_round=int(data["round"]),
+            seconds=float(data["seconds"]),
+            train=_floats(data["train"]),
+            evaluate=_floats(data["evaluate"]),
+            bytes_sent=int(data["bytes-sent"]),
+            bytes_received=int(data["bytes-received"]),
+            missing_nodes=tuple(int(n) for n in data["missing-nodes"]),
+            rejected=tuple((int(r["node"]), str(r["reason"])) for r in data["rejected"]),
+            privacy=tuple(PrivacyRelease.from_json(e) for e in data["privacy"]),
+            central=None if central is None else PrivacyRelease.from_json(central),
+            central_counts=None if counts is None else CentralCounts(**counts),
+        )
+
+
+def _clean(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        k: (None if isinstance(v, float) and math.isnan(v) else v)
+        for k, v in values.items()
+        if not isinstance(v, list)
+    }
+
+
+def _floats(values: Mapping[str, Any]) -> dict[str, float]:
+    return {k: math.nan if v is None else float(v) for k, v in values.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +271,49 @@ class RunDir:
         """Credentials and SuperLink files of a local deployment."""
         return self.path / "deployment"
 
+    @property
+    def credentials(self) -> Path:
+        """A local deployment's CA, SuperLink certificate and SuperNode keys."""
+        return self.path / "credentials"
+
+    @property
+    def superlink_dir(self) -> Path:
+        """A local deployment's SuperLink working directory (Flower home, database)."""
+        return self.path / "superlink"
+
+    def supernode_dir(self, index: int) -> Path:
+        """Working directory (Flower home) of a local deployment's SuperNode ``index``."""
+        return self.path / "supernodes" / f"node-{index}"
+
+    def probe_dir(self, name: str) -> Path:
+        """Working directory of an extra SuperNode started to probe the SuperLink."""
+        return self.path / "supernodes" / name
+
+    @property
+    def superlink_log(self) -> Path:
+        return self.logs / "superlink.log"
+
+    def supernode_log(self, index: int) -> Path:
+        """Log of SuperNode ``index``, appended to across restarts."""
+        return self.logs / f"supernode-{index}.log"
+
+    def superexec_log(self, index: int) -> Path:
+        """Log of the SuperExec started beside SuperNode ``index`` (process isolation)."""
+        return self.logs / f"superexec-{index}.log"
+
+    @property
+    def flwr_run_log(self) -> Path:
+        """Output of every ``flwr run`` of a local deployment, appended."""
+        return self.logs / "flwr-run.log"
+
+    def probe_log(self, name: str) -> Path:
+        return self.logs / f"{name}.log"
+
+    @property
+    def summary(self) -> Path:
+        """``fedrec centralized``: the best validation epoch's metrics."""
+        return self.path / "summary.json"
+
     # ------------------------------------------------------------ readers
     def holds_run(self) -> bool:
         """Whether a run already wrote rounds here (nothing may overwrite them)."""
@@ -207,8 +333,8 @@ class RunDir:
         except (KeyError, TypeError, ValueError) as exc:
             raise RunDirError(f"{self.config}: not a fedrec run config (missing {exc})") from None
 
-    def read_rounds(self) -> list[dict[str, Any]]:
-        """Every line of ``metrics.jsonl`` ([] when the run completed no round).
+    def read_rounds(self) -> list[RoundRecord]:
+        """Every round of ``metrics.jsonl`` ([] when the run completed no round).
 
         Raises
         ------
@@ -223,9 +349,11 @@ class RunDir:
         rounds = []
         for number, line in enumerate(text.splitlines(), 1):
             try:
-                rounds.append(json.loads(line))
+                rounds.append(RoundRecord.from_json(json.loads(line)))
             except json.JSONDecodeError:
                 raise RunDirError(f"{self.metrics}, line {number}: not valid JSON") from None
+            except (KeyError, TypeError, ValueError, ReleaseError) as exc:
+                raise RunDirError(f"{self.metrics}, line {number}: not a round record ({exc!r})") from None
         return rounds
 
     def read_state(self) -> RunState | None:
@@ -252,6 +380,37 @@ class RunDir:
         if not self.central_canaries.exists():
             return None
         return _read_json(self.central_canaries, "")
+
+
+@dataclass(frozen=True, slots=True)
+class FlowerDir:
+    """Working directory of one Flower process fedrec starts, inside a run directory.
+
+    :attr:`RunDir.flower_dir` (a simulation's SuperLink), :attr:`RunDir.superlink_dir`
+    and :meth:`RunDir.supernode_dir` (a local deployment) have this layout.
+    """
+
+    path: Path
+
+    @property
+    def flwr_home(self) -> Path:
+        """``FLWR_HOME``: the connection config, installed app bundles."""
+        return self.path / "flwr-home"
+
+    @property
+    def database(self) -> Path:
+        """A SuperLink's state (registered nodes, runs, messages); survives a restart."""
+        return self.path / "superlink.db"
+
+    @property
+    def run_config(self) -> Path:
+        """The run config passed to ``flwr run --run-config``."""
+        return self.path / "run-config.toml"
+
+    @property
+    def superlink_log(self) -> Path:
+        """Log of a simulation's SuperLink."""
+        return self.path / "superlink.log"
 
 
 def _read_text(path: Path) -> str:

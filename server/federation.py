@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from logging import INFO
 from pathlib import Path
@@ -14,21 +13,22 @@ from flwr.supercore import log
 
 from common import records
 from common.config import AppConfig, Scalar
+from common.data import prepared
 from common.data.pipeline import load_interactions
-from common.errors import DataError
 from common.models import build_model, shared_state
+from common.privacy.accounting import Accountant
+from common.privacy.events import DP_FEDAVG
+from common.privacy.ledger import releases
+from common.rundir import RunDir, default_run_dir
 from common.seeding import derive_seed
 from common.storage import atomic_write_json, load_arrays, save_arrays
+from server.central_canaries import CanaryClients
 from server.central_dp import ClientLevelDP
+from server.ledger import RunLedgers
 from server.loop import run_rounds
 from server.metered_grid import MeteredGrid
-from server.reporting import (
-    CENTRAL_CANARIES,
-    INITIAL_CHECKPOINT,
-    REPORT_FILE,
-    RunRecorder,
-    default_run_dir,
-)
+from server.protocol import FedrecStrategy
+from server.recorder import RunRecorder
 from server.strategy import SharedModelFedAvg
 
 
@@ -46,15 +46,26 @@ def catalogue_size(cfg: AppConfig) -> int:
     name a directory written by ``fedrec data prepare`` (or one silo's directory in
     it), so the server never loads interactions.
     """
-    path = Path(cfg.data.path) if cfg.data.path else None
-    if path is not None and path.is_dir():
-        for manifest in (path / "silo.json", *sorted(path.glob("silo-*/silo.json"))[:1]):
-            if manifest.is_file():
-                try:
-                    return int(json.loads(manifest.read_text())["counts"]["items"])
-                except (OSError, ValueError, KeyError, TypeError) as exc:
-                    raise DataError(f"{manifest}: cannot read the catalogue size ({exc})") from None
-    return load_interactions(cfg.data, cfg.seed).num_items
+    size = prepared.catalogue_size(Path(cfg.data.path)) if cfg.data.path else None
+    return size if size is not None else load_interactions(cfg.data, cfg.seed).num_items
+
+
+def build_strategy(cfg: AppConfig, ledgers: RunLedgers, resumed: bool) -> FedrecStrategy:
+    """FedAvg of the shared model, wrapped in client-level DP when central DP is on."""
+    strategy: FedrecStrategy = SharedModelFedAvg(cfg.strategy, cfg.eval.k, ledgers=ledgers)
+    if not cfg.privacy.is_central:
+        return strategy
+    accountant = None
+    if resumed:  # every recorded release counts, also one of an interrupted round
+        spent = [r for r in releases(ledgers.server.chain) if r.kind == DP_FEDAVG]
+        accountant = Accountant.from_releases(spent, steps_per_round=1) if spent else None
+    canaries = cfg.audit.central_canaries
+    return ClientLevelDP(
+        strategy, cfg.privacy, cfg.num_server_rounds,
+        canaries=CanaryClients(canaries, derive_seed(cfg.audit.seed, "central-canaries")) if canaries else None,
+        disable_noise=cfg.audit.unsafe_disable_noise,
+        accountant=accountant,
+    )
 
 
 def run_federation(grid: Grid, run_config: Mapping[str, Scalar]) -> Path:
@@ -66,34 +77,23 @@ def run_federation(grid: Grid, run_config: Mapping[str, Scalar]) -> Path:
     checkpoint, privacy history from the ledgers, silos' state from their disks.
     """
     cfg = AppConfig.from_run_config(run_config)
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.data.dataset)
-    recorder = RunRecorder(run_dir.resolve())
+    run_dir = RunDir((Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.data.dataset)).resolve())
+    recorder = RunRecorder(run_dir)
     if cfg.resume:
         point = recorder.resume(run_config)
         arrays, first_round = point.arrays, point.last_round + 1
-        initial = load_arrays(recorder.run_dir / INITIAL_CHECKPOINT)
-        log(INFO, "fedrec resumes %s after round %d", recorder.run_dir, point.last_round)
+        initial = load_arrays(run_dir.initial_model)
+        log(INFO, "fedrec resumes %s after round %d", run_dir.path, point.last_round)
     else:
         recorder.start(run_config)
         # Audit canary items (if any) extend the catalogue after the real items.
         num_items = catalogue_size(cfg) + cfg.audit.canaries
         initial = arrays = initial_shared_arrays(cfg, num_items)
-        save_arrays(recorder.run_dir / INITIAL_CHECKPOINT, initial)
+        save_arrays(run_dir.initial_model, initial)
         first_round = 1
-        log(INFO, "fedrec run directory: %s", recorder.run_dir)
-
-    strategy: SharedModelFedAvg | ClientLevelDP = SharedModelFedAvg(
-        cfg.strategy, cfg.eval.k, ledgers=recorder.ledgers
-    )
-    if cfg.privacy.is_central:
-        strategy = ClientLevelDP(
-            strategy, cfg.privacy, cfg.num_server_rounds,
-            canaries=cfg.audit.central_canaries,
-            canary_seed=derive_seed(cfg.audit.seed, "central-canaries"),
-            disable_noise=cfg.audit.unsafe_disable_noise,
-        )
-    if cfg.resume:
-        strategy.restore(recorder.rounds)
+        log(INFO, "fedrec run directory: %s", run_dir.path)
+    assert recorder.ledgers is not None  # set by start() and resume()
+    strategy = build_strategy(cfg, recorder.ledgers, cfg.resume)
     final = arrays
     if first_round <= cfg.num_server_rounds and not strategy.stop_reason:
         final = run_rounds(
@@ -105,10 +105,11 @@ def run_federation(grid: Grid, run_config: Mapping[str, Scalar]) -> Path:
             timeout=cfg.strategy.timeout,
             evaluate_every=cfg.eval.every,
             on_round_end=recorder.record_round,
+            on_release=recorder.record_release,
             config=ConfigRecord({records.RUN_UID: recorder.run_uid}),
         )
-    if isinstance(strategy, ClientLevelDP) and strategy.canaries:
-        atomic_write_json(recorder.run_dir / CENTRAL_CANARIES, strategy.canary_cosines(initial, final))
+    if isinstance(strategy, ClientLevelDP) and strategy.canaries is not None:
+        atomic_write_json(run_dir.central_canaries, strategy.canaries.cosines(initial, final))
     recorder.finish(final, cfg.eval.k, cfg.privacy.mode, strategy.stop_reason)
-    log(INFO, "fedrec run finished; report: %s", recorder.run_dir / REPORT_FILE)
-    return recorder.run_dir
+    log(INFO, "fedrec run finished; report: %s", run_dir.report)
+    return run_dir.path

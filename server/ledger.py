@@ -10,41 +10,31 @@ the silo chains, so truncating a silo ledger is detected too.
 
 from __future__ import annotations
 
-import re
 from logging import WARNING
-from pathlib import Path
 from typing import Any
 
 from flwr.supercore import log
 
-from common.privacy.ledger import LedgerError, LedgerFile, silo_owner
-
-LEDGER_DIR = "ledger"
-SERVER_LEDGER = "server.jsonl"
-_SILO_FILE = re.compile(r"silo-(\d+)\.jsonl")
+from common.privacy.events import SERVER_OWNER, PrivacyRelease, silo_owner
+from common.privacy.ledger import LedgerError, LedgerFile
+from common.rundir import RunDir
 
 
 class RunLedgers:
     """All ledgers of one run directory (re-opened and verified on resume)."""
 
-    def __init__(self, run_dir: Path) -> None:
-        self.dir = run_dir / LEDGER_DIR
-        self.server = LedgerFile(self.dir / SERVER_LEDGER, "server")
-        self.silos: dict[int, LedgerFile] = {}
-        if self.dir.exists():
-            for path in sorted(self.dir.iterdir()):
-                match = _SILO_FILE.fullmatch(path.name)
-                if match:
-                    pid = int(match.group(1))
-                    self.silos[pid] = LedgerFile(path, silo_owner(pid))
+    def __init__(self, run_dir: RunDir) -> None:
+        self.run_dir = run_dir
+        self.server = LedgerFile(run_dir.server_ledger, SERVER_OWNER)
+        self.silos: dict[int, LedgerFile] = {
+            pid: LedgerFile(path, silo_owner(pid)) for pid, path in run_dir.silo_ledgers()
+        }
         self.problems: list[str] = []
 
     def silo(self, partition_id: int) -> LedgerFile:
         """The ledger of silo ``partition_id`` (created empty on first use)."""
         if partition_id not in self.silos:
-            self.silos[partition_id] = LedgerFile(
-                self.dir / f"silo-{partition_id}.jsonl", silo_owner(partition_id)
-            )
+            self.silos[partition_id] = LedgerFile(self.run_dir.silo_ledger(partition_id), silo_owner(partition_id))
         return self.silos[partition_id]
 
     def counts(self) -> list[int]:
@@ -79,9 +69,9 @@ class RunLedgers:
             return False
         return True
 
-    def record_server(self, kind: str, server_round: int, **fields: Any) -> None:
-        """Append one of the server's own events."""
-        self.server.append(kind, server_round, **fields)
+    def record_server(self, release: PrivacyRelease) -> None:
+        """Append one of the server's own releases (central DP)."""
+        self.server.append_release(release)
 
     def commit_round(self, server_round: int) -> str:
         """Anchor every silo ledger's length and head in the server ledger; returns the head."""

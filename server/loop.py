@@ -13,15 +13,17 @@ from collections.abc import Callable
 from logging import INFO
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
-from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
+from common import records
+from common.privacy.events import PrivacyRelease
+from common.rundir import RoundRecord
 from server.metered_grid import MeteredGrid
-from server.reporting import RoundRecord
+from server.protocol import FedrecStrategy
 
 
 def run_rounds(
-    strategy: Strategy,
+    strategy: FedrecStrategy,
     grid: MeteredGrid,
     arrays: ArrayRecord,
     *,
@@ -30,24 +32,30 @@ def run_rounds(
     timeout: float,
     evaluate_every: int,
     on_round_end: Callable[[RoundRecord, ArrayRecord], None],
+    on_release: Callable[[PrivacyRelease], None],
     config: ConfigRecord | None = None,
 ) -> ArrayRecord:
     """Run rounds ``first_round..last_round``; return the final shared arrays.
 
-    ``on_round_end`` receives each round's record and the aggregated arrays
-    (checkpointing happens there, before the next round starts).
+    ``on_round_end`` receives each round's record (with the strategy's events of
+    that round) and the aggregated arrays (checkpointing happens there, before the
+    next round starts). ``on_release`` receives the server's own privacy release
+    (central DP) as soon as it is made, before the new model is sent anywhere.
     """
     base = config or ConfigRecord()
     for server_round in range(first_round, last_round + 1):
         start = time.perf_counter()
         instructions = list(strategy.configure_train(server_round, arrays, ConfigRecord(dict(base)), grid))  # type: ignore[arg-type]
-        if getattr(strategy, "stop_reason", None):
-            log(INFO, "fedrec stops before round %d: %s", server_round, strategy.stop_reason)  # type: ignore[attr-defined]
+        if strategy.stop_reason:
+            log(INFO, "fedrec stops before round %d: %s", server_round, strategy.stop_reason)
             break
         replies = grid.send_and_receive(instructions, timeout=timeout)
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = new_arrays
+        events = strategy.take_events()
+        if events.central is not None:
+            on_release(events.central)
         eval_metrics: MetricRecord | None = None
         if server_round % evaluate_every == 0 or server_round == last_round:
             eval_replies = grid.send_and_receive(
@@ -56,11 +64,6 @@ def run_rounds(
             )
             eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
         traffic = grid.reset()
-        rejected = tuple(
-            (node, reason)
-            for rnd, node, reason in getattr(strategy, "rejected", [])
-            if rnd == server_round
-        )
         record = RoundRecord(
             server_round=server_round,
             seconds=time.perf_counter() - start,
@@ -69,20 +72,17 @@ def run_rounds(
             bytes_sent=traffic.sent,
             bytes_received=traffic.received,
             missing_nodes=traffic.missing_nodes,
-            rejected=rejected,
-            privacy=tuple(
-                e for e in getattr(strategy, "privacy_log", []) if e["round"] == server_round
-            ),
-            central=next(
-                (e for e in getattr(strategy, "log", []) if e["round"] == server_round), None
-            ),
+            rejected=tuple(events.rejected),
+            privacy=tuple(events.privacy),
+            central=events.central,
+            central_counts=events.central_counts,
         )
         on_round_end(record, arrays)
         log(INFO, "fedrec %s", progress_line(record, last_round))
         for line in privacy_lines(record):
             log(INFO, "fedrec   %s", line)
-        if getattr(strategy, "stop_reason", None):
-            log(INFO, "fedrec stops after round %d: %s", server_round, strategy.stop_reason)  # type: ignore[attr-defined]
+        if strategy.stop_reason:
+            log(INFO, "fedrec stops after round %d: %s", server_round, strategy.stop_reason)
             break
     return arrays
 
@@ -90,16 +90,16 @@ def run_rounds(
 def progress_line(record: RoundRecord, last_round: int) -> str:
     """One human-readable line per round."""
     parts = [f"round {record.server_round}/{last_round}"]
-    loss = record.train.get("train-loss")
+    loss = record.train.get(records.TRAIN_LOSS)
     if loss is not None:
         parts.append(f"loss {loss:.4f}")
     for key, value in record.evaluate.items():
         if key.startswith(("val-hr@", "test-hr@", "test-ndcg@", "test-full-recall@")) and "gap" not in key:
             parts.append(f"{key} {value:.4f}")
     if record.privacy:  # per-silo ε: the round's headline is the max, never a mean
-        parts.append(f"ε max over silos {max(e['epsilon'] for e in record.privacy):.3f}")
+        parts.append(f"ε max over silos {max(e.epsilon for e in record.privacy):.3f}")
     if record.central is not None:
-        parts.append(f"central ε {record.central['epsilon']:.3f}")
+        parts.append(f"central ε {record.central.epsilon:.3f}")
     parts.append(f"{record.seconds:.1f}s")
     parts.append(f"up {record.bytes_received / 1e6:.2f} MB / down {record.bytes_sent / 1e6:.2f} MB")
     if record.missing_nodes:
@@ -110,18 +110,18 @@ def progress_line(record: RoundRecord, last_round: int) -> str:
 def privacy_lines(record: RoundRecord) -> list[str]:
     """ε of every silo (and of the server's central DP) after the round."""
     lines = []
-    for e in sorted(record.privacy, key=lambda e: e["partition-id"]):
-        status = "trained" if e["trained"] else f"DECLINED (next round would be ε={e['epsilon-if-trained']:.3f})"
+    for e in sorted(record.privacy, key=lambda e: e.partition_id or 0):
+        status = "trained" if e.trained else f"DECLINED (next round would be ε={e.epsilon_if_trained:.3f})"
         lines.append(
-            f"silo {e['partition-id']}: ε={e['epsilon']:.3f} (budget {e['target-epsilon']:g}) "
-            f"δ={e['delta']:.2e} unit={e['unit']} σ={e['noise-multiplier']:.3f} "
-            f"q={e['sample-rate']:.3f} steps={e['total-steps']} {status}"
+            f"silo {e.partition_id}: ε={e.epsilon:.3f} (budget {e.target_epsilon:g}) "
+            f"δ={e.delta:.2e} unit={e.unit} σ={e.noise_multiplier:.3f} "
+            f"q={e.sample_rate:.3f} steps={e.total_steps} {status}"
         )
-    if record.central is not None:
-        c = record.central
+    c, counts = record.central, record.central_counts
+    if c is not None:
+        aggregated = "" if counts is None else f" silos aggregated {counts.aggregated}/{c.population}"
         lines.append(
-            f"server (central DP, unit=silo): ε={c['epsilon']:.3f} δ={c['delta']:.2e} "
-            f"z={c['noise-multiplier']:.3f} q={c['sample-rate']:.3f} S={c['clip']:g} "
-            f"silos aggregated {c['aggregated']}/{c['population']}"
+            f"server (central DP, unit=silo): ε={c.epsilon:.3f} δ={c.delta:.2e} "
+            f"z={c.noise_multiplier:.3f} q={c.sample_rate:.3f} S={c.clip:g}{aggregated}"
         )
     return lines

@@ -4,36 +4,39 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from logging import INFO, WARNING
-from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore import log
 
 from common import records
 from common.config import StrategySettings
 from common.evaluation import add_sums, summarize
+from server import validation
 from server.ledger import RunLedgers
+from server.protocol import RoundEvents
 
 
 class SharedModelFedAvg(FedAvg):
-    """Federated averaging of the shared model, weighted by training positives.
+    """Federated averaging of the shared model, weighted by ``num-examples``.
 
-    Differences from Flower's :class:`FedAvg`, all by wrapping its methods:
+    Differences from Flower's :class:`FedAvg`:
 
     * a training reply is used only if its arrays have exactly the keys, shapes and
-      dtypes of the current shared model and are finite; anything else (a silo that
-      sends user embeddings, a corrupted or hostile update) is rejected and recorded
-      in :attr:`rejected`;
+      dtypes of the current shared model and are finite
+      (:func:`server.validation.update_problem`); anything else (a silo that sends
+      user embeddings, a corrupted or hostile update, an error reply) is rejected
+      and recorded in the round's events;
     * evaluation replies carry *sums*, which are added up and then turned into
       metrics (:func:`common.evaluation.summarize`) rather than averaged;
     * training metrics: loss is the example-weighted mean, time is the slowest silo;
-    * a silo under local DP attaches its privacy summary (ε so far, δ, σ, q, steps);
-      the summaries are kept per silo in :attr:`privacy_log` (never averaged), and a
-      silo that declined the round because of its budget is recorded in
-      :attr:`declined`, not treated as an error. When every reply of a round is a
+    * a silo under local DP attaches its privacy release and new ledger lines; the
+      lines are verified and written to the run's ledgers, the releases kept per
+      silo in the round's events (never averaged). A silo that declined the round
+      because of its budget is not an error; when every reply of a round is a
       decline, :attr:`stop_reason` says so.
     """
 
@@ -51,21 +54,19 @@ class SharedModelFedAvg(FedAvg):
             evaluate_metrics_aggr_fn=lambda contents, _: _aggregate_eval_sums(contents, k),
         )
         self.current: ArrayRecord | None = None
-        self.rejected: list[tuple[int, int, str]] = []  # (round, node id, reason)
-        self.privacy_log: list[dict[str, Any]] = []  # one entry per silo and round
-        self.declined: list[tuple[int, int]] = []  # (round, partition id)
-        self.stop_reason: str | None = None
         self.ledgers = ledgers
+        self._stop_reason: str | None = None
+        self._events = RoundEvents()
 
-    def restore(self, rounds: list[dict[str, Any]]) -> None:
-        """Rebuild the logs of a resumed run from its ``metrics.jsonl`` rounds."""
-        for r in rounds:
-            for entry in r.get("privacy", []):
-                self.privacy_log.append(dict(entry))
-                if not entry.get("trained", True):
-                    self.declined.append((int(r["round"]), int(entry["partition-id"])))
-            for rej in r.get("rejected", []):
-                self.rejected.append((int(r["round"]), int(rej["node"]), str(rej["reason"])))
+    @property
+    def stop_reason(self) -> str | None:
+        """Set when every silo of a round declined (privacy budgets spent)."""
+        return self._stop_reason
+
+    def take_events(self) -> RoundEvents:
+        """This round's rejections and privacy releases."""
+        events, self._events = self._events, RoundEvents()
+        return events
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -79,82 +80,73 @@ class SharedModelFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Drop malformed updates (recorded in :attr:`rejected`), then FedAvg."""
-        return super().aggregate_train(server_round, self.accepted_replies(server_round, replies))
+        """Drop invalid updates (recorded as rejected), then FedAvg."""
+        accepted = self.accept(server_round, replies)
+        return self.aggregate_updates([m.content for m in accepted]), self.aggregate_train_metrics(accepted)
 
-    def accepted_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
-        """The valid updates of a round; records rejections, privacy summaries, declines."""
-        accepted, seen = [], 0
+    def aggregate_updates(self, contents: list[RecordDict]) -> ArrayRecord | None:
+        """The ``num-examples``-weighted mean of the accepted shared arrays."""
+        if not contents:
+            return None
+        return aggregate_arrayrecords(contents, records.NUM_EXAMPLES)
+
+    def aggregate_train_metrics(self, accepted: list[Message]) -> MetricRecord | None:
+        """Example-weighted loss, slowest silo's time, number of silos."""
+        if not accepted:
+            return None
+        return _aggregate_train_metrics([m.content for m in accepted], records.NUM_EXAMPLES)
+
+    def accept(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """The valid updates of a round; records rejections, privacy releases, declines."""
+        accepted, seen, declined = [], 0, 0
         for msg in replies:
             seen += 1
             node = msg.metadata.src_node_id
-            if not msg.has_error():
-                self._receive_ledger(msg.content)
-            if not msg.has_error() and records.PRIVACY in msg.content.config_records:
-                summary = dict(msg.content.config_records[records.PRIVACY])
-                self.privacy_log.append({"round": server_round, "node": node, **summary})
-                if not summary.get("trained", True):
-                    self.declined.append((server_round, int(summary["partition-id"])))  # type: ignore[arg-type]
+            if msg.has_error():
+                # A silo that failed (bad data path, unreadable files, crash) says why.
+                self._reject(server_round, node, f"silo failed: {msg.error.reason}")
+                continue
+            self._receive_ledger(msg.content)
+            release, problem = validation.privacy_release(msg.content)
+            if problem is not None:
+                self._reject(server_round, node, problem)
+                continue
+            if release is not None:
+                self._events.privacy.append(release)
+                if not release.trained:
+                    declined += 1
                     log(
                         INFO,
                         "round %d: silo %s declined (privacy budget): ε %.3f, next round would be %.3f",
-                        server_round, summary["partition-id"], summary["epsilon"],
-                        summary["epsilon-if-trained"],
+                        server_round, release.partition_id, release.epsilon, release.epsilon_if_trained,
                     )
                     continue
-            if msg.has_error():
-                # A silo that failed (bad data path, unreadable files, crash) says why.
-                reason = f"silo failed: {msg.error.reason}"
-                self.rejected.append((server_round, node, reason))
-                log(WARNING, "round %d: node %d failed: %s", server_round, node, msg.error.reason)
-                continue
-            reason = self._invalid_reason(msg.content)
-            if reason is None:
+            problem = validation.update_problem(msg.content, self.current)
+            if problem is None:
                 accepted.append(msg)
             else:
-                self.rejected.append((server_round, node, reason))
-                log(WARNING, "round %d: rejected update of node %d: %s", server_round, node, reason)
-        declined = sum(1 for r, _ in self.declined if r == server_round)
+                self._reject(server_round, node, problem)
         if seen and declined == seen:
-            self.stop_reason = f"every silo reached its privacy budget (round {server_round})"
+            self._stop_reason = f"every silo reached its privacy budget (round {server_round})"
         return accepted
+
+    def _reject(self, server_round: int, node: int, reason: str) -> None:
+        self._events.rejected.append((node, reason))
+        log(WARNING, "round %d: rejected the reply of node %d: %s", server_round, node, reason)
 
     def _receive_ledger(self, content: RecordDict) -> None:
         if self.ledgers is None or records.LEDGER not in content.config_records:
             return
         rec = content.config_records[records.LEDGER]
         try:
-            pid, first = int(rec["partition-id"]), int(rec["first-seq"])  # type: ignore[arg-type]
-            lines = [str(x) for x in rec["lines"]]  # type: ignore[union-attr]
+            pid = int(rec[records.LEDGER_PARTITION])  # type: ignore[arg-type]
+            first = int(rec[records.LEDGER_FIRST_SEQ])  # type: ignore[arg-type]
+            lines = [str(x) for x in rec[records.LEDGER_LINES]]  # type: ignore[union-attr]
         except (KeyError, TypeError, ValueError) as exc:
             self.ledgers.problems.append(f"malformed ledger record in a reply: {exc!r}")
             log(WARNING, "malformed ledger record in a reply: %r", exc)
             return
         self.ledgers.receive(pid, first, lines)
-
-    def _invalid_reason(self, content: RecordDict) -> str | None:
-        if self.current is None:
-            return "no shared model was sent this round"
-        if records.ARRAYS not in content.array_records:
-            return "reply has no shared parameters"
-        got = content.array_records[records.ARRAYS]
-        if set(got) != set(self.current):
-            extra = sorted(set(got) - set(self.current))
-            missing = sorted(set(self.current) - set(got))
-            return f"parameter names differ (unexpected {extra}, missing {missing})"
-        for name, ref in self.current.items():
-            arr = got[name]
-            if tuple(arr.shape) != tuple(ref.shape) or arr.dtype != ref.dtype:
-                return f"{name}: shape/dtype {arr.shape}/{arr.dtype}, expected {ref.shape}/{ref.dtype}"
-            if not np.isfinite(arr.numpy()).all():
-                return f"{name}: contains NaN or infinite values"
-        metrics = content.metric_records.get(records.METRICS)
-        if metrics is None or records.NUM_EXAMPLES not in metrics:
-            return f"reply has no '{records.NUM_EXAMPLES}'"
-        weight = metrics[records.NUM_EXAMPLES]
-        if not isinstance(weight, (int, float)) or not weight > 0:
-            return f"'{records.NUM_EXAMPLES}' must be positive, got {weight!r}"
-        return None
 
 
 def _aggregate_train_metrics(contents: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -166,7 +158,7 @@ def _aggregate_train_metrics(contents: list[RecordDict], weight_key: str) -> Met
             records.NUM_EXAMPLES: int(weights.sum()),
             records.TRAIN_LOSS: float(weights @ losses / weights.sum()),
             records.TRAIN_SECONDS: max(float(m[records.TRAIN_SECONDS]) for m in metrics),  # type: ignore[arg-type]
-            "silos": len(metrics),
+            records.TRAIN_SILOS: len(metrics),
         }
     )
 
@@ -178,4 +170,4 @@ def _aggregate_eval_sums(contents: list[RecordDict], k: int) -> MetricRecord:
         m.pop(records.NUM_EXAMPLES)
         parts.append(m)
     summary = summarize(add_sums(parts), k)  # type: ignore[arg-type]
-    return MetricRecord({**summary, "silos": len(contents)})
+    return MetricRecord({**summary, records.TRAIN_SILOS: len(contents)})

@@ -13,13 +13,15 @@ fast, conservative upper bound used to skip PLD work in budget checks.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal, cast
 
 import dp_accounting
 from dp_accounting import pld, rdp
+
+from common.privacy.events import BUDGET_DECLINE, DP_FEDAVG, DP_SGD, MechanismUse, PrivacyRelease
 
 AccountantName = Literal["pld", "rdp"]
 # PLD discretisation: ε is an upper bound whose slack is about this interval per
@@ -33,37 +35,12 @@ PLD_MIN_NOISE = 0.3
 _RDP_ORDERS = list(range(2, 64)) + [80, 96, 128, 192, 256, 512, 1024]
 
 
-@dataclass(frozen=True, slots=True)
-class MechanismUse:
-    """``steps`` compositions of a Poisson-subsampled Gaussian mechanism.
-
-    ``noise_multiplier`` is σ (noise std / clip norm); ``sample_rate`` is the
-    probability q with which each privacy unit enters a step. σ = 0 means no noise
-    (ε = ∞); ``steps`` = 0 is allowed (a round that took no step).
-    """
-
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-
-    def __post_init__(self) -> None:
-        if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
-            raise ValueError(f"noise multiplier must be >= 0, got {self.noise_multiplier}")
-        if not 0.0 < self.sample_rate <= 1.0:
-            raise ValueError(f"sample rate must be in (0, 1], got {self.sample_rate}")
-        if self.steps < 0:
-            raise ValueError(f"steps must be >= 0, got {self.steps}")
-
-    def dp_event(self) -> dp_accounting.DpEvent:
-        """The dp-accounting event of these steps."""
-        step: dp_accounting.DpEvent = dp_accounting.GaussianDpEvent(self.noise_multiplier)
-        if self.sample_rate < 1.0:
-            step = dp_accounting.PoissonSampledDpEvent(self.sample_rate, step)
-        return dp_accounting.SelfComposedDpEvent(step, self.steps)
-
-    def to_dict(self) -> dict[str, float | int]:
-        """JSON-able form (the ledger/state format)."""
-        return asdict(self)
+def dp_event(use: MechanismUse) -> dp_accounting.DpEvent:
+    """The dp-accounting event of ``use``'s steps."""
+    step: dp_accounting.DpEvent = dp_accounting.GaussianDpEvent(use.noise_multiplier)
+    if use.sample_rate < 1.0:
+        step = dp_accounting.PoissonSampledDpEvent(use.sample_rate, step)
+    return dp_accounting.SelfComposedDpEvent(step, use.steps)
 
 
 def merged(uses: Iterable[MechanismUse]) -> list[MechanismUse]:
@@ -99,11 +76,12 @@ def _epsilon_cached(
 ) -> float:
     acc = _fresh(accountant)
     for use in parts:
-        acc.compose(use.dp_event())
+        acc.compose(dp_event(use))
     return float(acc.get_epsilon(delta))
 
 
 def _fresh(accountant: AccountantName) -> dp_accounting.PrivacyAccountant:
+    """A new dp-accounting accountant (the one PLD interval, the one RDP order list)."""
     if accountant == "pld":
         return pld.PLDAccountant(value_discretization_interval=_PLD_INTERVAL)
     if accountant == "rdp":
@@ -153,7 +131,7 @@ def calibrate_noise(
         return 0.0
 
     def event(sigma: float) -> dp_accounting.DpEvent:
-        return MechanismUse(sigma, sample_rate, steps).dp_event()
+        return dp_event(MechanismUse(sigma, sample_rate, steps))
 
     def calibrate(name: AccountantName, bracket: dp_accounting.BracketInterval) -> float:
         return float(
@@ -179,8 +157,194 @@ def calibrate_noise(
     return float(sigma)
 
 
+@lru_cache(maxsize=256)
+def _curve_cached(parts: tuple[MechanismUse, ...], deltas: tuple[float, ...]) -> tuple[tuple[float, float], ...]:
+    if any(u.noise_multiplier == 0 for u in parts):
+        return tuple((d, math.inf) for d in deltas)
+    name: AccountantName = "pld" if min(u.noise_multiplier for u in parts) >= PLD_MIN_NOISE else "rdp"
+    acc = _fresh(name)
+    for use in parts:
+        acc.compose(dp_event(use))
+    return tuple((d, float(acc.get_epsilon(d))) for d in deltas)
+
+
+def epsilon_delta_curve(uses: Sequence[MechanismUse], deltas: Sequence[float]) -> list[tuple[float, float]]:
+    """``(δ, ε(δ))`` for each δ from one composed PLD (RDP below PLD's σ range)."""
+    return list(_curve_cached(tuple(merged(uses)), tuple(float(d) for d in deltas)))
+
+
 def default_delta(num_units: int) -> float:
     """δ = 1 / N^1.1 for a population of ``num_units`` privacy units."""
     if num_units < 1:
         raise ValueError(f"population must be >= 1 unit, got {num_units}")
     return float(num_units ** -1.1)
+
+
+@dataclass(slots=True)
+class Accountant:
+    """One owner's privacy accountant: its mechanism for the run and every use so far.
+
+    Used by a silo (local DP-SGD: unit user or interaction), by the server (central
+    DP-FedAvg: unit client) and by the audit (rebuilt from a ledger). ε is never
+    carried forward: :meth:`epsilon` composes every step of :attr:`uses`.
+    """
+
+    owner: str
+    unit: str
+    population: int
+    sample_rate: float
+    steps_per_round: int
+    noise_multiplier: float
+    clip: float
+    delta: float
+    delta_rule: str
+    accountant: AccountantName
+    target_epsilon: float  # 0 = no budget
+    released: str  # what each use's output is
+    expected_batch_size: int | None = None
+    rounds: list[int] = field(default_factory=list)
+    uses: list[MechanismUse] = field(default_factory=list)
+
+    def epsilon(self, accountant: AccountantName | None = None) -> float:
+        """ε at δ over every step so far (the accountant of record unless named)."""
+        return epsilon(self.uses, self.delta, accountant or self.accountant)
+
+    def planned(self) -> MechanismUse:
+        """The mechanism use of one more round."""
+        return MechanismUse(self.noise_multiplier, self.sample_rate, self.steps_per_round)
+
+    def would_exceed(self) -> tuple[bool, float]:
+        """``(exceeds, ε after)`` for one more round against :attr:`target_epsilon`."""
+        if self.target_epsilon <= 0:
+            return False, math.nan
+        return would_exceed(self.uses, self.planned(), self.delta, self.target_epsilon, self.accountant)
+
+    def record(self, server_round: int, use: MechanismUse) -> None:
+        """Count one round's use."""
+        self.rounds.append(server_round)
+        self.uses.append(use)
+
+    def release(self, server_round: int, *, epsilon_if_trained: float | None = None) -> PrivacyRelease:
+        """The release of ``server_round``: its recorded use, or a decline.
+
+        A round is a decline when it is not the last recorded round;
+        ``epsilon_if_trained`` is then what one more round would have cost.
+        """
+        trained = bool(self.rounds) and self.rounds[-1] == server_round
+        kind = self.kind if trained else BUDGET_DECLINE
+        return PrivacyRelease(
+            owner=self.owner,
+            server_round=server_round,
+            kind=kind,
+            unit=self.unit,
+            accountant=self.accountant,
+            delta=self.delta,
+            delta_rule=self.delta_rule,
+            epsilon=self.epsilon(),
+            target_epsilon=self.target_epsilon,
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate,
+            clip=self.clip,
+            population=self.population,
+            steps=self.uses[-1].steps if trained else 0,
+            total_steps=sum(u.steps for u in self.uses),
+            rounds_trained=len(self.rounds),
+            released=self.released,
+            epsilon_if_trained=None if trained else epsilon_if_trained,
+            expected_batch_size=self.expected_batch_size,
+        )
+
+    @property
+    def kind(self) -> str:
+        """The kind of this owner's mechanism events."""
+        return DP_FEDAVG if self.unit == "client" else DP_SGD
+
+    # ------------------------------------------------------------ state
+    def to_json(self) -> dict[str, Any]:
+        """The state form (node state, a silo's ``accountant.json``)."""
+        out: dict[str, Any] = {
+            "owner": self.owner,
+            "unit": self.unit,
+            "population": self.population,
+            "sample-rate": self.sample_rate,
+            "steps-per-round": self.steps_per_round,
+            "noise-multiplier": self.noise_multiplier,
+            "clip": self.clip,
+            "delta": self.delta,
+            "delta-rule": self.delta_rule,
+            "accountant": self.accountant,
+            "target-epsilon": self.target_epsilon,
+            "released": self.released,
+            "rounds": list(self.rounds),
+            "use-noise-multipliers": [u.noise_multiplier for u in self.uses],
+            "use-sample-rates": [u.sample_rate for u in self.uses],
+            "use-steps": [u.steps for u in self.uses],
+        }
+        if self.expected_batch_size is not None:
+            out["expected-batch-size"] = self.expected_batch_size
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Accountant:
+        """Inverse of :meth:`to_json`.
+
+        Raises
+        ------
+        ValueError
+            Naming the field that is missing or malformed.
+        """
+        try:
+            uses = [
+                MechanismUse(float(s), float(q), int(n))
+                for s, q, n in zip(
+                    data["use-noise-multipliers"], data["use-sample-rates"], data["use-steps"], strict=True
+                )
+            ]
+            batch = data.get("expected-batch-size")
+            return cls(
+                owner=str(data["owner"]),
+                unit=str(data["unit"]),
+                population=int(data["population"]),
+                sample_rate=float(data["sample-rate"]),
+                steps_per_round=int(data["steps-per-round"]),
+                noise_multiplier=float(data["noise-multiplier"]),
+                clip=float(data["clip"]),
+                delta=float(data["delta"]),
+                delta_rule=str(data["delta-rule"]),
+                accountant=cast(AccountantName, str(data["accountant"])),
+                target_epsilon=float(data["target-epsilon"]),
+                released=str(data["released"]),
+                expected_batch_size=None if batch is None else int(batch),
+                rounds=[int(r) for r in data["rounds"]],
+                uses=uses,
+            )
+        except KeyError as exc:
+            raise ValueError(f"accountant state: missing field {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"accountant state: malformed ({exc})") from None
+
+    @classmethod
+    def from_releases(cls, releases: Sequence[PrivacyRelease], steps_per_round: int) -> Accountant:
+        """Rebuild an accountant from an owner's releases in ledger order (at least one)."""
+        if not releases:
+            raise ValueError("an accountant needs at least one release to be rebuilt from")
+        first = releases[0]
+        acc = cls(
+            owner=first.owner,
+            unit=first.unit,
+            population=first.population,
+            sample_rate=first.sample_rate,
+            steps_per_round=steps_per_round,
+            noise_multiplier=first.noise_multiplier,
+            clip=first.clip,
+            delta=first.delta,
+            delta_rule=first.delta_rule,
+            accountant=cast(AccountantName, first.accountant),
+            target_epsilon=first.target_epsilon,
+            released=first.released,
+            expected_batch_size=first.expected_batch_size,
+        )
+        for rel in releases:
+            if rel.use is not None:
+                acc.record(rel.server_round, rel.use)
+        return acc

@@ -7,12 +7,15 @@ import math
 from pathlib import Path
 from typing import Any
 
-from common.privacy.audit import AuditResult, LedgerAudit
+from common.privacy.audit import AuditResult
+from common.privacy.replay import LedgerAudit
+from common.rundir import RunDir
 
-AUDIT_JSON = "audit.json"
-AUDIT_MD = "audit.md"
-PLOT_ROUNDS = "audit-epsilon-rounds.png"
-PLOT_DELTA = "audit-epsilon-delta.png"
+_LAYOUT = RunDir(Path("."))  # the audit's file names; written to any folder
+AUDIT_JSON = _LAYOUT.audit_json.name
+AUDIT_MD = _LAYOUT.audit_report.name
+PLOT_ROUNDS = _LAYOUT.audit_rounds_plot.name
+PLOT_DELTA = _LAYOUT.audit_delta_plot.name
 
 
 def write_audit(result: AuditResult, out_dir: Path) -> list[Path]:

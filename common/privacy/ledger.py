@@ -21,23 +21,15 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from common.errors import FedrecError
+from common.privacy.events import RELEASE_KINDS, PrivacyRelease, ReleaseError
+from common.versions import library_versions
 
 FORMAT = "fedrec-ledger/1"
 GENESIS = "0" * 64
-
-# What one neighbouring data set differs by, per privacy unit.
-NEIGHBOURING = {
-    "user": "add or remove one user together with all of their interactions (in one silo)",
-    "interaction": "add or remove one interaction (user, item) of one silo",
-    "client": "add or remove one silo's (client's) entire contribution",
-}
-MECHANISM = "poisson-subsampled-gaussian"
-
 
 class LedgerError(FedrecError):
     """A ledger is malformed, its chain is broken, or an append does not continue it."""
@@ -48,17 +40,6 @@ class LedgerError(FedrecError):
         self.path = str(path)
         self.line = line
         self.reason = reason
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries whose behaviour an event depends on."""
-    out = {}
-    for dist in ("fedrec", "dp-accounting", "opacus", "torch", "flwr"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
 
 
 def line_hash(line: str) -> str:
@@ -139,6 +120,10 @@ class Chain:
         line = encode(event)
         self._accept(line)
         return line
+
+    def append_release(self, release: PrivacyRelease) -> str:
+        """Chain a privacy release (its :meth:`~PrivacyRelease.to_json` fields); returns its line."""
+        return self.append(release.kind, release.server_round, **_release_fields(release))
 
     def extend(self, lines: Iterable[str]) -> None:
         """Accept lines written elsewhere (e.g. a silo's), verifying they continue the chain.
@@ -245,6 +230,12 @@ class LedgerFile:
         self._write([line])
         return line
 
+    def append_release(self, release: PrivacyRelease) -> str:
+        """Chain and write a privacy release; returns its line."""
+        line = self.chain.append_release(release)
+        self._write([line])
+        return line
+
     def extend(self, lines: list[str]) -> None:
         """Verify that ``lines`` continue the chain, then write them."""
         self.chain.extend(lines)  # raises before anything is written
@@ -265,6 +256,27 @@ class LedgerFile:
             os.close(fd)
 
 
-def silo_owner(partition_id: int) -> str:
-    """Owner name of silo ``partition_id``'s ledger."""
-    return f"silo-{partition_id}"
+def _release_fields(release: PrivacyRelease) -> dict[str, Any]:
+    """A release's fields without those the ledger envelope carries itself."""
+    fields = release.to_json()
+    for key in ("owner", "round", "kind"):
+        del fields[key]
+    return fields
+
+
+def releases(chain: Chain) -> list[PrivacyRelease]:
+    """The privacy releases of a verified chain, in order (other events skipped).
+
+    Raises
+    ------
+    LedgerError
+        Naming the line of an event that is not a valid release.
+    """
+    out = []
+    for entry in chain.entries:
+        if entry.event["kind"] in RELEASE_KINDS:
+            try:
+                out.append(PrivacyRelease.from_json(entry.event))
+            except ReleaseError as exc:
+                raise LedgerError(chain.source, entry.seq + 1, f"not a valid privacy release: {exc}") from None
+    return out

@@ -13,9 +13,10 @@ import pytest
 from client.durable import fingerprint
 from common.privacy.accounting import MechanismUse, epsilon
 from common.privacy.audit import audit_run
+from common.rundir import RoundRecord, RunDir
 from common.storage import load_arrays
-from simulations.deploy import LocalDeployment
-from simulations.launcher import flower_bin
+from deployment.launcher import flower_bin
+from deployment.local import LocalDeployment
 
 pytestmark = [pytest.mark.runtime, pytest.mark.slow]
 
@@ -32,9 +33,8 @@ CONFIG = {
 }
 
 
-def _rounds(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+def _rounds(run_dir: Path) -> list[RoundRecord]:
+    return RunDir(run_dir).read_rounds()
 
 
 def _wait_for_round(run_dir: Path, n: int, timeout: float = 300) -> None:
@@ -46,7 +46,7 @@ def _wait_for_round(run_dir: Path, n: int, timeout: float = 300) -> None:
 
 
 def _silo_epsilons(run_dir: Path, pid: int) -> list[float]:
-    return [e["epsilon"] for r in _rounds(run_dir) for e in r["privacy"] if e["partition-id"] == pid]
+    return [e.epsilon for r in _rounds(run_dir) for e in r.privacy if e.partition_id == pid]
 
 
 def _ledger_rounds(run_dir: Path, pid: int) -> list[int]:
@@ -73,14 +73,14 @@ def test_a_silo_killed_after_round_1_and_restarted_keeps_its_rows_and_its_epsilo
     assert app.wait(900) == 0, "".join(app.lines)[-3000:]
 
     rounds = _rounds(run_dir)
-    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    assert [r.server_round for r in rounds] == [1, 2, 3, 4]
     eps = _silo_epsilons(run_dir, 1)
     assert eps == sorted(eps) and len(set(eps)) == len(eps)  # grows from where it was
     trained = _ledger_rounds(run_dir, 1)
     assert trained[0] == 1 and trained[-1] == 4 and len(trained) == len(set(trained))
     # Same mechanism as a silo that never restarted: ε after k rounds is the same function of k.
-    (mech,) = {(e["noise-multiplier"], e["sample-rate"], e["round-steps"]) for r in rounds for e in r["privacy"] if e["partition-id"] == 1 and e["trained"]}
-    delta = next(e["delta"] for e in rounds[0]["privacy"] if e["partition-id"] == 1)
+    (mech,) = {(e.noise_multiplier, e.sample_rate, e.steps) for r in rounds for e in r.privacy if e.partition_id == 1 and e.trained}
+    delta = next(e.delta for e in rounds[0].privacy if e.partition_id == 1)
     assert eps[-1] == pytest.approx(epsilon([MechanismUse(*mech)] * len(trained), delta), rel=1e-9)
     # The restarted silo restored exactly the rows it had when it was killed.
     log = deployment.supernode_log(1).read_text(errors="replace")
@@ -116,12 +116,12 @@ def test_server_killed_after_round_2_resumes_without_counting_a_round_twice(depl
     again = deployment.start_app({**config, "resume": True})
     assert again.wait(900) == 0, "".join(again.lines)[-3000:]
     rounds = _rounds(run_dir)
-    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert [r.server_round for r in rounds] == [1, 2, 3]
     for pid in range(2):
         assert _ledger_rounds(run_dir, pid) == [1, 2, 3]  # each round counted once
         eps = _silo_epsilons(run_dir, pid)
-        (mech,) = {(e["noise-multiplier"], e["sample-rate"], e["round-steps"]) for r in rounds for e in r["privacy"] if e["partition-id"] == pid}
-        delta = next(e["delta"] for e in rounds[0]["privacy"] if e["partition-id"] == pid)
+        (mech,) = {(e.noise_multiplier, e.sample_rate, e.steps) for r in rounds for e in r.privacy if e.partition_id == pid}
+        delta = next(e.delta for e in rounds[0].privacy if e.partition_id == pid)
         # The ledger of an uninterrupted run: ε after round k = k rounds of the same mechanism.
         assert eps == pytest.approx([epsilon([MechanismUse(*mech)] * k, delta) for k in (1, 2, 3)], rel=1e-9)
     assert not audit_run(run_dir, empirical=False).problems

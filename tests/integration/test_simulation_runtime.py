@@ -15,7 +15,7 @@ def test_fedrec_simulate_runs_rounds_on_ray_and_cleans_up(tmp_path: Path):
     # Arrange
     run_dir = tmp_path / "run"
     args = [
-        sys.executable, "-m", "simulations.cli", "simulate",
+        sys.executable, "-m", "cli.main", "simulate",
         "--silos", "3", "--rounds", "2", "--run-dir", str(run_dir),
         "-c", "data.synthetic.num-users=300", "-c", "data.synthetic.num-items=300",
         "-c", "model.dim=8",
@@ -26,9 +26,9 @@ def test_fedrec_simulate_runs_rounds_on_ray_and_cleans_up(tmp_path: Path):
     # Assert
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "fedrec round 2/2" in proc.stdout
-    rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rounds] == [1, 2]
-    assert rounds[-1]["evaluate"]["silos"] == 3
+    rounds = RunDir(run_dir).read_rounds()
+    assert [r.server_round for r in rounds] == [1, 2]
+    assert rounds[-1].evaluate["silos"] == 3
     assert (run_dir / "report.md").is_file()
     # Several keys of one table all reach the ServerApp (flwr merges repeated
     # --run-config flags lossily; fedrec passes one file).
@@ -47,11 +47,11 @@ def test_interrupted_simulate_stops_everything_and_keeps_finished_rounds(tmp_pat
     import signal
     import time
 
-    from simulations.launcher import processes_using
+    from deployment.processes import processes_using
 
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "simulations.cli", "simulate", "--silos", "2", "--rounds", "200",
+        [sys.executable, "-m", "cli.main", "simulate", "--silos", "2", "--rounds", "200",
          "--run-dir", str(run_dir), "-c", "data.synthetic.num-users=200", "-c", "data.synthetic.num-items=300"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
@@ -77,7 +77,7 @@ def test_simulate_with_local_dp_prints_epsilon_per_silo_and_stops_at_the_budget(
     # Arrange: σ = 1.5 on ~100 users per silo; a budget of 1.5 lasts two rounds.
     run_dir = tmp_path / "run"
     args = [
-        sys.executable, "-m", "simulations.cli", "simulate",
+        sys.executable, "-m", "cli.main", "simulate",
         "--silos", "3", "--rounds", "6", "--run-dir", str(run_dir),
         "-c", "data.synthetic.num-users=300", "-c", "data.synthetic.num-items=300",
         "-c", "model.dim=8", "-c", "privacy.mode=local", "-c", "privacy.local.target-epsilon=1.5",
@@ -90,16 +90,16 @@ def test_simulate_with_local_dp_prints_epsilon_per_silo_and_stops_at_the_budget(
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "silo 0: ε=" in proc.stdout and "DECLINED" in proc.stdout
     assert "every silo reached its privacy budget" in proc.stdout
-    rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rounds = RunDir(run_dir).read_rounds()
     assert 1 < len(rounds) < 6
     for r in rounds:
-        assert {e["partition-id"] for e in r["privacy"]} == {0, 1, 2}
-        assert all(e["epsilon"] <= 1.5 for e in r["privacy"])
-    assert not all(e["trained"] for e in rounds[-1]["privacy"])
+        assert {e.partition_id for e in r.privacy} == {0, 1, 2}
+        assert all(e.epsilon <= 1.5 for e in r.privacy)
+    assert not all(e.trained for e in rounds[-1].privacy)
     assert "## Privacy" in (run_dir / "report.md").read_text()
     # The run directory of a real Ray simulation passes `fedrec audit` (budget declines included).
     audit = subprocess.run(
-        [sys.executable, "-m", "simulations.cli", "audit", str(run_dir)], capture_output=True, text=True,
+        [sys.executable, "-m", "cli.main", "audit", str(run_dir)], capture_output=True, text=True,
         timeout=300, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
     )
     assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr[-3000:]

@@ -9,11 +9,12 @@ import pytest
 from flwr.supercore.task_identity import TaskIdentity
 from typer.testing import CliRunner
 
+from cli.main import app
 from common.config import load_default_run_config
-from common.privacy.accounting import MechanismUse, epsilon
+from common.privacy.accounting import Accountant, MechanismUse, epsilon
+from common.rundir import RoundRecord, RunDir
 from common.privacy.audit import audit_run
 from common.privacy.ledger import Chain, encode
-from simulations.cli import app
 from simulations.inprocess import run_inprocess
 
 SIGMA = 1.2
@@ -63,12 +64,11 @@ def _categories(result) -> set[str]:
 def test_replay_equals_the_training_time_accountant(clean_run):
     result = audit_run(clean_run)
     assert not result.problems, [str(p) for p in result.problems]
-    rounds = [json.loads(x) for x in (clean_run / "metrics.jsonl").read_text().splitlines()]
+    rounds = RunDir(clean_run).read_rounds()
     silos = [led for led in result.ledgers if led.owner.startswith("silo-")]
     assert len(silos) == 3
     for led in silos:
-        pid = int(led.owner[5:])
-        claimed = [next(e["epsilon"] for e in r["privacy"] if e["partition-id"] == pid) for r in rounds]
+        claimed = [next(e.epsilon for e in r.privacy if e.owner == led.owner) for r in rounds]
         assert [t.pld for t in led.trajectory] == pytest.approx(claimed, rel=1e-9)
         (mech,) = led.mechanisms
         use = MechanismUse(SIGMA, mech["sample-rate"], mech["steps"] // 3)
@@ -143,7 +143,7 @@ def test_claimed_epsilon_that_differs_from_the_replay_is_a_mismatch(run_copy):
     path = run_copy / "metrics.jsonl"
     rounds = [json.loads(x) for x in path.read_text().splitlines()]
     rounds[1]["privacy"][0]["epsilon"] *= 0.5
-    pid = rounds[1]["privacy"][0]["partition-id"]
+    pid = int(rounds[1]["privacy"][0]["owner"].removeprefix("silo-"))
     path.write_text("".join(json.dumps(r) + "\n" for r in rounds))
     result = audit_run(run_copy)
     assert result.exit_code == 4
@@ -160,16 +160,17 @@ def test_budget_overrun_is_flagged_with_silo_round_and_line(tmp_path):
     use, delta = MechanismUse(1.0, 0.1, 50), 1e-5
     budget = (epsilon([use], delta) + epsilon([use] * 2, delta)) / 2
     silo, server, rounds = Chain("silo-0"), Chain("server"), []
+    acc = Accountant("silo-0", "user", 1000, 0.1, 50, 1.0, 1.0, delta, "configured", "pld", budget, "shared model")
     for r in (1, 2):
-        eps = epsilon([use] * r, delta)
-        silo.append("dp-sgd", r, unit="user", delta=delta, accountant="pld", epsilon=eps,
-                    **{"target-epsilon": budget, "noise-multiplier": 1.0, "sample-rate": 0.1, "steps": 50, "clip": 1.0})
+        acc.record(r, use)  # round 2 goes past the budget: what a broken silo would do
+        release = acc.release(r)
+        silo.append_release(release)
         server.append("round-commit", r, silos={"0": {"lines": len(silo), "head": silo.head}})
-        rounds.append({"round": r, "privacy": [{"partition-id": 0, "trained": True, "epsilon": eps}]})
+        rounds.append(RoundRecord(r, 1.0, {}, {}, 0, 0, (), (), privacy=(release,)).to_json())
     (run / "ledger" / "silo-0.jsonl").write_text("".join(f"{x}\n" for x in silo.lines))
     (run / "ledger" / "server.jsonl").write_text("".join(f"{x}\n" for x in server.lines))
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
-    (run / "config.json").write_text(json.dumps({"run-config": {"privacy.mode": "local"}}))
+    (run / "config.json").write_text(json.dumps({"run-config": {"privacy.mode": "local"}, "run-uid": "synthetic"}))
     (run / "state.json").write_text(json.dumps({"ledger": {"server-lines": 2, "server-head": server.head}}))
     result = audit_run(run)
     (problem,) = result.problems

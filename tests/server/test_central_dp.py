@@ -34,7 +34,8 @@ def test_updates_are_clipped_summed_and_divided_by_the_expected_count():
     arrays, _ = dp.aggregate_train(1, replies)
     expected = (small + big / np.linalg.norm(big)) / 4  # weights ignored; divide by q·N = 4
     np.testing.assert_allclose(arrays[NAME].numpy(), expected, rtol=1e-5)
-    assert dp.log[0]["clipped"] == 1 and dp.log[0]["aggregated"] == 2
+    counts = dp.take_events().central_counts
+    assert counts is not None and counts.clipped == 1 and counts.aggregated == 2
 
 
 def test_noise_std_is_z_times_clip_over_expected_count():
@@ -67,5 +68,5 @@ def test_budget_stops_before_the_round_that_would_exceed():
         dp.aggregate_train(rnd, [])
         released += 1
     assert dp.stop_reason is not None and f"round {released + 1}" in dp.stop_reason
-    assert dp.epsilon() <= 5.0
+    assert dp.accountant is not None and dp.accountant.epsilon() <= 5.0
     assert released >= 1

@@ -6,7 +6,7 @@ from pathlib import Path
 from flwr.app import Message
 
 from common import records
-from server.checkpoint import load_arrays
+from common.storage import load_arrays
 from common.models import is_private
 from simulations.inprocess import run_inprocess
 from tests.fakes import run_local

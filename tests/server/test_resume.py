@@ -12,9 +12,10 @@ from common import records
 from common.config import load_default_run_config
 from common.errors import ConfigError
 from common.privacy.audit import audit_run
+from common.rundir import RunDir
 from common.storage import load_arrays
 from server.federation import run_federation
-from server.reporting import RunRecorder
+from server.recorder import RunRecorder
 from tests.fakes import LocalGrid
 
 NODES = 3
@@ -77,8 +78,8 @@ def test_resumed_run_has_the_ledger_of_an_uninterrupted_run(tmp_path, monkeypatc
     cfg = _config(resumed, resume=True)
     run_federation(LocalGrid(client_app, cfg, NODES), cfg)
 
-    rounds = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    rounds = RunDir(resumed).read_rounds()
+    assert [r.server_round for r in rounds] == [1, 2, 3, 4]
     for pid in range(NODES):
         events = _mechanism_events(resumed, pid)
         assert events == _mechanism_events(straight, pid)
@@ -128,16 +129,16 @@ def test_restarted_silo_keeps_its_user_embeddings_and_its_epsilon(tmp_path):
                 grid.contexts[2].state = RecordDict()
         message_ids = original(messages)
         if "before" in seen and "after" not in seen:
-            seen["restored_ledger"] = len(grid.contexts[2].state.config_records[records.STATE_LEDGER]["lines"])
+            seen["restored_ledger"] = len(grid.contexts[2].state.config_records[records.STATE_LEDGER][records.LEDGER_LINES])
             seen["after"] = True
         return message_ids
 
     grid.push_messages = push_messages
     run_federation(grid, cfg)
-    rounds = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    eps = [next(e["epsilon"] for e in r["privacy"] if e["partition-id"] == 1) for r in rounds]
+    rounds = RunDir(tmp_path / "run").read_rounds()
+    eps = [next(e.epsilon for e in r.privacy if e.partition_id == 1) for r in rounds]
     assert eps[0] < eps[1] < eps[2]  # grows from where it was, not from zero
-    others = [next(e["epsilon"] for e in r["privacy"] if e["partition-id"] == 0) for r in rounds]
+    others = [next(e.epsilon for e in r.privacy if e.partition_id == 0) for r in rounds]
     assert eps == pytest.approx(others)  # same mechanism: same ε as a silo that never restarted
     assert seen["restored_ledger"] == 2  # round 1 from disk + round 2
     # What the restarted silo restored is exactly the rows it had, not a fresh initialisation.

@@ -30,7 +30,7 @@ def test_fedavg_is_example_weighted_and_malformed_updates_are_rejected():
     assert arrays is not None
     np.testing.assert_allclose(arrays["item_embedding.weight"].numpy(), 1.75)
     assert metrics[records.NUM_EXAMPLES] == 4
-    reasons = {node: reason for _, node, reason in strategy.rejected}
+    reasons = dict(strategy.take_events().rejected)
     assert set(reasons) == {instructions[2].metadata.dst_node_id, instructions[3].metadata.dst_node_id}
     assert "user_embedding.weight" in reasons[instructions[2].metadata.dst_node_id]
     assert "NaN" in reasons[instructions[3].metadata.dst_node_id]
@@ -50,7 +50,7 @@ def test_each_malformed_update_is_rejected_with_its_reason(arrays, weight, reaso
     instruction = next(iter(strategy.configure_train(1, current, ConfigRecord(), FourNodeGrid())))
     result, _ = strategy.aggregate_train(1, [train_reply(instruction, arrays, weight)])
     assert result is None
-    assert reason in strategy.rejected[0][2]
+    assert reason in strategy.take_events().rejected[0][1]
 
 
 def test_evaluation_sums_are_added_then_divided():

@@ -1,0 +1,167 @@
+"""One message of a silo: restore its state, train or evaluate, build the reply content.
+
+The ClientApp handlers (:mod:`client.app`) call :func:`open_session` and then
+:func:`train` or :func:`evaluate`; everything here works on a Flower ``Context``
+and ``RecordDict`` but knows nothing of how messages travel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from logging import INFO, WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.supercore import log
+
+from client import silo, state
+from client.data import silo_data
+from client.durable import SiloStore, StateError, fingerprint
+from common import records
+from common.config import AppConfig, NodeConfig
+from common.data.silo import SiloData
+from common.models import Recommender, shared_state
+from common.training import TrainStats
+
+
+@dataclass(slots=True)
+class Session:
+    """Everything one message of one silo works with."""
+
+    cfg: AppConfig
+    node: NodeConfig
+    context: Context
+    config: ConfigRecord  # the server's instructions for this message
+    data: SiloData
+    model: Recommender
+    store: SiloStore | None
+
+    @property
+    def partition_id(self) -> int:
+        return self.node.partition_id
+
+    @property
+    def server_round(self) -> int:
+        return int(self.config[records.SERVER_ROUND])  # type: ignore[arg-type]
+
+    def held_by_server(self) -> int:
+        """Ledger lines of this silo the server says it holds (0 when it does not say)."""
+        counts = self.config.get(records.LEDGER_COUNTS, [])
+        assert isinstance(counts, list)
+        return int(counts[self.partition_id]) if self.partition_id < len(counts) else 0
+
+
+def open_session(content: RecordDict, context: Context) -> Session:
+    """Parse settings, restore durable state, get the silo's data, build its model."""
+    cfg = AppConfig.from_run_config(context.run_config)
+    node = NodeConfig.from_node_config(context.node_config)
+    config = content.config_records[records.CONFIG]
+    store = SiloStore.open(cfg, node, str(config.get(records.RUN_UID, "")))
+    if store is not None and store.restore(context.state):
+        params = context.state.array_records.get(records.STATE_USER_PARAMS)
+        log(
+            INFO, "silo %d restored its state from %s (last trained round %d, user params %s)",
+            node.partition_id, store.path, store.last_round(), "none" if params is None else fingerprint(params),
+        )
+    data = silo_data(cfg, node, context)
+    model = silo.new_model(cfg, data, node.partition_id)
+    silo.load_shared(model, dict(content.array_records[records.ARRAYS].to_torch_state_dict()))
+    state.restore_user_params(context.state, model)
+    return Session(cfg, node, context, config, data, model, store)
+
+
+def train(session: Session) -> RecordDict:
+    """Train the silo's users on the shared model; the reply holds shared params only.
+
+    Under local DP the silo first checks its budget: a round that would take its ε
+    above ``privacy.local.target-epsilon`` is declined with a normal reply that says
+    so. A round this silo already trained (the server resumed) is answered with the
+    saved reply, never retrained.
+    """
+    store = session.store
+    if store is not None and session.server_round <= store.last_round():
+        return _repeat(session, store)
+    content = _private_round(session) if session.cfg.privacy.is_local else _plain_round(session)
+    if store is not None and records.ARRAYS in content.array_records:
+        store.save_round(session.server_round, content, session.context.state)
+    elif store is not None:
+        store.save_state(session.context.state)  # a decline: its ledger line
+    return content
+
+
+def evaluate(session: Session) -> RecordDict:
+    """Evaluate the silo's own users; the reply holds sums the server can add up."""
+    sums = silo.evaluate_users(session.model, session.cfg, session.data)
+    metrics = MetricRecord({records.NUM_EXAMPLES: int(sums["test-users"]), **sums})
+    return RecordDict({records.METRICS: metrics})
+
+
+def _plain_round(session: Session) -> RecordDict:
+    stats = silo.train_round(session.model, session.cfg, session.data, session.partition_id, session.server_round)
+    state.save_user_params(session.context.state, session.model)
+    return _trained_content(session.model, stats.num_examples, stats)
+
+
+def _private_round(session: Session) -> RecordDict:
+    # Imported here: opacus, dp-accounting and scipy cost ~2 s per ClientApp process
+    # (Flower starts one per message) and a run without local DP never needs them.
+    from client import privacy
+
+    node_state, pid = session.context.state, session.partition_id
+    acc = privacy.load_accountant(node_state, session.cfg, session.data.split, pid)
+    chain = privacy.load_ledger(node_state, pid)
+    if session.cfg.audit.unsafe_disable_noise:
+        log(WARNING, "silo %d: audit.unsafe-disable-noise is set: training WITHOUT noise "
+            "while claiming σ=%.3f (audit demonstration only)", pid, acc.noise_multiplier)
+    result = privacy.private_round(session.model, session.cfg, session.data.split, acc, session.server_round, silo.device())
+    session.model.cpu()
+    chain.append_release(result.release)
+    privacy.save_ledger(node_state, chain)
+    ledger = privacy.ledger_record(chain, pid, session.held_by_server())
+    release = ConfigRecord(result.release.to_json())
+    if result.stats is None:
+        log(
+            INFO, "silo %d declines round %d: ε would reach %.3f > budget %.3f (spent %.3f)",
+            pid, session.server_round, result.release.epsilon_if_trained,
+            result.release.target_epsilon, result.release.epsilon,
+        )
+        return RecordDict({records.PRIVACY: release, records.LEDGER: ledger})
+    privacy.save_accountant(node_state, acc)
+    state.save_user_params(node_state, session.model)
+    # FedAvg weight: the silo's population of privacy units (public: it sets q), not
+    # the data-dependent count of sampled examples.
+    content = _trained_content(session.model, acc.population, result.stats)
+    content[records.PRIVACY] = release
+    content[records.LEDGER] = ledger
+    return content
+
+
+def _repeat(session: Session, store: SiloStore) -> RecordDict:
+    saved = store.saved_reply(session.server_round)
+    if saved is None:
+        raise StateError(
+            f"silo {session.partition_id} already trained round {session.server_round} (its ledger counts it) "
+            f"but the reply saved in {store.path} is for another round; it will not spend budget twice"
+        )
+    log(INFO, "silo %d resends its saved reply for round %d (already trained and counted)",
+        session.partition_id, session.server_round)
+    if session.cfg.privacy.is_local:
+        from client import privacy
+
+        chain = privacy.load_ledger(session.context.state, session.partition_id)
+        saved[records.LEDGER] = privacy.ledger_record(chain, session.partition_id, session.held_by_server())
+    return saved
+
+
+def _trained_content(model: Recommender, weight: int, stats: TrainStats) -> RecordDict:
+    return RecordDict(
+        {
+            records.ARRAYS: ArrayRecord(torch_state_dict=shared_state(model)),
+            records.METRICS: MetricRecord(
+                {
+                    records.NUM_EXAMPLES: weight,
+                    records.TRAIN_LOSS: stats.mean_loss,
+                    records.TRAIN_SECONDS: stats.seconds,
+                }
+            ),
+        }
+    )
