@@ -1,6 +1,6 @@
 """Seconds per round of a real deployment on loopback: Flower's defaults vs tuned settings.
 
-Every setting starts a fresh :class:`simulations.deploy.LocalDeployment` (TLS, node
+Every setting starts a fresh :class:`deployment.local.LocalDeployment` (TLS, node
 auth, one SuperNode per silo on 127.0.0.1), runs the default app for ``--rounds``
 rounds and reads the ServerApp's own round timings from ``metrics.jsonl``. Round 1
 is left out of the mean (it fetches the FAB and builds each silo's data).
@@ -30,8 +30,9 @@ from typing import Annotated
 
 import typer
 
-from simulations.deploy import FLOWER_DEFAULTS, TUNED, LocalDeployment, Tuning
-from simulations.launcher import REPO
+from deployment.launcher import REPO
+from deployment.local import LocalDeployment
+from deployment.tuning import FLOWER_DEFAULTS, TUNED, Tuning
 
 # Cap the sleeps of one Flower module at 0.1 s (measurement only).
 _CAP_SLEEP = (

@@ -31,8 +31,8 @@ from common.config import (
 from common.data.pipeline import load_interactions, split_interactions
 from common.data.partition import partition_users
 from common.errors import ConfigError, FedrecError
+from common.rundir import default_run_dir
 from common.seeding import derive_seed
-from server.reporting import default_run_dir
 from simulations.audit_cli import audit
 from simulations.data_cli import data_app
 from simulations.deploy import deploy_app
@@ -117,7 +117,7 @@ def simulate(
     ] = None,
 ) -> None:
     """Run the federated app on Flower's simulation runtime (its own SuperLink)."""
-    from simulations.launcher import flwr_run, superlink
+    from deployment.launcher import flwr_run, superlink
 
     if resume is not None:
         if run_dir is not None and run_dir.resolve() != resume.resolve():
@@ -170,7 +170,7 @@ def simulate(
                     sys.stdout.flush()
 
             rc = flwr_run(
-                link,
+                link.flwr_home,
                 run_config=run_config,
                 federation_config=(
                     f"num-supernodes={num_clients} client-resources-num-cpus={cpus_per_client}"
@@ -210,7 +210,7 @@ def _resume_options(
     except (OSError, json.JSONDecodeError, KeyError) as exc:
         _fail(ConfigError(f"--resume: {path} is missing or unreadable ({exc}): not a fedrec run directory"))
     overrides_file = run_dir / "resume-overrides.toml"
-    from simulations.launcher import toml_value
+    from deployment.launcher import toml_value
 
     drop = {"resume", "run-dir", *(["num-server-rounds"] if new_rounds else [])}
     keep = {k: v for k, v in original.items() if k not in drop}

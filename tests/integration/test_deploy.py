@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from simulations.deploy import LocalDeployment, create_node_key
-from simulations.launcher import flower_bin, processes_using
+from deployment.launcher import flower_bin
+from deployment.local import LocalDeployment
+from deployment.pki import create_node_key
+from deployment.processes import processes_using
 
 pytestmark = [pytest.mark.runtime, pytest.mark.slow]
 

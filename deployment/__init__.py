@@ -1,0 +1,1 @@
+"""Real Flower processes: credentials, the SuperLink/SuperNode launcher, local deployment."""
