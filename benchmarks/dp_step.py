@@ -252,17 +252,17 @@ def _make_step(cell: Cell, model: Recommender, labels: Tensor) -> Callable[[Tens
         # make_private wants a loader (for the sampling rate); batches are fed directly.
         loader = DataLoader(TensorDataset(torch.arange(cell.batch * 8)), batch_size=cell.batch)
         privacy = PrivacyEngine()
-        common = dict(
-            module=model,
-            optimizer=torch.optim.SGD(model.parameters(), lr=lr),
-            data_loader=loader,
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            batch_first=True,
-            loss_reduction="mean",
-            poisson_sampling=False,
-            noise_generator=torch.Generator().manual_seed(cell.seed),
-        )
+        common = {
+            "module": model,
+            "optimizer": torch.optim.SGD(model.parameters(), lr=lr),
+            "data_loader": loader,
+            "noise_multiplier": 1.0,
+            "max_grad_norm": 1.0,
+            "batch_first": True,
+            "loss_reduction": "mean",
+            "poisson_sampling": False,
+            "noise_generator": torch.Generator().manual_seed(cell.seed),
+        }
         if method == "opacus-hooks":
             gsm, dp_opt, _ = privacy.make_private(**common, grad_sample_mode="hooks")
             criterion = None

@@ -98,7 +98,7 @@ class SiloStore:
             state[records.STATE_USER_PARAMS] = self._arrays(USER_PARAMS)
             restored = True
         if records.STATE_PRIVACY not in state.config_records and (self.path / ACCOUNTANT).exists():
-            state[records.STATE_PRIVACY] = ConfigRecord(self._json(ACCOUNTANT))  # type: ignore[arg-type]
+            state[records.STATE_PRIVACY] = ConfigRecord(self._json(ACCOUNTANT))
             restored = True
         if records.STATE_LEDGER not in state.config_records and (self.path / LEDGER).exists():
             state[records.STATE_LEDGER] = ConfigRecord({records.LEDGER_LINES: self.ledger().chain.lines})

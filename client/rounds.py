@@ -59,8 +59,12 @@ def open_session(content: RecordDict, context: Context) -> Session:
     if store is not None and store.restore(context.state):
         params = context.state.array_records.get(records.STATE_USER_PARAMS)
         log(
-            INFO, "silo %d restored its state from %s (last trained round %d, user params %s)",
-            node.partition_id, store.path, store.last_round(), "none" if params is None else fingerprint(params),
+            INFO,
+            "silo %d restored its state from %s (last trained round %d, user params %s)",
+            node.partition_id,
+            store.path,
+            store.last_round(),
+            "none" if params is None else fingerprint(params),
         )
     data = silo_data(cfg, node, context)
     model = silo.new_model(cfg, data, node.partition_id)
@@ -91,7 +95,9 @@ def train(session: Session) -> RecordDict:
 def evaluate(session: Session) -> RecordDict:
     """Evaluate the silo's own users; the reply holds sums the server can add up."""
     sums = silo.evaluate_users(session.model, session.cfg, session.data)
-    metrics = MetricRecord({records.NUM_EXAMPLES: int(sums["test-users"]), **sums})
+    users = sums["test-users"]
+    assert isinstance(users, (int, float))
+    metrics = MetricRecord({records.NUM_EXAMPLES: int(users), **sums})
     return RecordDict({records.METRICS: metrics})
 
 
@@ -110,9 +116,16 @@ def _private_round(session: Session) -> RecordDict:
     acc = privacy.load_accountant(node_state, session.cfg, session.data.split, pid)
     chain = privacy.load_ledger(node_state, pid)
     if session.cfg.audit.unsafe_disable_noise:
-        log(WARNING, "silo %d: audit.unsafe-disable-noise is set: training WITHOUT noise "
-            "while claiming σ=%.3f (audit demonstration only)", pid, acc.noise_multiplier)
-    result = privacy.private_round(session.model, session.cfg, session.data.split, acc, session.server_round, silo.device())
+        log(
+            WARNING,
+            "silo %d: audit.unsafe-disable-noise is set: training WITHOUT noise "
+            "while claiming σ=%.3f (audit demonstration only)",
+            pid,
+            acc.noise_multiplier,
+        )
+    result = privacy.private_round(
+        session.model, session.cfg, session.data.split, acc, session.server_round, silo.device()
+    )
     session.model.cpu()
     chain.append_release(result.release)
     privacy.save_ledger(node_state, chain)
@@ -120,9 +133,13 @@ def _private_round(session: Session) -> RecordDict:
     release = ConfigRecord(result.release.to_json())
     if result.stats is None:
         log(
-            INFO, "silo %d declines round %d: ε would reach %.3f > budget %.3f (spent %.3f)",
-            pid, session.server_round, result.release.epsilon_if_trained,
-            result.release.target_epsilon, result.release.epsilon,
+            INFO,
+            "silo %d declines round %d: ε would reach %.3f > budget %.3f (spent %.3f)",
+            pid,
+            session.server_round,
+            result.release.epsilon_if_trained,
+            result.release.target_epsilon,
+            result.release.epsilon,
         )
         return RecordDict({records.PRIVACY: release, records.LEDGER: ledger})
     privacy.save_accountant(node_state, acc)
@@ -142,8 +159,12 @@ def _repeat(session: Session, store: SiloStore) -> RecordDict:
             f"silo {session.partition_id} already trained round {session.server_round} (its ledger counts it) "
             f"but the reply saved in {store.path} is for another round; it will not spend budget twice"
         )
-    log(INFO, "silo %d resends its saved reply for round %d (already trained and counted)",
-        session.partition_id, session.server_round)
+    log(
+        INFO,
+        "silo %d resends its saved reply for round %d (already trained and counted)",
+        session.partition_id,
+        session.server_round,
+    )
     if session.cfg.privacy.is_local:
         from client import privacy
 

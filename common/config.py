@@ -478,13 +478,13 @@ class _Reader:
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
 
-    def choice(self, key: str, choices: tuple[str, ...]) -> Any:
+    def choice(self, key: str, choices: tuple[str, ...]) -> Any:  # type: ignore[valid-type]
         value = self.str(key)
         if value not in choices:
             raise ConfigError(f"{key}: expected one of {', '.join(choices)}; got {value!r}")
         return value
 
-    def int_list(self, key: str) -> tuple[int, ...]:
+    def int_list(self, key: str) -> tuple[int, ...]:  # type: ignore[valid-type]
         text = self.str(key)
         try:
             widths = tuple(int(part) for part in text.split(","))

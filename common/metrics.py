@@ -392,7 +392,7 @@ def activity_quintile_gap(hits: ArrayLike, activity: ArrayLike) -> float:
     """
     h, a = _hits_activity(hits, activity)
     _, level = np.unique(a, return_inverse=True)
-    return _quintile_gap(np.bincount(level).astype(np.float64), np.bincount(level, weights=h))
+    return _quintile_gap(np.bincount(level).astype(np.float64), np.bincount(level, weights=h))  # type: ignore[arg-type]
 
 
 def activity_histogram_sums(
@@ -423,7 +423,7 @@ def activity_histogram_sums(
     h, a = _hits_activity(hits, activity)
     bucket = np.minimum(a, max_activity)
     counts = np.bincount(bucket, minlength=max_activity + 1).astype(np.int64)
-    return counts, np.bincount(bucket, weights=h, minlength=max_activity + 1)
+    return counts, np.bincount(bucket, weights=h, minlength=max_activity + 1)  # type: ignore[return-value]
 
 
 def quintile_gap_from_histogram(counts: ArrayLike, hit_sums: ArrayLike) -> float:

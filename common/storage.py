@@ -42,7 +42,7 @@ def save_arrays(path: Path, arrays: ArrayRecord) -> None:
     """Atomically save an ArrayRecord as an ``.npz`` archive (one entry per name)."""
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("wb") as f:
-        np.savez(f, **{name: arr.numpy() for name, arr in arrays.items()})
+        np.savez(f, **{name: arr.numpy() for name, arr in arrays.items()})  # type: ignore[arg-type]
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -38,17 +38,17 @@ from common.privacy.clipping import clip_update, gaussian_noise
 from common.privacy.events import SERVER_OWNER
 from common.rundir import CentralCounts
 from server.central_canaries import CanaryClients
-from server.protocol import FedrecStrategy, RoundEvents
+from server.protocol import RoundEvents, UpdateAggregator
 
 RELEASED = "shared model parameters after the round"
 
 
 class ClientLevelDP:
-    """Wraps a :class:`~server.protocol.FedrecStrategy` with Poisson sampling, clipping and noise.
+    """Wraps a :class:`~server.protocol.UpdateAggregator` with Poisson sampling, clipping and noise.
 
     Parameters
     ----------
-    inner : FedrecStrategy
+    inner : UpdateAggregator
         Validates replies, aggregates the clipped updates, configures/aggregates
         evaluation. Its own sampling fraction should be 1.0: this wrapper samples.
     settings : PrivacySettings
@@ -68,7 +68,7 @@ class ClientLevelDP:
 
     def __init__(
         self,
-        inner: FedrecStrategy,
+        inner: UpdateAggregator,
         settings: PrivacySettings,
         num_rounds: int,
         rng: np.random.Generator | None = None,

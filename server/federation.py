@@ -52,7 +52,7 @@ def catalogue_size(cfg: AppConfig) -> int:
 
 def build_strategy(cfg: AppConfig, ledgers: RunLedgers, resumed: bool) -> FedrecStrategy:
     """FedAvg of the shared model, wrapped in client-level DP when central DP is on."""
-    strategy: FedrecStrategy = SharedModelFedAvg(cfg.strategy, cfg.eval.k, ledgers=ledgers)
+    strategy = SharedModelFedAvg(cfg.strategy, cfg.eval.k, ledgers=ledgers)
     if not cfg.privacy.is_central:
         return strategy
     accountant = None

@@ -58,7 +58,11 @@ class RunLedgers:
         held = len(ledger)
         try:
             if first_seq > held:
-                raise LedgerError(ledger.path, held + 1, f"silo sent lines from seq {first_seq}; lines {held}..{first_seq - 1} are missing")
+                raise LedgerError(
+                    ledger.path,
+                    held + 1,
+                    f"silo sent lines from seq {first_seq}; lines {held}..{first_seq - 1} are missing",
+                )
             overlap = lines[: held - first_seq]
             if overlap != ledger.chain.lines[first_seq : first_seq + len(overlap)]:
                 raise LedgerError(ledger.path, first_seq + 1, "silo resent lines that differ from the ones held")

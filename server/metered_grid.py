@@ -16,7 +16,7 @@ def payload_bytes(content: RecordDict) -> int:
     """Bytes of arrays plus 8 bytes per metric/config value (framing excluded)."""
     total = sum(len(arr.data) for rec in content.array_records.values() for arr in rec.values())
     for rec in [*content.metric_records.values(), *content.config_records.values()]:
-        for value in rec.values():
+        for value in rec.values():  # type: ignore[attr-defined]
             total += _SCALAR_BYTES * (len(value) if isinstance(value, (list, bytes, str)) else 1)
     return total
 

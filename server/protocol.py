@@ -24,12 +24,7 @@ class RoundEvents:
 
 
 class FedrecStrategy(Protocol):
-    """A Flower message-API strategy split at the seams fedrec's wrappers need.
-
-    ``aggregate_train`` of an implementation is ``aggregate_updates(accept(...))``
-    plus ``aggregate_train_metrics``; a wrapper (central DP) may transform the
-    accepted updates in between.
-    """
+    """What the round loop needs of a strategy: Flower's four methods, a stop, the events."""
 
     @property
     def stop_reason(self) -> str | None:
@@ -49,6 +44,18 @@ class FedrecStrategy(Protocol):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None: ...
 
+    def take_events(self) -> RoundEvents:
+        """This round's events (the strategy starts collecting the next round's)."""
+
+
+class UpdateAggregator(FedrecStrategy, Protocol):
+    """A strategy split at the seams a wrapper (central DP) needs.
+
+    ``aggregate_train`` of an implementation is ``aggregate_updates`` of the
+    contents of ``accept(...)`` plus ``aggregate_train_metrics``; a wrapper may
+    transform the accepted updates in between.
+    """
+
     def accept(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         """The valid updates among ``replies``; rejections and releases become events."""
 
@@ -58,5 +65,3 @@ class FedrecStrategy(Protocol):
     def aggregate_train_metrics(self, accepted: list[Message]) -> MetricRecord | None:
         """Training metrics of the accepted updates."""
 
-    def take_events(self) -> RoundEvents:
-        """This round's events (the strategy starts collecting the next round's)."""

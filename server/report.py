@@ -22,7 +22,7 @@ def render_report(rounds: list[RoundRecord], k: int, plot_name: str) -> str:
     best = best_round(rounds, k)
     if final is not None and best is not None:
         lines += [
-            "| | round | test HR@{k} | test NDCG@{k} | val HR@{k} |".format(k=k),
+            f"| | round | test HR@{k} | test NDCG@{k} | val HR@{k} |",
             "|---|---|---|---|---|",
         ]
         for label, r in (("final round", final), ("best validation round", best)):
@@ -42,7 +42,18 @@ def render_report(rounds: list[RoundRecord], k: int, plot_name: str) -> str:
     keys = [f"val-hr@{k}", f"test-hr@{k}", f"test-ndcg@{k}"]
     full = sorted({key for r in rounds for key in r.evaluate if key.startswith("test-full-")})
     extra = [f"coverage@{k}", f"arp@{k}", f"test-hr@{k}-gap-least-most-active"]
-    header = ["round", "train loss", *keys, *full, *extra, "seconds", "bytes sent", "bytes received", "missing", "rejected"]
+    header = [
+        "round",
+        "train loss",
+        *keys,
+        *full,
+        *extra,
+        "seconds",
+        "bytes sent",
+        "bytes received",
+        "missing",
+        "rejected",
+    ]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rounds:
         e = r.evaluate

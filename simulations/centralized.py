@@ -28,6 +28,7 @@ class Popularity(nn.Module):
 
     def __init__(self, popularity: np.ndarray) -> None:
         super().__init__()
+        self.score: Tensor
         self.register_buffer("score", torch.as_tensor(popularity, dtype=torch.float64))
 
     def forward(self, users: Tensor, items: Tensor) -> Tensor:
@@ -81,7 +82,7 @@ def run_centralized(
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
         stats = train_epochs(
-            model,  # type: ignore[arg-type]
+            model,
             data.split,
             cfg.train,
             epochs=1,

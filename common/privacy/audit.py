@@ -93,10 +93,15 @@ def _check_anchors(
         problems.append(Problem("chain", SERVER_OWNER, None, None, "state.json has no ledger anchor"))
     elif anchor.get("server-lines") != len(server) or anchor.get("server-head") != server.head:
         problems.append(
-            Problem("chain", "server", None, len(server),
-                    f"the ledger has {len(server)} lines ending in {server.head[:12]}…, but state.json anchors "
-                    f"{anchor.get('server-lines')} lines ending in {str(anchor.get('server-head'))[:12]}…: "
-                    "lines at the end were edited, deleted or appended")
+            Problem(
+                "chain",
+                "server",
+                None,
+                len(server),
+                f"the ledger has {len(server)} lines ending in {server.head[:12]}…, but state.json anchors "
+                f"{anchor.get('server-lines')} lines ending in {str(anchor.get('server-head'))[:12]}…: "
+                "lines at the end were edited, deleted or appended",
+            )
         )
     last_commit: dict[str, Any] = {}
     for entry in server.entries:
@@ -109,17 +114,34 @@ def _check_anchors(
             chain = silos.get(int(pid_text))
             n = int(held["lines"])
             if chain is None:
-                problems.append(Problem("chain", owner, rnd, None, f"ledger file missing; the server committed {n} lines"))
+                problems.append(
+                    Problem("chain", owner, rnd, None, f"ledger file missing; the server committed {n} lines")
+                )
             elif len(chain) < n:
-                problems.append(Problem("chain", owner, rnd, len(chain) + 1, f"ledger has {len(chain)} lines; round {rnd} committed {n}: lines were deleted"))
+                problems.append(
+                    Problem(
+                        "chain",
+                        owner,
+                        rnd,
+                        len(chain) + 1,
+                        f"ledger has {len(chain)} lines; round {rnd} committed {n}: lines were deleted",
+                    )
+                )
             elif n and chain.entries[n - 1].hash != held["head"]:
-                problems.append(Problem("chain", owner, rnd, n, f"line {n} differs from the one committed in round {rnd}"))
+                problems.append(
+                    Problem("chain", owner, rnd, n, f"line {n} differs from the one committed in round {rnd}")
+                )
     for pid, chain in silos.items():
         committed = int(last_commit.get(str(pid), {}).get("lines", 0))
         if len(chain) > committed:
             problems.append(
-                Problem("chain", silo_owner(pid), None, committed + 1,
-                        f"lines {committed + 1}..{len(chain)} are not covered by any round-commit of the server")
+                Problem(
+                    "chain",
+                    silo_owner(pid),
+                    None,
+                    committed + 1,
+                    f"lines {committed + 1}..{len(chain)} are not covered by any round-commit of the server",
+                )
             )
 
 
@@ -174,17 +196,24 @@ def audit_run(run_dir: Path, *, empirical: bool = True) -> AuditResult:
         audit = replay(chain, path, problems, claims)
         recorded = {t.round for t in audit.trajectory}
         for rnd in sorted(set(claims) - recorded):
-            problems.append(Problem("mismatch", owner, rnd, None, "metrics.jsonl reports a DP round that the ledger does not record"))
+            problems.append(
+                Problem(
+                    "mismatch", owner, rnd, None, "metrics.jsonl reports a DP round that the ledger does not record"
+                )
+            )
         if audit.final_prv is not None and abs(audit.final_prv - audit.final_pld) > PRV_WARN_GAP:
-            warnings.append(f"{owner}: PRV ε {audit.final_prv:.3f} and PLD ε {audit.final_pld:.3f} differ by more than {PRV_WARN_GAP}")
+            warnings.append(
+                f"{owner}: PRV ε {audit.final_prv:.3f} and PLD ε {audit.final_pld:.3f} "
+                f"differ by more than {PRV_WARN_GAP}"
+            )
         if audit.trajectory or audit.declines or owner != SERVER_OWNER:
             ledgers.append(audit)
     for pid in sorted(set(claims_local) - set(silo_chains)):
-        problems.append(Problem("mismatch", silo_owner(pid), None, None, "metrics.jsonl reports DP rounds but no ledger exists"))
+        problems.append(
+            Problem("mismatch", silo_owner(pid), None, None, "metrics.jsonl reports DP rounds but no ledger exists")
+        )
 
     emp = None
     if empirical:
         emp = empirical_audit(run, run_config, ledgers, problems, warnings)
     return AuditResult(str(run_dir), ledgers, problems, warnings, emp, run_config)
-
-

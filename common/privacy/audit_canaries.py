@@ -15,7 +15,11 @@ from common.rundir import RunDir
 
 
 def empirical_audit(
-    run_dir: RunDir, run_config: dict[str, Any], ledgers: list[LedgerAudit], problems: list[Problem], warnings: list[str]
+    run_dir: RunDir,
+    run_config: dict[str, Any],
+    ledgers: list[LedgerAudit],
+    problems: list[Problem],
+    warnings: list[str],
 ) -> dict[str, Any] | None:
     try:
         cfg = AppConfig.from_run_config(run_config)
@@ -30,7 +34,9 @@ def empirical_audit(
     initial_path, final_path = run_dir.initial_model, run_dir.final_model
     for path in (initial_path, final_path):
         if not path.exists():
-            problems.append(Problem("empirical", "server", None, None, f"{path.name} missing: canaries cannot be scored"))
+            problems.append(
+                Problem("empirical", "server", None, None, f"{path.name} missing: canaries cannot be scored")
+            )
             return None
     initial = {k: v.numpy() for k, v in load_arrays(initial_path).items()}
     final = {k: v.numpy() for k, v in load_arrays(final_path).items()}
@@ -66,9 +72,14 @@ def empirical_audit(
         }
         if result.epsilon_lb > claimed:
             problems.append(
-                Problem("empirical", owner, None, None,
-                        f"one-run audit lower bound ε_LB={result.epsilon_lb:.3f} (95% confidence) exceeds the claimed "
-                        f"ε={claimed:.3f}: the model leaks more than the ledger says (is the noise really added?)")
+                Problem(
+                    "empirical",
+                    owner,
+                    None,
+                    None,
+                    f"one-run audit lower bound ε_LB={result.epsilon_lb:.3f} (95% confidence) exceeds the claimed "
+                    f"ε={claimed:.3f}: the model leaks more than the ledger says (is the noise really added?)",
+                )
             )
     data = run_dir.read_central_canaries() if cfg.audit.central_canaries else None
     if data is not None:
@@ -83,5 +94,8 @@ def empirical_audit(
                 f"the claimed client-level ε={claimed:.3f} (an estimate, not a bound: investigate)"
             )
     if cfg.audit.unsafe_disable_noise:
-        warnings.append("config sets audit.unsafe-disable-noise: this run trained WITHOUT noise while claiming σ (a deliberate audit demonstration)")
+        warnings.append(
+            "config sets audit.unsafe-disable-noise: this run trained WITHOUT noise while claiming σ "
+            "(a deliberate audit demonstration)"
+        )
     return out or None

@@ -206,8 +206,8 @@ class SparseDPSGD:
         """
         self.step_count += 1
         batch = len(users)
-        ids_of = {name: users for name in self.user_tables}
-        ids_of.update({name: items for name in self.item_tables})
+        ids_of = dict.fromkeys(self.user_tables, users)
+        ids_of.update(dict.fromkeys(self.item_tables, items))
         # 1. rows read this step must hold the noise of every earlier step; this
         #    step's noise stays owed until the row is next read or flushed.
         for group in self._groups:
@@ -237,13 +237,14 @@ class SparseDPSGD:
 
         # 3. exact per-sample norms over released parameters, clip factors
         sq = torch.zeros(batch, device=users.device)
+        grads = {name: _grad(rows[name]) for name in (*self.noised, *self.private)}
         for name in self.user_tables:
             if name in self.noised:
-                sq += (rows[name].grad * rows[name].grad).sum(1)
+                sq += (grads[name] * grads[name]).sum(1)
         item_noised = [n for n in self.item_tables if n in self.noised]
         if item_noised:
             sq += _duplicate_aware_sq_norms(
-                items, [rows[n].grad for n in item_noised], self._table(item_noised[0]).num_embeddings
+                items, [grads[n] for n in item_noised], self._table(item_noised[0]).num_embeddings
             )
         dense = [self._dense_part(module, batch) for module in self._dense_layers]
         for part_sq, _ in dense:
@@ -256,19 +257,19 @@ class SparseDPSGD:
         scale = self.lr / self.expected_batch_size
         with torch.no_grad():
             for name in self.noised:
-                grad = rows[name].grad
+                grad = grads[name]
                 flat_ids = ids_of[name].reshape(-1)
                 weighted = (grad * factor.view(-1, *([1] * (grad.dim() - 1)))).reshape(len(flat_ids), -1)
                 self._table(name).weight.index_add_(0, flat_ids, weighted, alpha=-scale)
             for name in self.private:
-                grad = rows[name].grad
+                grad = grads[name]
                 flat_ids = ids_of[name].reshape(-1)
                 self._table(name).weight.index_add_(
                     0, flat_ids, grad.reshape(len(flat_ids), -1), alpha=-self.private_lr
                 )
             for _, clipped_sum in dense:
                 for param, total in clipped_sum(factor).items():
-                    param -= scale * (total + self._dense_noise(param))
+                    param.sub_(scale * (total + self._dense_noise(param)))
         self._captured.clear()
         clipped = float((norms > self.clip).float().mean()) if math.isfinite(self.clip) else 0.0
         return StepStats(batch, float(losses.detach().mean()), clipped)
@@ -301,7 +302,14 @@ class SparseDPSGD:
         with torch.no_grad():
             for module in self._dense_layers:
                 for p in module.parameters(recurse=False):
-                    p -= scale * self._dense_noise(p)
+                    p.sub_(scale * self._dense_noise(p))
+
+
+def _grad(row: Tensor) -> Tensor:
+    """The gradient a backward pass left on a gathered row (it must have one)."""
+    if row.grad is None:
+        raise RuntimeError("a gathered row got no gradient: the loss does not use it")
+    return row.grad
 
 
 def _linear_part(
@@ -327,12 +335,12 @@ def _linear_part(
 
     def clipped_sum(factor: Tensor) -> dict[nn.Parameter, Tensor]:
         weighted = (g * factor[:, None, None]).reshape(-1, g.shape[-1])
-        out = {layer.weight: weighted.T @ a.reshape(-1, a.shape[-1])}
+        out: dict[nn.Parameter, Tensor] = {layer.weight: weighted.T @ a.reshape(-1, a.shape[-1])}  # type: ignore[dict-item]
         if layer.bias is not None:
             out[layer.bias] = weighted.sum(0)
         return out
 
-    return sq, clipped_sum  # type: ignore[return-value]
+    return sq, clipped_sum
 
 
 # Up to this many reads per sample, pairwise comparison is cheaper than sorting.

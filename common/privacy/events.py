@@ -242,13 +242,13 @@ class _Fields:
             raise ReleaseError(f"{key}: expected a string, got {value!r}")
         return value
 
-    def int(self, key: str) -> int:
+    def int(self, key: str) -> int:  # type: ignore[valid-type]
         value = self._get(key)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ReleaseError(f"{key}: expected an integer, got {value!r}")
         return value
 
-    def float(self, key: str, *, allow_inf: bool = False) -> float:
+    def float(self, key: str, *, allow_inf: bool = False) -> float:  # type: ignore[valid-type]
         value = self._get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ReleaseError(f"{key}: expected a number, got {value!r}")

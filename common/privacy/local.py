@@ -54,9 +54,7 @@ class UnitSampler:
         User unit: positives per user per step (a random subset when more).
     """
 
-    def __init__(
-        self, split: UserSplit, unit: Unit, expected_batch_size: int, max_positives: int
-    ) -> None:
+    def __init__(self, split: UserSplit, unit: Unit, expected_batch_size: int, max_positives: int) -> None:
         order = np.argsort(split.train_user, kind="stable")
         self.users_sorted = split.train_user[order]
         self.items_sorted = split.train_item[order]
@@ -116,11 +114,14 @@ def per_sample_losses(
     loss = interaction_loss(logits, settings.loss)
     weights = mask.to(loss.dtype)
     user_rows = {n: rows[n] for n in model.user_tables}
-    item_rows = {
-        n: rows[n].reshape(batch, width, -1, rows[n].shape[-1]) for n in model.item_tables
-    }
-    user_l2 = sum((r.pow(2).sum(-1) for n, r in user_rows.items() if n in model.l2_tables), torch.zeros(batch, device=mask.device))
-    item_l2 = sum((r.pow(2).sum((-2, -1)) for n, r in item_rows.items() if n in model.l2_tables), torch.zeros(batch, width, device=mask.device))
+    item_rows = {n: rows[n].reshape(batch, width, -1, rows[n].shape[-1]) for n in model.item_tables}
+    user_l2 = sum(
+        (r.pow(2).sum(-1) for n, r in user_rows.items() if n in model.l2_tables), torch.zeros(batch, device=mask.device)
+    )
+    item_l2 = sum(
+        (r.pow(2).sum((-2, -1)) for n, r in item_rows.items() if n in model.l2_tables),
+        torch.zeros(batch, width, device=mask.device),
+    )
     return (weights * (loss + settings.l2 * item_l2)).sum(1) + settings.l2 * user_l2
 
 
@@ -145,7 +146,12 @@ def fit_user_rows(
         p.requires_grad_(False)
     try:
         train_epochs(
-            model, split, settings, epochs=epochs, rng=rng, device=device,
+            model,
+            split,
+            settings,
+            epochs=epochs,
+            rng=rng,
+            device=device,
             optimizer=torch.optim.Adam(user_params, lr=settings.lr),
         )
     finally:
@@ -205,16 +211,21 @@ def dp_train(
             users, positives, mask = sampler.sample(rng)
             batch, width = positives.shape
             negatives = sample_train_negatives(
-                keys, np.repeat(users, width), settings.num_negatives, split.num_items, rng,
+                keys,
+                np.repeat(users, width),
+                settings.num_negatives,
+                split.num_items,
+                rng,
                 high=dp.negative_items,
             ).reshape(batch, width, -1)
             items = np.concatenate([positives[..., None], negatives], axis=-1).reshape(batch, -1)
             users_t = torch.from_numpy(users).to(device)
             items_t = torch.from_numpy(items).to(device)
             mask_t = torch.from_numpy(mask).to(device)
-            stats = engine.step(
-                users_t, items_t, lambda rows, m=mask_t: per_sample_losses(model, rows, m, settings)
-            )
+            def losses(rows: dict[str, Tensor], m: Tensor = mask_t) -> Tensor:
+                return per_sample_losses(model, rows, m, settings)
+
+            stats = engine.step(users_t, items_t, losses)
             if stats.batch_size:
                 total += stats.loss
                 counted += 1

@@ -104,34 +104,71 @@ def replay(chain: Chain, path: Path, problems: list[Problem], run_claims: Mappin
             acc.rounds, acc.uses = [], []
             audit.unit, audit.neighbouring, audit.delta = rel.unit, rel.neighbouring, rel.delta
             audit.delta_rule, audit.accountant, audit.population = rel.delta_rule, rel.accountant, rel.population
-        for key, value, seen in (("unit", rel.unit, acc.unit), ("delta", rel.delta, acc.delta), ("accountant", rel.accountant, acc.accountant)):
+        for key, value, seen in (
+            ("unit", rel.unit, acc.unit),
+            ("delta", rel.delta, acc.delta),
+            ("accountant", rel.accountant, acc.accountant),
+        ):
             if value != seen:
-                problems.append(Problem("mismatch", chain.owner, rnd, line, f"{key} changed from {seen!r} to {value!r} within one ledger"))
+                problems.append(
+                    Problem(
+                        "mismatch",
+                        chain.owner,
+                        rnd,
+                        line,
+                        f"{key} changed from {seen!r} to {value!r} within one ledger",
+                    )
+                )
         audit.target_epsilon = rel.target_epsilon
         use = rel.use
         if use is None:
             replayed = acc.epsilon()
-            audit.declines.append({"round": rnd, "line": line, "epsilon": replayed,
-                                   "epsilon-if-trained": rel.epsilon_if_trained, "target-epsilon": rel.target_epsilon})
+            audit.declines.append(
+                {
+                    "round": rnd,
+                    "line": line,
+                    "epsilon": replayed,
+                    "epsilon-if-trained": rel.epsilon_if_trained,
+                    "target-epsilon": rel.target_epsilon,
+                }
+            )
             _compare(problems, chain.owner, rnd, line, "the decline event", rel.epsilon, replayed)
             continue
         acc.record(rnd, use)
-        key = (use.noise_multiplier, use.sample_rate, rel.clip)
+        mech_key = (use.noise_multiplier, use.sample_rate, rel.clip)
         mech = mechanisms.setdefault(
-            key, {"noise-multiplier": key[0], "sample-rate": key[1], "clip": key[2], "rounds": [], "steps": 0,
-                  "mechanism": MECHANISM, "sampling": SAMPLING},
+            mech_key,
+            {
+                "noise-multiplier": mech_key[0],
+                "sample-rate": mech_key[1],
+                "clip": mech_key[2],
+                "rounds": [],
+                "steps": 0,
+                "mechanism": MECHANISM,
+                "sampling": SAMPLING,
+            },
         )
         mech["rounds"].append(rnd)
         mech["steps"] += use.steps
         replayed = acc.epsilon()
-        point = RoundEpsilon(round=rnd, line=line, claimed=rel.epsilon, pld=acc.epsilon("pld"),
-                             rdp=acc.epsilon("rdp"), steps=sum(u.steps for u in acc.uses))
+        point = RoundEpsilon(
+            round=rnd,
+            line=line,
+            claimed=rel.epsilon,
+            pld=acc.epsilon("pld"),
+            rdp=acc.epsilon("rdp"),
+            steps=sum(u.steps for u in acc.uses),
+        )
         audit.trajectory.append(point)
         _compare(problems, chain.owner, rnd, line, "the event", point.claimed, replayed)
         if rnd in run_claims:
             _compare(problems, chain.owner, rnd, line, "metrics.jsonl", run_claims[rnd], replayed)
         if rel.target_epsilon > 0 and replayed > rel.target_epsilon * (1 + EPS_TOLERANCE):
-            problems.append(Problem("overrun", chain.owner, rnd, line, f"ε={replayed:.6g} exceeds the budget {rel.target_epsilon:g}"))
+            problems.append(
+                Problem(
+                    "overrun", chain.owner, rnd, line, f"ε={replayed:.6g} exceeds the budget {rel.target_epsilon:g}"
+                )
+            )
     audit.mechanisms = list(mechanisms.values())
     if acc is not None and acc.uses:
         uses = acc.uses
@@ -139,17 +176,27 @@ def replay(chain: Chain, path: Path, problems: list[Problem], run_claims: Mappin
         audit.final_pld = acc.epsilon("pld")
         audit.final_rdp = acc.epsilon("rdp")
         audit.final_prv, audit.prv_note = _prv(uses, acc.delta)
-        audit.no_amplification = epsilon([MechanismUse(u.noise_multiplier, 1.0, u.steps) for u in uses], acc.delta, "pld")
+        audit.no_amplification = epsilon(
+            [MechanismUse(u.noise_multiplier, 1.0, u.steps) for u in uses], acc.delta, "pld"
+        )
         audit.epsilon_delta_curve = epsilon_delta_curve(uses, DELTA_GRID)
     return audit
 
 
-def _compare(problems: list[Problem], owner: str, rnd: int, line: int, source: str, claimed: float, replayed: float) -> None:
+def _compare(
+    problems: list[Problem], owner: str, rnd: int, line: int, source: str, claimed: float, replayed: float
+) -> None:
     if math.isinf(claimed) and math.isinf(replayed):
         return
     if not math.isclose(claimed, replayed, rel_tol=EPS_TOLERANCE, abs_tol=EPS_TOLERANCE):
         problems.append(
-            Problem("mismatch", owner, rnd, line, f"{source} claims ε={claimed:.6g}; replaying the ledger gives ε={replayed:.6g}")
+            Problem(
+                "mismatch",
+                owner,
+                rnd,
+                line,
+                f"{source} claims ε={claimed:.6g}; replaying the ledger gives ε={replayed:.6g}",
+            )
         )
 
 
@@ -172,5 +219,3 @@ def _prv_cached(uses: tuple[MechanismUse, ...], delta: float) -> tuple[float | N
             return float(acc.get_epsilon(delta=delta, eps_error=0.01)), "opacus PRVAccountant, eps_error 0.01"
     except Exception as exc:  # noqa: BLE001 - PRV's numerical limits (e.g. tiny σ) are reported, not fatal
         return None, f"PRV failed: {exc}"
-
-

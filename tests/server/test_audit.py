@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 from cli.main import app
 from common.config import load_default_run_config
 from common.privacy.accounting import Accountant, MechanismUse, epsilon
-from common.rundir import RoundRecord, RunDir
 from common.privacy.audit import audit_run
 from common.privacy.ledger import Chain, encode
+from common.rundir import RoundRecord, RunDir
 from simulations.inprocess import run_inprocess
 
 SIGMA = 1.2

@@ -6,8 +6,8 @@ from pathlib import Path
 from flwr.app import Message
 
 from common import records
-from common.storage import load_arrays
 from common.models import is_private
+from common.storage import load_arrays
 from simulations.inprocess import run_inprocess
 from tests.fakes import run_local
 

@@ -10,8 +10,8 @@ from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
 from common import records
 from common.models import is_private
-from common.privacy.events import PrivacyRelease
 from common.privacy.accounting import Accountant, MechanismUse, epsilon
+from common.privacy.events import PrivacyRelease
 from common.rundir import RoundRecord, RunDir
 from simulations.inprocess import run_inprocess
 from tests.fakes import LocalGrid, run_local
@@ -116,7 +116,6 @@ def test_dp_replies_carry_only_shared_parameters_and_a_privacy_summary(local_dp_
         ledger = reply.content.config_records[records.LEDGER]
         assert {json.loads(line)["kind"] for line in ledger[records.LEDGER_LINES]} == {"dp-sgd"}
         assert not any(is_private(n) for n in reply.content.array_records[records.ARRAYS])
-        summary = reply.content.config_records[records.PRIVACY]
         release = PrivacyRelease.from_json(dict(reply.content.config_records[records.PRIVACY]))
         assert release.trained and math.isfinite(release.epsilon)
 
