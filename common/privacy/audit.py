@@ -193,12 +193,16 @@ def audit_run(run_dir: Path, *, empirical: bool = True) -> AuditResult:
     for owner, (chain, path) in sorted(chains.items()):
         pid = partition_of(owner)
         claims = claims_central if pid is None else claims_local.get(pid, {})
-        audit = replay(chain, path, problems, claims)
+        audit = replay(chain, path, problems, claims, run.metrics.name)
         recorded = {t.round for t in audit.trajectory}
         for rnd in sorted(set(claims) - recorded):
             problems.append(
                 Problem(
-                    "mismatch", owner, rnd, None, "metrics.jsonl reports a DP round that the ledger does not record"
+                    "mismatch",
+                    owner,
+                    rnd,
+                    None,
+                    f"{run.metrics.name} reports a DP round that the ledger does not record",
                 )
             )
         if audit.final_prv is not None and abs(audit.final_prv - audit.final_pld) > PRV_WARN_GAP:
@@ -210,7 +214,9 @@ def audit_run(run_dir: Path, *, empirical: bool = True) -> AuditResult:
             ledgers.append(audit)
     for pid in sorted(set(claims_local) - set(silo_chains)):
         problems.append(
-            Problem("mismatch", silo_owner(pid), None, None, "metrics.jsonl reports DP rounds but no ledger exists")
+            Problem(
+                "mismatch", silo_owner(pid), None, None, f"{run.metrics.name} reports DP rounds but no ledger exists"
+            )
         )
 
     emp = None

@@ -85,7 +85,9 @@ class LedgerAudit:
 
 
 # ---------------------------------------------------------------- replay
-def replay(chain: Chain, path: Path, problems: list[Problem], run_claims: Mapping[int, float]) -> LedgerAudit:
+def replay(
+    chain: Chain, path: Path, problems: list[Problem], run_claims: Mapping[int, float], claims_source: str
+) -> LedgerAudit:
     """Replay one verified chain's releases with a fresh :class:`Accountant`."""
     audit = LedgerAudit(owner=chain.owner, path=str(path), lines=len(chain))
     acc: Accountant | None = None
@@ -162,7 +164,7 @@ def replay(chain: Chain, path: Path, problems: list[Problem], run_claims: Mappin
         audit.trajectory.append(point)
         _compare(problems, chain.owner, rnd, line, "the event", point.claimed, replayed)
         if rnd in run_claims:
-            _compare(problems, chain.owner, rnd, line, "metrics.jsonl", run_claims[rnd], replayed)
+            _compare(problems, chain.owner, rnd, line, claims_source, run_claims[rnd], replayed)
         if rel.target_epsilon > 0 and replayed > rel.target_epsilon * (1 + EPS_TOLERANCE):
             problems.append(
                 Problem(
