@@ -22,7 +22,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "simulations" / "configs"
 
 def fedrec(*args: str) -> None:
     """Run a fedrec command; exit with its output on failure."""
-    proc = subprocess.run([sys.executable, "-m", "simulations.cli", *args], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"fedrec {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 

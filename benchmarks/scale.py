@@ -84,7 +84,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="fedrec-scale-"))
 
     ray_dir = work / "ray"
-    cmd = [sys.executable, "-m", "simulations.cli", "simulate", "--silos", str(n), "--run-dir", str(ray_dir)]
+    cmd = [sys.executable, "-m", "cli.main", "simulate", "--silos", str(n), "--run-dir", str(ray_dir)]
     for key, value in overrides.items():
         cmd += ["-c", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
     start = time.perf_counter()

@@ -14,8 +14,8 @@ import itertools
 
 import torch
 
+from cli.config import resolve_config
 from simulations.centralized import best_epoch, run_centralized
-from simulations.cli import resolve_config
 
 
 def main() -> None:

@@ -251,7 +251,7 @@ def flwr_run(
     """
     run = start_flwr_run(
         flwr_home, app_dir=app_dir, run_config=run_config, federation_config=federation_config,
-        env=env, log=log, append=append, on_line=on_line or sys.stdout.write,
+        env=env, log=log, append=append, on_line=on_line or _print,
     )
     try:
         return run.wait(timeout)
@@ -259,6 +259,10 @@ def flwr_run(
         raise LaunchError(f"flwr run exceeded {timeout:.0f}s") from None
     finally:
         run.stop()
+
+
+def _print(line: str) -> None:
+    sys.stdout.write(line)
 
 
 def register_supernode(flwr_home: Path, public_key: Path, *, env: Mapping[str, str] | None = None) -> int:

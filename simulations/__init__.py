@@ -1,1 +1,1 @@
-"""fedrec runners: the CLI, simulation launcher, centralized baseline, benchmarks."""
+"""In-process runtimes and experiment settings: the in-process federation, the centralized baseline, configs/."""

@@ -115,7 +115,7 @@ def test_plain_http_to_the_tls_port_fails(deployment: LocalDeployment):
 def test_print_commands_gives_every_host_its_flags_and_starts_nothing(tmp_path: Path):
     from typer.testing import CliRunner
 
-    from simulations.cli import app
+    from cli.main import app
 
     # Act
     result = CliRunner().invoke(
@@ -141,7 +141,7 @@ def test_certs_command_names_the_host_and_loopback(tmp_path: Path):
     from cryptography import x509
     from typer.testing import CliRunner
 
-    from simulations.cli import app
+    from cli.main import app
 
     # Act
     result = CliRunner().invoke(app, ["deploy", "certs", "--out", str(tmp_path), "--host", "fl.example.org"])

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from common.rundir import RunDir
+
 pytestmark = [pytest.mark.runtime, pytest.mark.slow]
 
 

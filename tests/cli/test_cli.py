@@ -5,7 +5,8 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from simulations.cli import app, resolve_config
+from cli.config import resolve_config
+from cli.main import app
 
 runner = CliRunner()
 

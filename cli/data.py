@@ -3,29 +3,28 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from cli.output import console, fail
 from common.config import (
     AppConfig,
     Scalar,
     load_default_run_config,
     merge_overrides,
 )
-from common.data.prepare import PrepareSummary, prepare_silos
-from common.data.prepared import DATA_FILES, MANIFEST
 from common.errors import ConfigError, DataError, FedrecError
+
+if TYPE_CHECKING:
+    from common.data.prepare import PrepareSummary
 
 data_app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Prepare interaction data for deployment: one directory per silo.",
 )
-console = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
 
 _SUFFIXES = {
     ".csv": "csv",
@@ -35,12 +34,6 @@ _SUFFIXES = {
     ".pq": "parquet",
 }
 _RATING_FILES = {"u.data": "ml-100k", "ratings.dat": "ml-1m"}
-
-
-def _fail(error: Exception) -> None:
-    """Print the error without a traceback and exit: 2 for usage, 1 for data."""
-    err.print(f"[bold red]error:[/] {error}")
-    raise typer.Exit(2 if isinstance(error, ConfigError) else 1)
 
 
 @data_app.command()
@@ -124,6 +117,8 @@ def prepare(
 
     Give each silo only its own directory, as its node config's data-path.
     """
+    from common.data.prepare import prepare_silos
+
     try:
         if (silos is None) == (silo_column is None):
             raise ConfigError("give exactly one of --silos N and --silo-column COLUMN")
@@ -160,7 +155,7 @@ def prepare(
             force=force,
         )
     except (FedrecError, OSError) as e:
-        _fail(e)
+        fail(e, 2 if isinstance(e, ConfigError) else 1)  # 2 for usage, 1 for data
     _print_summary(summary)
 
 
@@ -185,6 +180,8 @@ def _infer_dataset(path: Path) -> str:
 
 def _print_summary(summary: PrepareSummary) -> None:
     """Print what was read, how it was split, and one row per silo."""
+    from common.data.prepared import DATA_FILES, MANIFEST
+
     s = summary
     console.print(
         f"[bold]fedrec data prepare[/]: {s.source} ({s.dataset}, sha256 "

@@ -1,23 +1,21 @@
-"""``fedrec deploy``: the app on real Flower processes (SuperLink + SuperNodes), TLS, node auth.
-
-The processes themselves are started by :mod:`deployment.local`.
-"""
+"""``fedrec deploy``: the app on real Flower processes (SuperLink + SuperNodes), TLS, node auth."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import signal
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from deployment.local import LocalDeployment
-from deployment.pki import SERVER_HOSTS, create_ca, create_node_key, create_server_certificate
-from deployment.processes import LaunchError
-from deployment.recipe import multi_machine_commands
+from cli.config import collect_overrides, preflight
+from cli.options import ConfigOpt, RoundsOpt
+from cli.output import console, err, fail, is_progress
+from cli.runs import choose_run_dir, refuse_existing_run, summarise_run, unwind_on_sigterm
+from common.config import AppConfig, Scalar, load_default_run_config, merge_overrides
+from common.errors import ConfigError, FedrecError
+from deployment.pki import SERVER_HOSTS
 from deployment.tuning import FLOWER_DEFAULTS, TUNED, Tuning
 
 deploy_app = typer.Typer(
@@ -25,13 +23,6 @@ deploy_app = typer.Typer(
     no_args_is_help=True,
     help="Run the app on real Flower processes (SuperLink + SuperNodes) with TLS and node auth.",
 )
-
-_ConfigOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--config", "-c", help="Override: -c train.lr=0.005, or a TOML file of overrides (repeatable)."
-    ),
-]
 
 
 @deploy_app.command()
@@ -41,8 +32,8 @@ def local(
     auth: Annotated[
         bool, typer.Option("--auth/--no-auth", help="SuperNode authentication (needs TLS).")
     ] = True,
-    rounds: Annotated[int | None, typer.Option(help="num-server-rounds.")] = None,
-    config: _ConfigOpt = None,
+    rounds: RoundsOpt = None,
+    config: ConfigOpt = None,
     run_dir: Annotated[
         Path | None, typer.Option(help="Where to write the run (default runs/<time>-deploy).")
     ] = None,
@@ -73,79 +64,100 @@ def local(
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Flower's full log stream.")] = False,
 ) -> None:
     """Start a SuperLink and one SuperNode per silo on 127.0.0.1, run the app, stop all."""
-    from common.config import load_default_run_config
-    from common.errors import ConfigError, FedrecError
-    from common.rundir import default_run_dir
-    from simulations import cli
+    from deployment.supernode import silo_dir
 
     tuning = FLOWER_DEFAULTS if flower_defaults else TUNED
     if superexec_poll is not None:
         tuning = dataclasses.replace(tuning, superexec_poll_interval=superexec_poll)
+    run = choose_run_dir(run_dir, "deploy")
     try:
         if auth and not tls:
             raise ConfigError("SuperNode authentication needs TLS: drop --insecure or add --no-auth")
-        run_config, cfg = cli.resolve_config(config, **{"num-server-rounds": rounds})
+        values = collect_overrides(config, {"num-server-rounds": rounds})
+        if not print_commands:
+            values["run-dir"] = str(run.path)
+        run_config = merge_overrides(load_default_run_config(), values)
+        cfg = AppConfig.from_run_config(run_config)
         if data_root is not None:
-            missing = [i for i in range(silos) if not (data_root / f"silo-{i}").is_dir()]
+            missing = [i for i in range(silos) if not silo_dir(data_root, i).is_dir()]
             if missing:
                 raise ConfigError(
-                    f"{data_root}/silo-{missing[0]} does not exist: prepare the silos' data "
+                    f"{silo_dir(data_root, missing[0])} does not exist: prepare the silos' data "
                     f"first (fedrec data prepare --out {data_root} ...)"
                 )
             if silos < cfg.strategy.min_nodes:
                 raise ConfigError(f"strategy.min-nodes is {cfg.strategy.min_nodes} but only {silos} silos run")
         else:
-            cli.preflight(cfg, silos)
+            preflight(cfg, silos)
+        if not print_commands:
+            refuse_existing_run(run, "choose another --run-dir")
     except FedrecError as e:
-        cli._fail(e)
+        fail(e)
     if print_commands:
-        defaults = load_default_run_config()
-        overrides = {k: v for k, v in run_config.items() if defaults.get(k) != v}
-        overrides.setdefault("run-dir", "/srv/fedrec/runs/deploy")
-        sys.stdout.write(
-            multi_machine_commands(
-                silos, superlink_host=superlink_host, run_overrides=overrides, tuning=tuning,
-                tls=tls, auth=auth, data_root=str(data_root.resolve()) if data_root else None,
-                state_root=str(state_root.resolve()) if state_root else "/srv/fedrec/state",
-            )
-        )
+        _print_commands(run_config, silos, superlink_host, tuning, tls, auth, data_root, state_root)
         return
-    out = run_dir.resolve() if run_dir is not None else default_run_dir("deploy").resolve()
-    if (out / "metrics.jsonl").exists():
-        cli._fail(ConfigError(f"{out} already holds a run (metrics.jsonl exists); choose another --run-dir"))
-    run_config["run-dir"] = str(out)
-    out.mkdir(parents=True, exist_ok=True)
-    cli.console.print(
+    run.path.mkdir(parents=True, exist_ok=True)
+    console.print(
         f"[bold]fedrec deploy local[/]: {silos} SuperNodes, {cfg.num_server_rounds} rounds, "
         f"TLS {'on' if tls else 'off'}, node auth {'on' if auth else 'off'}, "
         f"{'Flower default' if flower_defaults else 'fedrec'} latency settings ({_describe(tuning)})"
     )
-    cli.console.print(f"run directory: {out}")
-    signal.signal(signal.SIGTERM, cli._raise_keyboard_interrupt)
-    dep = LocalDeployment(out, silos, tls=tls, auth=auth, tuning=tuning, data_root=data_root,
+    console.print(f"run directory: {run.path}")
+    from deployment.local import LocalDeployment
+    from deployment.processes import LaunchError
+
+    unwind_on_sigterm()
+    dep = LocalDeployment(run.path, silos, tls=tls, auth=auth, tuning=tuning, data_root=data_root,
                           state_root=state_root, start_supernodes=False)
     try:
         with dep:
-            cli.console.print(f"SuperLink {dep.address} (log {dep.superlink_log})")
+            console.print(f"SuperLink {dep.address} (log {dep.superlink_log})")
             if dep.node_ids:
-                cli.console.print(f"registered node keys: {len(dep.node_ids)} in {dep.credentials.directory}")
+                console.print(f"registered node keys: {len(dep.node_ids)} in {dep.credentials.directory}")
             dep.start_all_supernodes()
             for i, node in sorted(dep.supernodes.items()):
-                cli.console.print(f"SuperNode {i}: PID {node.proc.pid}, log {node.log}")
+                console.print(f"SuperNode {i}: PID {node.proc.pid}, log {node.log}")
 
             def show(line: str) -> None:
-                if verbose or cli._PROGRESS.search(line):
+                if verbose or is_progress(line):
                     sys.stdout.write(line)
                     sys.stdout.flush()
 
             rc = dep.run_app(run_config, on_line=show)
     except LaunchError as e:
-        cli.err.print(f"[bold red]error:[/] {e}")
-        raise typer.Exit(1) from None
+        fail(e, 1)
     except KeyboardInterrupt:
-        cli.err.print(f"[bold yellow]interrupted[/]: every process stopped; logs in {dep.log_dir}")
+        err.print(f"[bold yellow]interrupted[/]: every process stopped; logs in {dep.log_dir}")
         raise typer.Exit(130) from None
-    _summarise(out, rc, cfg.num_server_rounds, cfg.eval.k, cfg.privacy.mode, dep.log_dir)
+    summarise_run(
+        run, rc, num_rounds=cfg.num_server_rounds, k=cfg.eval.k, privacy_mode=cfg.privacy.mode,
+        logs=f"logs: {dep.files.flwr_run_log}, {dep.log_dir}",
+    )
+
+
+def _print_commands(
+    run_config: dict[str, Scalar],
+    silos: int,
+    superlink_host: str,
+    tuning: Tuning,
+    tls: bool,
+    auth: bool,
+    data_root: Path | None,
+    state_root: Path | None,
+) -> None:
+    """The multi-machine recipe for this run config: its overrides of the defaults only."""
+    from deployment.recipe import multi_machine_commands
+
+    defaults = load_default_run_config()
+    overrides = {k: v for k, v in run_config.items() if defaults.get(k) != v}
+    overrides.setdefault("run-dir", "/srv/fedrec/runs/deploy")
+    sys.stdout.write(
+        multi_machine_commands(
+            silos, superlink_host=superlink_host, run_overrides=overrides, tuning=tuning,
+            tls=tls, auth=auth, data_root=str(data_root.resolve()) if data_root else None,
+            state_root=str(state_root.resolve()) if state_root else "/srv/fedrec/state",
+        )
+    )
 
 
 def _describe(tuning: Tuning) -> str:
@@ -156,32 +168,6 @@ def _describe(tuning: Tuning) -> str:
     )
 
 
-def _summarise(out: Path, rc: int, num_rounds: int, k: int, privacy_mode: str, log_dir: Path) -> None:
-    """Check the run's files and print its tables, as ``fedrec simulate`` does."""
-    from simulations import cli
-
-    metrics_file = out / "metrics.jsonl"
-    flwr_log = log_dir / "flwr-run.log"
-    if rc != 0 or not metrics_file.exists():
-        cli.err.print(f"[bold red]error:[/] the Flower run failed (exit code {rc}); logs: {flwr_log}, {log_dir}")
-        raise typer.Exit(1)
-    rounds_done = [json.loads(line) for line in metrics_file.read_text().splitlines()]
-    state_file = out / "state.json"
-    stop_reason = json.loads(state_file.read_text()).get("stop-reason") if state_file.exists() else None
-    if len(rounds_done) < num_rounds and not stop_reason:
-        cli.err.print(
-            f"[bold red]error:[/] only {len(rounds_done)} of {num_rounds} rounds completed; "
-            f"logs: {flwr_log}, {log_dir}"
-        )
-        raise typer.Exit(1)
-    cli._print_rounds(rounds_done, k)
-    if privacy_mode != "none":
-        cli._print_privacy(rounds_done)
-    if stop_reason:
-        cli.console.print(f"[bold yellow]stopped after round {len(rounds_done)}:[/] {stop_reason}")
-    cli.console.print(f"report: {out / 'report.md'}")
-
-
 @deploy_app.command()
 def certs(
     out: Annotated[Path, typer.Option(help="Directory for ca.crt/ca.key/server.crt/server.key.")],
@@ -190,6 +176,8 @@ def certs(
     ] = list(SERVER_HOSTS),  # noqa: B006 - typer needs a literal default
 ) -> None:
     """Create a CA and a SuperLink certificate for HOST (kept if they already exist)."""
+    from deployment.pki import create_ca, create_server_certificate
+
     # 127.0.0.1 always: a SuperLink bound to 0.0.0.0 has its SuperExec and ServerApp dial
     # 127.0.0.1:<port> over TLS, which fails unless the certificate names that address.
     hosts = list(dict.fromkeys([*host, *SERVER_HOSTS]))
@@ -204,6 +192,8 @@ def node_key(
     path: Annotated[Path, typer.Argument(help="Private key file; the public key goes to PATH.pub.")],
 ) -> None:
     """Create a SuperNode's ECDSA P-384 key pair (OpenSSH format), as ssh-keygen would."""
+    from deployment.pki import create_node_key
+
     public = create_node_key(path, comment=path.name)
     typer.echo(f"private key: {path} (0600; keep it on this host)")
     typer.echo(f"public key:  {public} (register it: flwr supernode register {public} <connection>)")

@@ -10,17 +10,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from common.privacy.audit import EXIT_CODES, AuditInputError, audit_run
-from common.privacy.audit_report import write_audit
-
-# Wide enough for the ε table when output is not a terminal (logs, CI).
-console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 150)
-err = Console(stderr=True, soft_wrap=True)
+from cli.output import err
 
 
 def audit(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by fedrec simulate/deploy.")],
-    out: Annotated[Path | None, typer.Option(help="Where to write audit.json/audit.md/plots (default: RUN_DIR).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Where to write audit.json/audit.md/plots (default: RUN_DIR).")
+    ] = None,
     empirical: Annotated[bool, typer.Option(help="Score the run's canaries (if it trained any).")] = True,
 ) -> None:
     """Verify every ledger chain, replay every ε (PLD, RDP, PRV), check budgets and canaries.
@@ -30,6 +27,11 @@ def audit(
     from the ledger); 5 budget overrun; 6 the empirical lower bound exceeds the
     claimed ε. With several problems, the smallest code wins.
     """
+    from common.privacy.audit import EXIT_CODES, AuditInputError, audit_run
+    from common.privacy.audit_report import write_audit
+
+    # Wide enough for the ε table when output is not a terminal (logs, CI).
+    console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 150)
     try:
         result = audit_run(run_dir, empirical=empirical)
     except AuditInputError as exc:
@@ -58,7 +60,10 @@ def audit(
         )
     if "one-shot" in emp:
         shot = emp["one-shot"]
-        console.print(f"empirical (one-shot, canary clients): ε̂ = {shot['epsilon']:.3f} vs claimed ε = {shot['claimed-epsilon']:.3f}")
+        console.print(
+            f"empirical (one-shot, canary clients): ε̂ = {shot['epsilon']:.3f} "
+            f"vs claimed ε = {shot['claimed-epsilon']:.3f}"
+        )
     for w in result.warnings:
         console.print(f"[yellow]warning:[/] {w}")
     for p in result.problems:

@@ -1,0 +1,1 @@
+"""The ``fedrec`` command: simulate, centralized baseline, audit, data, deploy."""

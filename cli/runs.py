@@ -1,0 +1,57 @@
+"""What ``fedrec simulate`` and ``fedrec deploy local`` share around a Flower run."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import typer
+
+from cli.output import console, err, fail, print_privacy, print_rounds
+from common.errors import ConfigError
+from common.rundir import RunDir, RunDirError, default_run_dir
+
+
+def choose_run_dir(run_dir: Path | None, label: str) -> RunDir:
+    """``run_dir``, or ``runs/<time>-<label>``; absolute either way."""
+    return RunDir(run_dir.resolve() if run_dir is not None else default_run_dir(label).resolve())
+
+
+def refuse_existing_run(run: RunDir, hint: str) -> None:
+    """Raise if ``run`` already holds rounds of a run (nothing may overwrite them)."""
+    if run.holds_run():
+        raise ConfigError(f"{run.path} already holds a run ({run.metrics.name} exists); {hint}")
+
+
+def unwind_on_sigterm() -> None:
+    """Make SIGTERM unwind like Ctrl-C, so every Flower process we started is stopped."""
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def summarise_run(run: RunDir, rc: int, *, num_rounds: int, k: int, privacy_mode: str, logs: str) -> None:
+    """Check what the run wrote and print its tables; exit 1 if it failed.
+
+    ``logs`` says where to look when it failed (``full log: <file>``).
+    """
+    if rc != 0 or not run.holds_run():
+        err.print(f"[bold red]error:[/] the Flower run failed (exit code {rc}); {logs}")
+        raise typer.Exit(1)
+    try:
+        rounds_done = run.read_rounds()
+        state = run.read_state()
+    except RunDirError as e:
+        fail(e, 1)
+    stop_reason = state.stop_reason if state is not None else None
+    if len(rounds_done) < num_rounds and not stop_reason:
+        err.print(f"[bold red]error:[/] only {len(rounds_done)} of {num_rounds} rounds completed; {logs}")
+        raise typer.Exit(1)
+    print_rounds(rounds_done, k)
+    if privacy_mode != "none":
+        print_privacy(rounds_done)
+    if stop_reason:
+        console.print(f"[bold yellow]stopped after round {len(rounds_done)}:[/] {stop_reason}")
+    console.print(f"report: {run.report}")

@@ -1,0 +1,130 @@
+"""``fedrec simulate``: the federated app on Flower's simulation runtime (its own SuperLink)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.config import collect_overrides, preflight
+from cli.options import ConfigOpt, DataDirOpt, DatasetOpt, ModelOpt, RoundsOpt, RunDirOpt
+from cli.output import console, fail, is_progress
+from cli.runs import choose_run_dir, refuse_existing_run, summarise_run, unwind_on_sigterm
+from common.config import AppConfig, Scalar, load_default_run_config, merge_overrides
+from common.errors import ConfigError, FedrecError
+from common.rundir import RunDir, RunDirError
+
+
+def simulate(
+    dataset: DatasetOpt = None,
+    data_dir: DataDirOpt = None,
+    silos: Annotated[
+        int | None,
+        typer.Option(help="Number of clients (Flower num-supernodes). Default 5; by-user: one per user."),
+    ] = None,
+    rounds: RoundsOpt = None,
+    partition: Annotated[str | None, typer.Option(help="silos | by-user (data.partition).")] = None,
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    run_dir: RunDirOpt = None,
+    cpus_per_client: Annotated[int, typer.Option(help="Ray CPUs per simulated client.")] = 1,
+    verbose: Annotated[bool, typer.Option(help="Show Flower's full log stream.")] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            help="Continue this run directory after its last completed round (same settings; --rounds may grow)."
+        ),
+    ] = None,
+) -> None:
+    """Run the federated app on Flower's simulation runtime (its own SuperLink)."""
+    overrides = list(config or [])
+    try:
+        if resume is not None:
+            if run_dir is not None and run_dir.resolve() != resume.resolve():
+                raise ConfigError("--resume and --run-dir name different directories")
+            original, clients = _original_settings(RunDir(resume), new_rounds=rounds is not None)
+            overrides = [str(original), *overrides]
+            silos = silos or clients
+            run_dir = resume
+        named: dict[str, Scalar | None] = {
+            "data.dataset": dataset,
+            "data.path": str(data_dir) if data_dir else None,
+            "num-server-rounds": rounds,
+            "data.partition": partition,
+            "model.name": model,
+        }
+        values = collect_overrides(overrides, named)
+        defaults = load_default_run_config()
+        given = {**defaults, **values}  # not yet validated: only picks what depends on it
+        if given["data.partition"] == "by-user" and given["data.dataset"] == "synthetic" and silos:
+            # One synthetic user per client unless an override sets the number of users.
+            values = {"data.synthetic.num-users": silos, **values}
+        run = choose_run_dir(run_dir, str(given["data.dataset"]))
+        values["run-dir"] = str(run.path)
+        values["resume"] = resume is not None
+        if not given["state-root"]:
+            # Silos keep durable state (user rows, accountant, ledger) beside the run, so
+            # a resumed simulation continues their budgets instead of starting over.
+            values["state-root"] = str(run.silo_states.resolve())
+        run_config = merge_overrides(defaults, values)
+        cfg = AppConfig.from_run_config(run_config)
+        num_clients = preflight(cfg, silos)
+        if resume is None:
+            refuse_existing_run(run, "choose another --run-dir or --resume it")
+    except FedrecError as e:
+        fail(e)
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.simulation.write_text(json.dumps({"clients": num_clients}) + "\n")
+    console.print(
+        f"[bold]fedrec simulate[/]: {cfg.data.dataset}, {num_clients} clients "
+        f"({cfg.data.partition}), {cfg.num_server_rounds} rounds, model {cfg.model.name}"
+    )
+    console.print(f"run directory: {run.path}")
+    from deployment.launcher import flwr_run, superlink
+
+    def show(line: str) -> None:
+        if verbose or is_progress(line):
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+    unwind_on_sigterm()
+    try:
+        with superlink(run.flower_dir, simulation=True) as link:
+            rc = flwr_run(
+                link.flwr_home,
+                run_config=run_config,
+                federation_config=(
+                    f"num-supernodes={num_clients} client-resources-num-cpus={cpus_per_client}"
+                ),
+                log=run.flower_log,
+                append=False,
+                on_line=show,
+            )
+    except FedrecError as e:
+        fail(e)
+    summarise_run(
+        run, rc, num_rounds=cfg.num_server_rounds, k=cfg.eval.k, privacy_mode=cfg.privacy.mode,
+        logs=f"full log: {run.flower_log}",
+    )
+
+
+def _original_settings(run: RunDir, *, new_rounds: bool) -> tuple[Path, int | None]:
+    """Write the original run's settings (its ``config.json``) as an override file.
+
+    Returns the file (it goes first, so the user's ``-c`` overrides win) and the
+    number of clients the run had. ``num-server-rounds`` is left out when
+    ``--rounds`` is given.
+    """
+    from deployment.launcher import write_run_config
+
+    try:
+        original = run.read_config().run_config
+        clients = run.read_simulation_clients()
+    except RunDirError as e:
+        raise ConfigError(f"--resume: {e}") from None
+    drop = {"resume", "run-dir", *(["num-server-rounds"] if new_rounds else [])}
+    keep = {k: v for k, v in sorted(original.items()) if k not in drop}
+    return write_run_config(run.resume_overrides, keep), clients
