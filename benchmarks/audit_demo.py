@@ -16,9 +16,9 @@ from pathlib import Path
 
 from flwr.supercore.task_identity import TaskIdentity
 
-from common.config import load_default_run_config
 from common.privacy.audit import audit_run
 from common.privacy.audit_report import write_audit
+from common.run_config import load_default_run_config
 from simulations.inprocess import run_inprocess
 
 SETTINGS = {

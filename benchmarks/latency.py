@@ -207,7 +207,7 @@ def main(
     keep: Annotated[Path | None, typer.Option(help="Keep run directories here.")] = None,
 ) -> None:
     """Measure s/round per setting and print a markdown table."""
-    from common.config import parse_override
+    from common.run_config import parse_override
 
     # SIGTERM unwinds like Ctrl-C, so every deployment's processes are stopped.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)

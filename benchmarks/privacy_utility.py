@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from common.config import AppConfig, Scalar, load_default_run_config
+from common.config import AppConfig
+from common.run_config import Scalar, load_default_run_config
 from simulations.centralized import best_epoch, run_centralized
 from simulations.inprocess import run_inprocess
 

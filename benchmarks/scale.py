@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from common.config import load_default_run_config, merge_overrides
+from common.run_config import load_default_run_config, merge_overrides
 from simulations.inprocess import run_inprocess
 
 

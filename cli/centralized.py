@@ -11,8 +11,8 @@ from cli.config import resolve_config
 from cli.options import ConfigOpt, DataDirOpt, DatasetOpt, RunDirOpt
 from cli.output import console, fail, fmt
 from cli.runs import choose_run_dir
-from common.config import Scalar
 from common.errors import FedrecError
+from common.run_config import Scalar
 
 
 def centralized(

@@ -11,15 +11,9 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 
-from common.config import (
-    AppConfig,
-    Scalar,
-    flatten,
-    load_default_run_config,
-    merge_overrides,
-    parse_override,
-)
+from common.config import AppConfig
 from common.errors import ConfigError
+from common.run_config import Scalar, flatten, load_default_run_config, merge_overrides, parse_override
 
 
 def collect_overrides(overrides: list[str] | None, named: Mapping[str, Scalar | None]) -> dict[str, Scalar]:

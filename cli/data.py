@@ -9,13 +9,9 @@ import typer
 from rich.table import Table
 
 from cli.output import console, fail
-from common.config import (
-    AppConfig,
-    Scalar,
-    load_default_run_config,
-    merge_overrides,
-)
+from common.config import AppConfig
 from common.errors import ConfigError, DataError, FedrecError
+from common.run_config import Scalar, load_default_run_config, merge_overrides
 
 if TYPE_CHECKING:
     from common.data.prepare import PrepareSummary

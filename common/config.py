@@ -7,16 +7,12 @@ requires every key, rejects unknown ones and names the key in every error.
 from __future__ import annotations
 
 import math
-import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 from common.errors import ConfigError
-
-Scalar = bool | int | float | str
-PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+from common.run_config import Scalar, unknown_key_error
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,75 +350,6 @@ class NodeConfig:
         return cls(partition_id, num_partitions, data_path, state_dir)
 
 
-def load_default_run_config(pyproject: Path = PYPROJECT) -> dict[str, Scalar]:
-    """The defaults of ``[tool.flwr.app.config]``, flattened the way Flower does."""
-    with pyproject.open("rb") as f:
-        table = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
-    return flatten(table)
-
-
-def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Scalar]:
-    """Flatten nested TOML tables into dotted keys."""
-    out: dict[str, Scalar] = {}
-    for key, value in table.items():
-        if isinstance(value, Mapping):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = cast(Scalar, value)
-    return out
-
-
-def parse_override(text: str) -> tuple[str, Scalar]:
-    """Parse one ``key=value`` override; the value is read as a TOML value.
-
-    Bare words that are not valid TOML (``mode=local``) are taken as strings.
-    """
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError(f"override {text!r} must look like key=value")
-    try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()
-    if isinstance(value, (list, dict)):
-        raise ConfigError(f"{key}: lists and tables are not supported, got {raw!r}")
-    if not isinstance(value, (bool, int, float, str)):  # TOML dates/times: keep the text
-        value = raw.strip()
-    return key, cast(Scalar, value)
-
-
-def merge_overrides(
-    base: Mapping[str, Scalar], overrides: Mapping[str, Scalar]
-) -> dict[str, Scalar]:
-    """``base`` updated with ``overrides``; an override of an unknown key is an error."""
-    unknown = sorted(set(overrides) - set(base))
-    if unknown:
-        raise _unknown_key_error(unknown[0], base)
-    return {**base, **overrides}
-
-
-# Keys of earlier fedrec versions, refused with the name that replaced them.
-RENAMED_KEYS = {
-    **{
-        f"privacy.{name}": f"privacy.local.{name}"
-        for name in ("unit", "noise-multiplier", "clip", "target-epsilon", "delta", "batch-size", "max-positives")
-    },
-    **{f"privacy.{name}": f"privacy.local.optimizer.{name}" for name in ("lr", "user-lr", "user-epochs")},
-    **{
-        f"privacy.central-{name}": f"privacy.central.{name}"
-        for name in ("noise-multiplier", "clip", "sample-rate", "target-epsilon", "delta")
-    },
-}
-
-
-def _unknown_key_error(key: str, known: Iterable[str] = ()) -> ConfigError:
-    if key in RENAMED_KEYS:
-        return ConfigError(f"config key {key!r} was renamed: use {RENAMED_KEYS[key]!r}")
-    listing = f"; known keys: {', '.join(sorted(known))}" if known else ""
-    return ConfigError(f"unknown config key {key!r}{listing}")
-
-
 class _Reader:
     """Typed access to a flat config mapping that remembers which keys were read."""
 
@@ -499,4 +426,4 @@ class _Reader:
     def reject_unknown(self) -> None:
         unknown = sorted(set(self._values) - self._read)
         if unknown:
-            raise _unknown_key_error(unknown[0])
+            raise unknown_key_error(unknown[0])

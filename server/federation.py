@@ -12,13 +12,14 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from common import records
-from common.config import AppConfig, Scalar
+from common.config import AppConfig
 from common.data import prepared
 from common.data.pipeline import load_interactions
 from common.models import build_model, shared_state
 from common.privacy.accounting import Accountant
 from common.privacy.events import DP_FEDAVG
 from common.privacy.ledger import releases
+from common.run_config import Scalar
 from common.rundir import RunDir, default_run_dir
 from common.seeding import derive_seed
 from common.storage import atomic_write_json, load_arrays, save_arrays

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
-from common.config import load_default_run_config
+from common.run_config import load_default_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Loaders for MovieLens raw files and generic CSV/Parquet interaction logs."""
+"""Loaders of interaction logs from CSV/TSV/Parquet files, and the text-table readers they share."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import functools
 import io
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -18,20 +17,10 @@ import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
 from common.data.schema import Interactions
-from common.data.synthetic import SyntheticSpec, generate_synthetic
 from common.errors import ConfigError, DataError
 
-#: MovieLens genres in the order of ML-100K's ``u.genre``; a category is an index here.
-GENRES: tuple[str, ...] = (
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
-    "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
-    "Romance", "Sci-Fi", "Thriller", "War", "Western",
-)  # fmt: skip
-DATASETS: tuple[str, ...] = ("synthetic", "ml-100k", "ml-1m", "csv", "parquet")
-
-_ML_RATING_COLUMNS = ["user_id", "item_id", "rating", "timestamp"]
 _INTEGER = r"^[+-]?\d{1,18}$"  # at most 18 digits, so the value fits in int64
-_NUMBER = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
+NUMBER = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
 _FIELD_SEP = "\x1f"  # ASCII unit separator: stands in for multi-character separators
 _SEP_NAMES = {"\t": "tab", ",": "comma", ";": "semicolon", "|": "pipe", " ": "space"}
 _TEXT_SEPS = {".csv": ",", ".tsv": "\t"}
@@ -40,66 +29,6 @@ _EPOCH = pd.Timestamp(0, tz="UTC")
 
 # Maps a 0-based data-row index to a location such as "line 7" for error messages.
 Locator = Callable[[int], str]
-
-
-def load_movielens_100k(path: Path) -> Interactions:
-    """Load MovieLens-100K ``u.data`` as implicit feedback.
-
-    Every rating is a positive; rating values are validated as numbers, then ignored.
-    If ``u.item`` lies beside ``u.data``, each item's category is the index in
-    `GENRES` of its first set genre flag (``-1`` if none is set).
-
-    Parameters
-    ----------
-    path : Path
-        The ``ml-100k`` directory or the ``u.data`` file itself.
-
-    Returns
-    -------
-    Interactions
-        One row per line of ``u.data``, in file order.
-
-    Raises
-    ------
-    DataError
-        If a file is missing, empty or malformed; the message names the file and the
-        1-based line number.
-    """
-    data_file = _resolve(Path(path), "u.data")
-    table = _read_text(data_file, _ML_RATING_COLUMNS, sep="\t")
-    item_file = data_file.with_name("u.item")
-    categories = _ml100k_categories(item_file) if item_file.is_file() else None
-    return _movielens(data_file, table, categories)
-
-
-def load_movielens_1m(path: Path) -> Interactions:
-    """Load MovieLens-1M ``ratings.dat`` as implicit feedback.
-
-    Every rating is a positive; rating values are validated as numbers, then ignored.
-    If ``movies.dat`` lies beside ``ratings.dat``, each item's category is the index
-    in `GENRES` of its first listed genre.
-
-    Parameters
-    ----------
-    path : Path
-        The ``ml-1m`` directory or the ``ratings.dat`` file itself.
-
-    Returns
-    -------
-    Interactions
-        One row per line of ``ratings.dat``, in file order.
-
-    Raises
-    ------
-    DataError
-        If a file is missing, empty or malformed; the message names the file and the
-        1-based line number.
-    """
-    data_file = _resolve(Path(path), "ratings.dat")
-    table = _read_text(data_file, _ML_RATING_COLUMNS, sep="::")
-    movie_file = data_file.with_name("movies.dat")
-    categories = _ml1m_categories(movie_file) if movie_file.is_file() else None
-    return _movielens(data_file, table, categories)
 
 
 def load_interactions_file(
@@ -171,7 +100,7 @@ def load_interactions_file(
     _check_columns(path, columns, names)
     if len(set(names)) != len(names):
         raise DataError(f"{path}: line 1: duplicate column names in header {names}")
-    table = _read_text(path, names, sep=sep, quoted=True)
+    table = read_text_table(path, names, sep=sep, quoted=True)
     rows = table.slice(1)  # row 0 is the header itself
     if rows.num_rows == 0:
         raise DataError(f"{path}: no data lines after the header line")
@@ -185,54 +114,12 @@ def load_interactions_file(
     return _from_table(path, rows, columns, lambda i: f"line {i + 2}")
 
 
-def load_dataset(name: str, data_dir: Path | None, **kw: Any) -> Interactions:
-    """Load a data set by name.
-
-    Parameters
-    ----------
-    name : str
-        One of `DATASETS`: ``"synthetic"`` (``kw`` are `SyntheticSpec` fields and
-        `data_dir` is unused), ``"ml-100k"`` or ``"ml-1m"`` (`data_dir` is the data
-        set's directory or ratings file), ``"csv"`` or ``"parquet"`` (`data_dir` is
-        the file).
-    data_dir : Path or None
-        Where the data lives; required for every name but ``"synthetic"``.
-    **kw : Any
-        For ``"synthetic"``, `SyntheticSpec` fields; for ``"csv"``/``"parquet"``,
-        keyword arguments of `load_interactions_file`. MovieLens ignores them: its
-        columns are fixed.
-
-    Returns
-    -------
-    Interactions
-        The loaded log.
-
-    Raises
-    ------
-    ConfigError
-        If `name` is unknown or `data_dir` is missing.
-    DataError
-        If the data is missing or malformed.
-    """
-    if name not in DATASETS:
-        raise ConfigError(f"unknown data set {name!r}; expected one of {DATASETS}")
-    if name == "synthetic":
-        return generate_synthetic(SyntheticSpec(**kw))
-    if data_dir is None:
-        raise ConfigError(f"data set {name!r} needs a data path; none was given")
-    if name == "ml-100k":
-        return load_movielens_100k(data_dir)
-    if name == "ml-1m":
-        return load_movielens_1m(data_dir)
-    return load_interactions_file(data_dir, **kw)
-
-
-def _line(i: int) -> str:
+def data_line(i: int) -> str:
     """Locate data row `i` of a headerless text file."""
     return f"line {i + 1}"
 
 
-def _resolve(path: Path, file_name: str) -> Path:
+def resolve_file(path: Path, file_name: str) -> Path:
     """Return the data file: `path` itself, or `file_name` inside directory `path`."""
     data_file = path / file_name if path.is_dir() else path
     if not data_file.is_file():
@@ -241,7 +128,7 @@ def _resolve(path: Path, file_name: str) -> Path:
     return data_file
 
 
-def _read_text(
+def read_text_table(
     path: Path,
     names: list[str],
     *,
@@ -356,60 +243,7 @@ def _check_columns(path: Path, columns: dict[str, str], found: list[str]) -> Non
         )
 
 
-def _movielens(
-    path: Path, table: pa.Table, categories: dict[str, int] | None
-) -> Interactions:
-    """Build interactions from the string columns of a MovieLens ratings file."""
-    users = _integers(path, table, "user_id", _line)
-    items = _integers(path, table, "item_id", _line)
-    _require(path, table, "rating", _NUMBER, "is not a number", _line)
-    timestamp = _integers(path, table, "timestamp", _line)
-    return Interactions.from_external_ids(
-        users.astype(str),
-        items.astype(str),
-        timestamp,
-        source=str(path),
-        item_category=categories,
-    )
-
-
-def _ml100k_categories(path: Path) -> dict[str, int]:
-    """Map each item of ``u.item`` to the index of its first set genre flag, or -1."""
-    names = ["item_id", "title", "release_date", "video_release_date", "url", *GENRES]
-    table = _read_text(path, names, sep="|", encoding="latin-1")
-    items = _integers(path, table, "item_id", _line)
-    flags = np.column_stack(
-        [table.column(g).to_numpy(zero_copy_only=False) for g in GENRES]
-    )  # (I, 19) str
-    invalid = (flags != "0") & (flags != "1")
-    if invalid.any():
-        row, genre = np.argwhere(invalid)[0]
-        raise DataError(
-            f"{path}: line {row + 1}: genre flag {GENRES[genre]!r} is "
-            f"{flags[row, genre]!r}, expected 0 or 1"
-        )
-    is_set = flags == "1"
-    category = np.where(is_set.any(axis=1), is_set.argmax(axis=1), -1)
-    return dict(zip(items.astype(str).tolist(), category.tolist(), strict=True))
-
-
-def _ml1m_categories(path: Path) -> dict[str, int]:
-    """Map each item of ``movies.dat`` to the index of its first genre."""
-    names = ["item_id", "title", "genres"]
-    table = _read_text(path, names, sep="::", encoding="latin-1")
-    items = _integers(path, table, "item_id", _line)
-    first = [g.split("|", 1)[0] for g in table.column("genres").to_pylist()]
-    index = {genre: i for i, genre in enumerate(GENRES)}
-    unknown = [i for i, g in enumerate(first) if g not in index]
-    if unknown:
-        raise DataError(
-            f"{path}: line {unknown[0] + 1}: unknown genre {first[unknown[0]]!r}; "
-            f"expected one of {GENRES}"
-        )
-    return {str(i): index[g] for i, g in zip(items.tolist(), first, strict=True)}
-
-
-def _require(
+def require_pattern(
     path: Path, table: pa.Table, column: str, pattern: str, problem: str, where: Locator
 ) -> None:
     """Raise at the first value of a string column that does not match `pattern`."""
@@ -420,11 +254,11 @@ def _require(
         raise DataError(f"{path}: {where(i)}: {column} {value!r} {problem}")
 
 
-def _integers(
+def integer_column(
     path: Path, table: pa.Table, column: str, where: Locator
 ) -> NDArray[np.int64]:
     """Parse a string column of integers, raising at the first non-integer."""
-    _require(path, table, column, _INTEGER, "is not an integer", where)
+    require_pattern(path, table, column, _INTEGER, "is not an integer", where)
     return np.asarray(pc.cast(table.column(column), pa.int64()), dtype=np.int64)
 
 

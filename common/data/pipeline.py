@@ -6,7 +6,7 @@ from pathlib import Path
 
 from common.config import DataSettings
 from common.data import prepared
-from common.data.loaders import load_dataset
+from common.data.datasets import load_dataset
 from common.data.partition import partition_users
 from common.data.schema import Interactions
 from common.data.silo import SiloData, pooled_split

@@ -25,7 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
-from common.data.loaders import load_dataset, load_interactions_file
+from common.data.datasets import load_dataset
+from common.data.loaders import load_interactions_file
 from common.data.partition import Skew, partition_users
 from common.data.prepared import (
     DATA_FILES,

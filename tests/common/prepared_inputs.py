@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.config import AppConfig, DataSettings, load_default_run_config
+from common.config import AppConfig, DataSettings
 from common.data.prepare import prepare_silos
 from common.data.silo import SiloData
 from common.data.synthetic import SyntheticSpec, generate_synthetic
+from common.run_config import load_default_run_config
 
 SEED = 7
 NEGATIVES = 20

@@ -9,14 +9,9 @@ from pathlib import Path
 import pytest
 
 import common
-from common.config import (
-    AppConfig,
-    NodeConfig,
-    load_default_run_config,
-    merge_overrides,
-    parse_override,
-)
+from common.config import AppConfig, NodeConfig
 from common.errors import ConfigError
+from common.run_config import load_default_run_config, merge_overrides, parse_override
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -10,13 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.data.loaders import (
-    GENRES,
-    load_dataset,
-    load_interactions_file,
-    load_movielens_1m,
-    load_movielens_100k,
-)
+from common.data.datasets import load_dataset
+from common.data.loaders import load_interactions_file
+from common.data.movielens import GENRES, load_movielens_1m, load_movielens_100k
 from common.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[2]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import AppConfig, TrainSettings, load_default_run_config
+from common.config import AppConfig, TrainSettings
 from common.data.schema import Interactions
 from common.data.split import UserSplit, leave_one_out
 from common.data.synthetic import SyntheticSpec, generate_synthetic
@@ -19,6 +19,7 @@ from common.models import (
     private_state,
     shared_state,
 )
+from common.run_config import load_default_run_config
 from common.training import sample_train_negatives, train_epochs, train_item_keys
 
 NUM_USERS, NUM_ITEMS, DIM = 7, 11, 4

@@ -15,12 +15,12 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from common.config import load_default_run_config
 from common.data.pipeline import silo_data
 from common.data.prepare import prepare_silos
 from common.data.prepared import DATA_FILES, MANIFEST, load_prepared_silo
 from common.data.split import NO_ITEM
 from common.errors import ConfigError, DataError
+from common.run_config import load_default_run_config
 from tests.common.prepared_inputs import (
     NEGATIVES,
     SEED,

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from common.config import AppConfig, load_default_run_config
+from common.config import AppConfig
 from common.data.pipeline import silo_data
 from common.data.prepared import (
     DATA_FILES,
@@ -23,6 +23,7 @@ from common.data.prepared import (
     load_prepared_silo,
 )
 from common.errors import DataError, DataWarning
+from common.run_config import load_default_run_config
 from tests.common.prepared_inputs import SEED, assert_same_data, csv_settings
 
 

@@ -10,10 +10,10 @@ from flwr.supercore.task_identity import TaskIdentity
 from typer.testing import CliRunner
 
 from cli.main import app
-from common.config import load_default_run_config
 from common.privacy.accounting import Accountant, MechanismUse, epsilon
 from common.privacy.audit import audit_run
 from common.privacy.ledger import Chain, encode
+from common.run_config import load_default_run_config
 from common.rundir import RoundRecord, RunDir
 from simulations.inprocess import run_inprocess
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from common.config import AppConfig, load_default_run_config
+from common.config import AppConfig
+from common.run_config import load_default_run_config
 from server.central_dp import ClientLevelDP
 from server.strategy import SharedModelFedAvg
 from tests.fakes import STRATEGY_SETTINGS, FourNodeGrid, train_reply

@@ -9,9 +9,9 @@ from flwr.app import RecordDict
 
 from client.app import app as client_app
 from common import records
-from common.config import load_default_run_config
 from common.errors import ConfigError
 from common.privacy.audit import audit_run
+from common.run_config import load_default_run_config
 from common.rundir import RunDir
 from common.storage import load_arrays
 from server.federation import run_federation
