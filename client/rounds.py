@@ -104,7 +104,7 @@ def evaluate(session: Session) -> RecordDict:
 def _plain_round(session: Session) -> RecordDict:
     stats = silo.train_round(session.model, session.cfg, session.data, session.partition_id, session.server_round)
     state.save_user_params(session.context.state, session.model)
-    return _trained_content(session.model, stats.num_examples, stats)
+    return _trained_content(session.model, stats.num_examples, stats, session.partition_id)
 
 
 def _private_round(session: Session) -> RecordDict:
@@ -113,8 +113,9 @@ def _private_round(session: Session) -> RecordDict:
     from client import privacy
 
     node_state, pid = session.context.state, session.partition_id
-    acc = privacy.load_accountant(node_state, session.cfg, session.data.split, pid)
     chain = privacy.load_ledger(node_state, pid)
+    _refuse_lost_budget(session, len(chain))
+    acc = privacy.load_accountant(node_state, session.cfg, session.data.split, pid)
     if session.cfg.audit.unsafe_disable_noise:
         log(
             WARNING,
@@ -146,10 +147,28 @@ def _private_round(session: Session) -> RecordDict:
     state.save_user_params(node_state, session.model)
     # FedAvg weight: the silo's population of privacy units (public: it sets q), not
     # the data-dependent count of sampled examples.
-    content = _trained_content(session.model, acc.population, result.stats)
+    content = _trained_content(session.model, acc.population, result.stats, pid)
     content[records.PRIVACY] = release
     content[records.LEDGER] = ledger
     return content
+
+
+def _refuse_lost_budget(session: Session, lines: int) -> None:
+    """Refuse to train when the server holds more of this silo's ledger than the silo itself.
+
+    That silo's privacy state (accountant, ledger) was lost or replaced by an older
+    copy: training now would start ε from a lower value than the budget already spent.
+    """
+    held = session.held_by_server()
+    if held <= lines:
+        return
+    where = f"its state directory {session.store.path}" if session.store is not None else "its node state"
+    raise StateError(
+        f"silo {session.partition_id}: the server holds {held} lines of this silo's privacy ledger, "
+        f"{where} only {lines}: the silo's privacy state was lost or replaced by an older copy, and "
+        "training would restart its ε below what was already spent. Restore the state directory "
+        "(or start a new run); the silo will not train until then"
+    )
 
 
 def _repeat(session: Session, store: SiloStore) -> RecordDict:
@@ -173,7 +192,7 @@ def _repeat(session: Session, store: SiloStore) -> RecordDict:
     return saved
 
 
-def _trained_content(model: Recommender, weight: int, stats: TrainStats) -> RecordDict:
+def _trained_content(model: Recommender, weight: int, stats: TrainStats, partition_id: int) -> RecordDict:
     return RecordDict(
         {
             records.ARRAYS: ArrayRecord(torch_state_dict=shared_state(model)),
@@ -182,6 +201,7 @@ def _trained_content(model: Recommender, weight: int, stats: TrainStats) -> Reco
                     records.NUM_EXAMPLES: weight,
                     records.TRAIN_LOSS: stats.mean_loss,
                     records.TRAIN_SECONDS: stats.seconds,
+                    records.PARTITION_ID: partition_id,
                 }
             ),
         }

@@ -75,12 +75,25 @@ class EvalSettings:
 
 @dataclass(frozen=True, slots=True)
 class StrategySettings:
-    """Server-side round settings."""
+    """Server-side round settings and the defences against faulty or hostile silos.
+
+    ``norm_bound`` = 0 means adaptive: ``norm_bound_factor`` × the median update
+    norm of the round. ``max_weight`` = 0 means "the registered weight of each silo"
+    (see :mod:`server.registry`).
+    """
 
     fraction_train: float
     fraction_evaluate: float
     min_nodes: int
     timeout: float
+    aggregator: Literal["fedavg", "median", "trimmed-mean", "krum"]
+    trim_fraction: float
+    krum_malicious: int
+    krum_selected: int  # 0 = n - krum_malicious (multi-Krum); 1 = Krum
+    norm_action: Literal["clip", "reject", "none"]
+    norm_bound: float
+    norm_bound_factor: float
+    max_weight: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +252,14 @@ class AppConfig:
                 fraction_evaluate=r.float("strategy.fraction-evaluate", lo=0.0, hi=1.0),
                 min_nodes=r.int("strategy.min-nodes", lo=1),
                 timeout=r.float("strategy.timeout", lo=0.0, lo_open=True),
+                aggregator=r.choice("strategy.aggregator", ("fedavg", "median", "trimmed-mean", "krum")),
+                trim_fraction=r.float("strategy.trim-fraction", lo=0.0, hi=0.49),
+                krum_malicious=r.int("strategy.krum-malicious", lo=0),
+                krum_selected=r.int("strategy.krum-selected", lo=0),
+                norm_action=r.choice("strategy.norm-action", ("clip", "reject", "none")),
+                norm_bound=r.float("strategy.norm-bound", lo=0.0),
+                norm_bound_factor=r.float("strategy.norm-bound-factor", lo=1.0),
+                max_weight=r.int("strategy.max-weight", lo=0),
             ),
             privacy=PrivacySettings(
                 mode=r.choice("privacy.mode", ("none", "local", "central", "local+central")),
@@ -294,6 +315,13 @@ class AppConfig:
                 "privacy.mode: with data.partition = by-user every client is one user, so "
                 "DP-SGD inside a client has a population of one; use privacy.mode = central "
                 "(client-level DP is then user-level)"
+            )
+        if p.is_central and cfg.strategy.aggregator != "fedavg":
+            raise ConfigError(
+                f"strategy.aggregator: {cfg.strategy.aggregator!r} cannot be combined with central DP yet: "
+                "client-level DP-FedAvg adds noise calibrated to the clipped *sum* of updates, and the "
+                "sensitivity of a median/trimmed mean/Krum aggregate is not bounded in that form; use "
+                "strategy.aggregator = \"fedavg\" (with the default norm bound) under central DP"
             )
         if p.is_central and cfg.strategy.fraction_train != 1.0:
             raise ConfigError(

@@ -13,6 +13,7 @@ SERVER_ROUND = "server-round"  # set by Flower's strategies in every instruction
 RUN_UID = "run-uid"  # train/evaluate config: identifies the run (silos key durable state by it)
 TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"
+PARTITION_ID = "partition-id"  # train metrics: the silo the reply claims to be
 TRAIN_SILOS = "silos"  # aggregated metrics: silos whose replies were combined
 
 # Keys of the node's persistent state (context.state); never sent.

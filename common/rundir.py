@@ -59,6 +59,50 @@ class CentralCounts:
 
 
 @dataclass(frozen=True, slots=True)
+class SiloRoundStats:
+    """The anomaly report of one silo's training reply in one round."""
+
+    node: int
+    partition_id: int | None  # as the reply claims it
+    weight_claimed: float | None
+    weight_used: float | None  # after the cap of its registered weight
+    norm: float | None  # L2 norm of its update of the shared model, as received
+    cosine: float | None  # cosine of its update with the round's aggregate update
+    clipped: bool  # its update was scaled down to the norm bound
+    outlier: bool  # its norm exceeded the bound, or it pointed against the aggregate
+    rejected: str | None  # why it was not aggregated
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict."""
+        return {
+            "node": self.node,
+            "partition-id": self.partition_id,
+            "weight-claimed": self.weight_claimed,
+            "weight-used": self.weight_used,
+            "norm": self.norm,
+            "cosine": self.cosine,
+            "clipped": self.clipped,
+            "outlier": self.outlier,
+            "rejected": self.rejected,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SiloRoundStats:
+        """Inverse of :meth:`to_json`."""
+        return cls(
+            node=int(data["node"]),
+            partition_id=None if data["partition-id"] is None else int(data["partition-id"]),
+            weight_claimed=data["weight-claimed"],
+            weight_used=data["weight-used"],
+            norm=data["norm"],
+            cosine=data["cosine"],
+            clipped=bool(data["clipped"]),
+            outlier=bool(data["outlier"]),
+            rejected=data["rejected"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class RoundRecord:
     """What happened in one round: one line of ``metrics.jsonl``."""
 
@@ -73,6 +117,7 @@ class RoundRecord:
     privacy: tuple[PrivacyRelease, ...] = ()  # the silos' local-DP releases
     central: PrivacyRelease | None = None  # the server's central-DP release
     central_counts: CentralCounts | None = None
+    silos: tuple[SiloRoundStats, ...] = ()  # the anomaly report of the round's training replies
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict (NaN becomes null)."""
@@ -88,6 +133,7 @@ class RoundRecord:
             "privacy": [e.to_json() for e in self.privacy],
             "central-privacy": None if self.central is None else self.central.to_json(),
             "central-counts": None if self.central_counts is None else asdict(self.central_counts),
+            "silos": [s.to_json() for s in self.silos],
         }
 
     @classmethod
@@ -113,6 +159,7 @@ class RoundRecord:
             privacy=tuple(PrivacyRelease.from_json(e) for e in data["privacy"]),
             central=None if central is None else PrivacyRelease.from_json(central),
             central_counts=None if counts is None else CentralCounts(**counts),
+            silos=tuple(SiloRoundStats.from_json(s) for s in data.get("silos", [])),
         )
 
 

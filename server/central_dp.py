@@ -158,8 +158,8 @@ class ClientLevelDP:
         total = {k: np.zeros_like(v) for k, v in base.items()}
         clipped_count = 0
         clipped_replies = []
-        for msg in accepted:
-            got = msg.content.array_records[records.ARRAYS]
+        for content in accepted:
+            got = content.array_records[records.ARRAYS]
             clipped, norm = clip_update({k: got[k].numpy().astype(np.float64) - base[k] for k in base}, acc.clip)
             clipped_count += norm > acc.clip
             clipped_replies.append(_equally_weighted(sent, base, clipped))

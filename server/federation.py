@@ -30,6 +30,7 @@ from server.loop import run_rounds
 from server.metered_grid import MeteredGrid
 from server.protocol import FedrecStrategy
 from server.recorder import RunRecorder
+from server.registry import registered_weights
 from server.strategy import SharedModelFedAvg
 
 
@@ -52,8 +53,10 @@ def catalogue_size(cfg: AppConfig) -> int:
 
 
 def build_strategy(cfg: AppConfig, ledgers: RunLedgers, resumed: bool) -> FedrecStrategy:
-    """FedAvg of the shared model, wrapped in client-level DP when central DP is on."""
-    strategy = SharedModelFedAvg(cfg.strategy, cfg.eval.k, ledgers=ledgers)
+    """FedAvg (or a robust aggregator) of the shared model, wrapped in client-level DP when central DP is on."""
+    strategy = SharedModelFedAvg(
+        cfg.strategy, cfg.eval.k, ledgers=ledgers, registry=lambda nodes: registered_weights(cfg, nodes)
+    )
     if not cfg.privacy.is_central:
         return strategy
     accountant = None

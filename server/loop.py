@@ -76,6 +76,7 @@ def run_rounds(
             privacy=tuple(events.privacy),
             central=events.central,
             central_counts=events.central_counts,
+            silos=tuple(events.silos),
         )
         on_round_end(record, arrays)
         log(INFO, "fedrec %s", progress_line(record, last_round))

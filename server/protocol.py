@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 
 from common.privacy.events import PrivacyRelease
-from common.rundir import CentralCounts
+from common.rundir import CentralCounts, SiloRoundStats
 
 
 @dataclass(slots=True)
@@ -21,6 +21,7 @@ class RoundEvents:
     privacy: list[PrivacyRelease] = field(default_factory=list)  # silos' local-DP releases
     central: PrivacyRelease | None = None  # the server's central-DP release
     central_counts: CentralCounts | None = None
+    silos: list[SiloRoundStats] = field(default_factory=list)  # per training reply: the anomaly report
 
 
 class FedrecStrategy(Protocol):
@@ -56,12 +57,12 @@ class UpdateAggregator(FedrecStrategy, Protocol):
     transform the accepted updates in between.
     """
 
-    def accept(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
-        """The valid updates among ``replies``; rejections and releases become events."""
+    def accept(self, server_round: int, replies: Iterable[Message]) -> list[RecordDict]:
+        """The contents of the valid updates among ``replies``; rejections and releases become events."""
 
     def aggregate_updates(self, contents: list[RecordDict]) -> ArrayRecord | None:
         """The new shared arrays from accepted replies' contents (None when there are none)."""
 
-    def aggregate_train_metrics(self, accepted: list[Message]) -> MetricRecord | None:
+    def aggregate_train_metrics(self, accepted: list[RecordDict]) -> MetricRecord | None:
         """Training metrics of the accepted updates."""
 

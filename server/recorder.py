@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import uuid
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord
@@ -16,7 +18,7 @@ from common.privacy.events import PrivacyRelease
 from common.rundir import RoundRecord, RunDir, RunDirError
 from common.storage import atomic_write_bytes, atomic_write_json, load_arrays, save_arrays
 from common.versions import library_versions
-from server import plots
+from server import plots, validation
 from server.ledger import RunLedgers
 from server.report import render_privacy, render_report
 
@@ -31,6 +33,25 @@ class ResumePoint:
     run_uid: str
     last_round: int
     arrays: ArrayRecord
+
+
+def _load_checkpoint(path: Path, like: ArrayRecord | None) -> ArrayRecord:
+    """A checkpoint to resume from, refused (naming the file) unless it is a usable shared model.
+
+    It must load, hold only finite values and, when ``like`` is given, have exactly
+    its parameter names, shapes and dtypes.
+    """
+    if not path.exists():
+        raise ConfigError(f"resume: checkpoint {path} is missing")
+    try:
+        arrays = load_arrays(path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ConfigError(f"resume: checkpoint {path} is unreadable ({type(exc).__name__}: {exc})") from None
+    shape_problem = validation.arrays_problem(arrays, like) if like is not None else None
+    problem = shape_problem or validation.nonfinite_problem(arrays)
+    if problem is not None:
+        raise ConfigError(f"resume: checkpoint {path} is not a usable shared model: {problem}")
+    return arrays
 
 
 class RunRecorder:
@@ -89,11 +110,10 @@ class RunRecorder:
             diffs = ", ".join(f"{k}: {original.get(k)!r} -> {run_config.get(k)!r}" for k in changed)
             raise ConfigError(f"resume: settings differ from the run in {self.run_dir.path}: {diffs}")
         last = self.rounds[-1].server_round if self.rounds else 0
-        path = self.run_dir.checkpoint(last)
-        if not path.exists():
-            raise ConfigError(f"resume: checkpoint {path} of the last completed round {last} is missing")
+        initial = _load_checkpoint(self.run_dir.initial_model, None)
+        arrays = _load_checkpoint(self.run_dir.checkpoint(last), initial) if last else initial
         self.ledgers = RunLedgers(self.run_dir)
-        return ResumePoint(self.run_uid, last, load_arrays(path))
+        return ResumePoint(self.run_uid, last, arrays)
 
     def record_release(self, release: PrivacyRelease) -> None:
         """Write one of the server's releases (central DP) to its ledger at once.

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore import log
 
 from common import records
 from common.config import StrategySettings
 from common.evaluation import add_sums, summarize
-from server import validation
+from common.privacy.clipping import l2_norm
+from server import defences, validation
 from server.ledger import RunLedgers
 from server.protocol import RoundEvents
 
@@ -40,7 +40,13 @@ class SharedModelFedAvg(FedAvg):
       decline, :attr:`stop_reason` says so.
     """
 
-    def __init__(self, settings: StrategySettings, k: int, ledgers: RunLedgers | None = None) -> None:
+    def __init__(
+        self,
+        settings: StrategySettings,
+        k: int,
+        ledgers: RunLedgers | None = None,
+        registry: Callable[[int], Mapping[int, int]] | None = None,
+    ) -> None:
         super().__init__(
             fraction_train=settings.fraction_train,
             fraction_evaluate=settings.fraction_evaluate,
@@ -54,7 +60,12 @@ class SharedModelFedAvg(FedAvg):
             evaluate_metrics_aggr_fn=lambda contents, _: _aggregate_eval_sums(contents, k),
         )
         self.current: ArrayRecord | None = None
+        self.settings = settings
         self.ledgers = ledgers
+        self.registered: dict[int, int] = {}
+        self._registry = registry  # called once, with the number of nodes, at the first round
+        self._candidates: list[defences.Candidate] = []
+        self._bound: float | None = None
         self._stop_reason: str | None = None
         self._events = RoundEvents()
 
@@ -64,8 +75,10 @@ class SharedModelFedAvg(FedAvg):
         return self._stop_reason
 
     def take_events(self) -> RoundEvents:
-        """This round's rejections and privacy releases."""
+        """This round's rejections, privacy releases and anomaly report."""
         events, self._events = self._events, RoundEvents()
+        events.silos = [c.stats(self._bound) for c in self._candidates]
+        self._candidates, self._bound = [], None
         return events
 
     def configure_train(
@@ -73,6 +86,10 @@ class SharedModelFedAvg(FedAvg):
     ) -> Iterable[Message]:
         """Remember the arrays sent (to validate replies); tell silos what ledger lines we hold."""
         self.current = arrays
+        if self._registry is not None:
+            self.registered = dict(self._registry(len(list(grid.get_node_ids()))))
+            self._registry = None
+            log(INFO, "registered FedAvg weights (the cap of each silo's claim): %s", self.registered or "none known")
         if self.ledgers is not None:
             config = ConfigRecord({**config, records.LEDGER_COUNTS: self.ledgers.counts()})
         return super().configure_train(server_round, arrays, config, grid)
@@ -82,23 +99,65 @@ class SharedModelFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Drop invalid updates (recorded as rejected), then FedAvg."""
         accepted = self.accept(server_round, replies)
-        return self.aggregate_updates([m.content for m in accepted]), self.aggregate_train_metrics(accepted)
+        return self.aggregate_updates(accepted), self.aggregate_train_metrics(accepted)
 
     def aggregate_updates(self, contents: list[RecordDict]) -> ArrayRecord | None:
-        """The ``num-examples``-weighted mean of the accepted shared arrays."""
-        if not contents:
-            return None
-        return aggregate_arrayrecords(contents, records.NUM_EXAMPLES)
+        """The configured aggregate (``strategy.aggregator``) of the accepted shared arrays.
 
-    def aggregate_train_metrics(self, accepted: list[Message]) -> MetricRecord | None:
+        The aggregate is checked before it may replace the model
+        (:func:`server.defences.aggregate_problem`); a failing one is recorded as
+        rejected by the server (node 0) and the round keeps the current model.
+        """
+        if not contents or self.current is None:
+            return None
+        base = {k: v.numpy().astype(np.float64) for k, v in self.current.items()}
+        updates = [
+            {k: c.array_records[records.ARRAYS][k].numpy().astype(np.float64) - base[k] for k in base} for c in contents
+        ]
+        weights = [float(c.metric_records[records.METRICS][records.NUM_EXAMPLES]) for c in contents]  # type: ignore[arg-type]
+        total = defences.aggregate(updates, weights, self.settings)
+        if total is None:
+            return None
+        problem = defences.aggregate_problem(total, updates)
+        if problem is not None:
+            self._reject(0, 0, f"aggregate rejected, the model is kept: {problem}")
+            return None
+        defences.set_cosines(self._candidates, total)
+        return defences.new_arrays(self.current, total)
+
+    def aggregate_train_metrics(self, accepted: list[RecordDict]) -> MetricRecord | None:
         """Example-weighted loss, slowest silo's time, number of silos."""
         if not accepted:
             return None
-        return _aggregate_train_metrics([m.content for m in accepted], records.NUM_EXAMPLES)
+        return _aggregate_train_metrics(accepted, records.NUM_EXAMPLES)
 
-    def accept(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
-        """The valid updates of a round; records rejections, privacy releases, declines."""
-        accepted, seen, declined = [], 0, 0
+    def accept(self, server_round: int, replies: Iterable[Message]) -> list[RecordDict]:
+        """The valid updates of a round after the defences; records rejections, releases, declines.
+
+        A reply is rejected (and recorded with its reason, never raised) when it is an
+        error, its ledger lines do not continue the silo's chain, its privacy record
+        or metrics do not parse, its arrays do not match the model sent, or it claims
+        a partition another reply of the round already claimed. Accepted updates get
+        their weight capped at the silo's registered weight and their norm bounded
+        (:mod:`server.defences`); the returned contents carry the bounded update and
+        capped weight.
+        """
+        candidates = self._screen(server_round, replies)
+        self._candidates = candidates
+        self._bound = defences.norm_bound([c.norm for c in candidates], self.settings)
+        defences.bound_norms(candidates, self._bound, self.settings.norm_action)
+        accepted = []
+        for c in candidates:
+            if c.rejected is not None:
+                self._reject(server_round, c.node, c.rejected)
+            elif self.current is not None:
+                accepted.append(defences.weighted_content(self.current, c))
+        return accepted
+
+    def _screen(self, server_round: int, replies: Iterable[Message]) -> list[defences.Candidate]:
+        candidates: list[defences.Candidate] = []
+        claimed: set[int] = set()
+        seen, declined = 0, 0
         for msg in replies:
             seen += 1
             node = msg.metadata.src_node_id
@@ -106,7 +165,10 @@ class SharedModelFedAvg(FedAvg):
                 # A silo that failed (bad data path, unreadable files, crash) says why.
                 self._reject(server_round, node, f"silo failed: {msg.error.reason}")
                 continue
-            self._receive_ledger(msg.content)
+            ledger_problem = self._receive_ledger(msg.content)
+            if ledger_problem is not None:
+                self._reject(server_round, node, ledger_problem)
+                continue
             release, problem = validation.privacy_release(msg.content)
             if problem is not None:
                 self._reject(server_round, node, problem)
@@ -118,25 +180,52 @@ class SharedModelFedAvg(FedAvg):
                     log(
                         INFO,
                         "round %d: silo %s declined (privacy budget): ε %.3f, next round would be %.3f",
-                        server_round, release.partition_id, release.epsilon, release.epsilon_if_trained,
+                        server_round,
+                        release.partition_id,
+                        release.epsilon,
+                        release.epsilon_if_trained,
                     )
                     continue
-            problem = validation.update_problem(msg.content, self.current)
-            if problem is None:
-                accepted.append(msg)
-            else:
-                self._reject(server_round, node, problem)
+            metrics = msg.content.metric_records.get(records.METRICS)
+            problem = validation.update_problem(msg.content, self.current) or defences.metrics_problem(metrics)
+            pid = None if metrics is None else metrics.get(records.PARTITION_ID)
+            if problem is None and isinstance(pid, int) and pid in claimed:
+                problem = f"claims partition {pid}, which another reply of this round already claimed"
+            if problem is not None or metrics is None or self.current is None:
+                self._reject(server_round, node, problem or "reply has no metrics")
+                continue
+            if isinstance(pid, int):
+                claimed.add(pid)
+            got = msg.content.array_records[records.ARRAYS]
+            update = {
+                k: got[k].numpy().astype(np.float64) - v.numpy().astype(np.float64) for k, v in self.current.items()
+            }
+            claimed_weight = float(metrics[records.NUM_EXAMPLES])  # type: ignore[arg-type]
+            candidates.append(
+                defences.Candidate(
+                    msg=msg,
+                    node=node,
+                    partition_id=pid if isinstance(pid, int) else None,
+                    weight_claimed=claimed_weight,
+                    weight_used=defences.capped_weight(
+                        claimed_weight, pid if isinstance(pid, int) else None, self.registered, self.settings.max_weight
+                    ),
+                    update=update,
+                    norm=l2_norm(update),
+                )
+            )
         if seen and declined == seen:
             self._stop_reason = f"every silo reached its privacy budget (round {server_round})"
-        return accepted
+        return candidates
 
     def _reject(self, server_round: int, node: int, reason: str) -> None:
         self._events.rejected.append((node, reason))
         log(WARNING, "round %d: rejected the reply of node %d: %s", server_round, node, reason)
 
-    def _receive_ledger(self, content: RecordDict) -> None:
+    def _receive_ledger(self, content: RecordDict) -> str | None:
+        """Verify and write a reply's new ledger lines; the reason when they are unusable."""
         if self.ledgers is None or records.LEDGER not in content.config_records:
-            return
+            return None
         rec = content.config_records[records.LEDGER]
         try:
             pid = int(rec[records.LEDGER_PARTITION])  # type: ignore[arg-type]
@@ -144,9 +233,10 @@ class SharedModelFedAvg(FedAvg):
             lines = [str(x) for x in rec[records.LEDGER_LINES]]  # type: ignore[union-attr]
         except (KeyError, TypeError, ValueError) as exc:
             self.ledgers.problems.append(f"malformed ledger record in a reply: {exc!r}")
-            log(WARNING, "malformed ledger record in a reply: %r", exc)
-            return
-        self.ledgers.receive(pid, first, lines)
+            return f"ledger record malformed ({exc!r})"
+        if not self.ledgers.receive(pid, first, lines):
+            return f"ledger lines of silo {pid} do not continue its chain: {self.ledgers.problems[-1]}"
+        return None
 
 
 def _aggregate_train_metrics(contents: list[RecordDict], weight_key: str) -> MetricRecord:

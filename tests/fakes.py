@@ -1,5 +1,6 @@
 """Test doubles: an in-process Grid with fault hooks, and helpers shared by test modules."""
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
@@ -8,11 +9,15 @@ from flwr.clientapp import ClientApp
 
 from client.app import app as client_app
 from common import records
-from common.config import StrategySettings
+from common.config import AppConfig
+from common.run_config import load_default_run_config
 from server.federation import run_federation
 from simulations.inprocess import InProcessGrid, Scalar
 
-STRATEGY_SETTINGS = StrategySettings(fraction_train=1.0, fraction_evaluate=1.0, min_nodes=1, timeout=10.0)
+# The defaults of pyproject.toml (defences included), with one node enough and a short timeout.
+STRATEGY_SETTINGS = dataclasses.replace(
+    AppConfig.from_run_config(load_default_run_config()).strategy, min_nodes=1, timeout=10.0
+)
 
 
 class LocalGrid(InProcessGrid):

@@ -197,6 +197,29 @@ def load_prepared_silo(
     return SiloData(split, popularity)
 
 
+def silo_counts(path: Path) -> dict[int, dict[str, int]] | None:
+    """``silo-id`` → the ``counts`` of every silo manifest under a prepared root.
+
+    None when ``path`` is not the output directory of ``fedrec data prepare``.
+
+    Raises
+    ------
+    DataError
+        Naming the manifest that is unreadable or malformed.
+    """
+    if not path.is_dir():
+        return None
+    manifests = sorted(p / MANIFEST for p in path.iterdir() if SILO_DIR_PATTERN.fullmatch(p.name))
+    manifests = [m for m in manifests if m.is_file()]
+    if not manifests:
+        return None
+    out: dict[int, dict[str, int]] = {}
+    for manifest_path in manifests:
+        manifest = _read_manifest(manifest_path)
+        out[int(manifest["silo-id"])] = {k: int(v) for k, v in manifest["counts"].items()}
+    return out
+
+
 def catalogue_size(path: Path) -> int | None:
     """Items in the shared catalogue, from the manifest of prepared silo data.
 
