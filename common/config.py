@@ -26,9 +26,22 @@ class SyntheticSettings:
     mean_interactions: int
 
 
+#: Spellings ``data.sep`` accepts, and the field separator each means ("" = infer).
+DATA_SEPARATORS: dict[str, str] = {
+    "": "", "\t": "\t", "tab": "\t", ",": ",", "comma": ",", ";": ";", "semicolon": ";",
+    "|": "|", "pipe": "|", " ": " ", "space": " ", "::": "::", "double-colon": "::",
+}  # fmt: skip
+
+
 @dataclass(frozen=True, slots=True)
 class DataSettings:
-    """Which data set, how it is split and partitioned."""
+    """Which data set, how its file is read, how it is split and partitioned.
+
+    ``sep`` is the field separator of a text log (``""``: from the suffix or the
+    first line); ``header`` false means the file has no header line and the
+    ``*_col`` settings are 0-based column indices; ``timestamp_col`` ``""`` means
+    the log has no time (a seeded random leave-one-out split).
+    """
 
     dataset: Literal["synthetic", "ml-100k", "ml-1m", "csv", "parquet"]
     path: str
@@ -39,6 +52,8 @@ class DataSettings:
     user_col: str
     item_col: str
     timestamp_col: str
+    sep: str
+    header: bool
     synthetic: SyntheticSettings
 
 
@@ -94,6 +109,7 @@ class StrategySettings:
     norm_bound: float
     norm_bound_factor: float
     max_weight: int
+    cap_weights: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +236,8 @@ class AppConfig:
                 user_col=r.str("data.user-col"),
                 item_col=r.str("data.item-col"),
                 timestamp_col=r.str("data.timestamp-col"),
+                sep=DATA_SEPARATORS[r.choice("data.sep", tuple(DATA_SEPARATORS))],
+                header=r.bool("data.header"),
                 synthetic=SyntheticSettings(
                     num_users=r.int("data.synthetic.num-users", lo=3),
                     num_items=r.int("data.synthetic.num-items", lo=200),
@@ -260,6 +278,7 @@ class AppConfig:
                 norm_bound=r.float("strategy.norm-bound", lo=0.0),
                 norm_bound_factor=r.float("strategy.norm-bound-factor", lo=1.0),
                 max_weight=r.int("strategy.max-weight", lo=0),
+                cap_weights=r.bool("strategy.cap-weights"),
             ),
             privacy=PrivacySettings(
                 mode=r.choice("privacy.mode", ("none", "local", "central", "local+central")),
@@ -301,6 +320,30 @@ class AppConfig:
             raise ConfigError(
                 f"data.path: dataset {cfg.data.dataset!r} needs a path to its files "
                 "(e.g. -c data.path=../shared/data/ml-100k)"
+            )
+        d = cfg.data
+        if (d.sep or not d.header) and d.dataset != "csv":
+            key = "data.sep" if d.sep else "data.header"
+            raise ConfigError(
+                f"{key}: only a delimited text log (data.dataset = \"csv\") has a "
+                f"separator and a header line; data.dataset is {d.dataset!r}"
+            )
+        for key, column in (
+            ("data.user-col", d.user_col),
+            ("data.item-col", d.item_col),
+            ("data.timestamp-col", d.timestamp_col or "0"),
+        ):
+            if not (d.header or column.isdigit()):
+                raise ConfigError(
+                    f"{key}: with data.header = false columns are 0-based indices "
+                    f"(e.g. {key} = \"0\"), got {column!r}"
+                )
+        if cfg.eval.k > d.eval_negatives:
+            raise ConfigError(
+                f"eval.k: {cfg.eval.k} is not below the {d.eval_negatives + 1} candidates "
+                f"each user ranks (data.eval-negatives = {d.eval_negatives}, plus the "
+                "held-out item), so HR@K would be 1 for everyone; lower eval.k or raise "
+                "data.eval-negatives"
             )
         if cfg.model.name == "neumf" and cfg.model.mlp_layers[0] % 2:
             raise ConfigError("model.mlp-layers: the first width must be even")

@@ -79,8 +79,13 @@ def metrics_problem(metrics: MetricRecord | None) -> str | None:
     return None
 
 
-def capped_weight(claimed: float, partition_id: int | None, registered: Mapping[int, int], max_weight: int) -> float:
-    """``claimed`` capped at the silo's registered weight (or the largest one, or ``max_weight``)."""
+def capped_weight(
+    claimed: float, partition_id: int | None, registered: Mapping[int, int], settings: StrategySettings
+) -> float:
+    """``claimed`` capped at the silo's registered weight (or the largest one, or ``max-weight``)."""
+    if not settings.cap_weights:
+        return claimed
+    max_weight = settings.max_weight
     caps = []
     if max_weight > 0:
         caps.append(float(max_weight))
@@ -125,7 +130,9 @@ def aggregate(updates: list[Update], weights: list[float], settings: StrategySet
     if settings.aggregator == "trimmed-mean":
         return aggregators.trimmed_mean(updates, settings.trim_fraction)
     f = settings.krum_malicious
-    selected = settings.krum_selected or max(len(updates) - f, 1)
+    if len(updates) < 2 * f + 3:  # too few updates for Krum's guarantee: the median tolerates f < n / 2
+        return aggregators.coordinate_median(updates)
+    selected = min(settings.krum_selected or len(updates) - f, len(updates))
     result, _ = aggregators.multi_krum(updates, f, selected)
     return result
 

@@ -208,7 +208,7 @@ class SharedModelFedAvg(FedAvg):
                     partition_id=pid if isinstance(pid, int) else None,
                     weight_claimed=claimed_weight,
                     weight_used=defences.capped_weight(
-                        claimed_weight, pid if isinstance(pid, int) else None, self.registered, self.settings.max_weight
+                        claimed_weight, pid if isinstance(pid, int) else None, self.registered, self.settings
                     ),
                     update=update,
                     norm=l2_norm(update),
