@@ -169,7 +169,10 @@ def test_robust_aggregators_ignore_one_outlier(aggregator):
 
     instructions = list(strategy.configure_train(1, current, ConfigRecord(), FiveNodes()))
     values = [1.0, 1.1, 0.9, 1.0, 100.0]
-    replies = [train_reply(m, {NAME: np.full((3, 2), v, dtype=np.float32)}, 10.0) for m, v in zip(instructions, values)]
+    replies = [
+        train_reply(m, {NAME: np.full((3, 2), v, dtype=np.float32)}, 10.0)
+        for m, v in zip(instructions, values, strict=True)
+    ]
     # Act
     arrays, _ = strategy.aggregate_train(1, replies)
     # Assert: median of (0.9, 1, 1, 1.1, 100) = 1; trimmed (beta 0.2 drops 0.9 and 100) = 1.0333;
