@@ -2,6 +2,7 @@
 
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
@@ -18,6 +19,29 @@ from simulations.inprocess import InProcessGrid, Scalar
 STRATEGY_SETTINGS = dataclasses.replace(
     AppConfig.from_run_config(load_default_run_config()).strategy, min_nodes=1, timeout=10.0
 )
+
+
+def local_dp_run_config(run_dir: Path, rounds: int, **extra: Scalar) -> dict[str, Scalar]:
+    """A small local-DP run (300 synthetic users) whose silos keep durable state under the run."""
+    cfg = load_default_run_config()
+    cfg.update(
+        {
+            "num-server-rounds": rounds,
+            "run-dir": str(run_dir),
+            "state-root": str(run_dir / "silos"),
+            "data.synthetic.num-users": 300,
+            "data.synthetic.num-items": 300,
+            "data.synthetic.mean-interactions": 20,
+            "model.dim": 16,
+            "eval.full-ranking-k": 20,
+            "privacy.mode": "local",
+            "privacy.local.noise-multiplier": 1.2,
+            "privacy.local.target-epsilon": 0.0,
+            "privacy.local.batch-size": 20,
+            **extra,
+        }
+    )
+    return cfg
 
 
 class LocalGrid(InProcessGrid):
