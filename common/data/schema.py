@@ -17,14 +17,16 @@ class Interactions:
     Every row is one positive interaction. ``user_idx``/``item_idx`` are contiguous
     indices into ``user_ids``/``item_ids`` (the external IDs, kept as strings).
     Row order is the order of the source file; it is the tie-break for equal
-    timestamps in the leave-one-out split.
+    timestamps in the leave-one-out split. Duplicate (user, item) rows are kept
+    here; the split keeps the earliest of each pair (`common.data.split`).
 
     Parameters
     ----------
     user_idx, item_idx : (N,) int64 arrays
         Contiguous indices, ``0 <= user_idx < len(user_ids)``.
     timestamp : (N,) int64 array
-        Interaction time (any monotone unit).
+        Interaction time (any monotone unit, >= 0); all 0 when ``time_column`` is
+        ``""``.
     user_ids, item_ids : (U,), (I,) object arrays of str
         External identifiers.
     item_category : (I,) int64 array or None
@@ -32,6 +34,12 @@ class Interactions:
         partitioners. ``-1`` means unknown.
     source : str
         Human-readable origin (file path or generator spec) used in messages.
+    time_column : str
+        Name of the source's timestamp column, for messages; ``""`` means the log
+        has no time, and the leave-one-out split is then a seeded random one.
+    row_unit, first_row : str, int
+        Row ``i`` is ``f"{row_unit} {i + first_row}"`` of the source (``line 2``
+        for the first data line of a text file with a header), for messages.
     """
 
     user_idx: NDArray[np.int64]
@@ -41,6 +49,9 @@ class Interactions:
     item_ids: NDArray[np.object_]
     item_category: NDArray[np.int64] | None = None
     source: str = field(default="<memory>")
+    time_column: str = "timestamp"
+    row_unit: str = "row"
+    first_row: int = 1
 
     def __post_init__(self) -> None:
         n = len(self.user_idx)
@@ -59,6 +70,21 @@ class Interactions:
             self.item_ids
         ):
             raise DataError(f"{self.source}: item_category must have one entry per item")
+        if self.timestamp.min() < 0:
+            i = int(self.timestamp.argmin())
+            raise DataError(
+                f"{self.source}: {self.locate(i)}: {self.time_column or 'timestamp'} "
+                f"{int(self.timestamp[i])} is negative; times must be >= 0"
+            )
+
+    @property
+    def has_time(self) -> bool:
+        """Whether rows carry a time (else the split orders each user at random)."""
+        return bool(self.time_column)
+
+    def locate(self, i: int) -> str:
+        """Where row ``i`` is in the source, e.g. ``"line 7"``, for messages."""
+        return f"{self.row_unit} {i + self.first_row}"
 
     @property
     def num_users(self) -> int:
@@ -82,10 +108,14 @@ class Interactions:
         *,
         source: str,
         item_category: dict[str, int] | None = None,
+        time_column: str = "timestamp",
+        row_unit: str = "row",
+        first_row: int = 1,
     ) -> Interactions:
         """Build a log from external IDs, assigning indices in order of first appearance.
 
-        Duplicate (user, item) pairs are kept: re-consumption is a repeated positive.
+        Duplicate (user, item) pairs are kept here (the split drops all but the
+        earliest of each pair, with a `DataWarning`).
         """
         users_arr = np.asarray(users, dtype=object).astype(str)
         items_arr = np.asarray(items, dtype=object).astype(str)
@@ -104,6 +134,9 @@ class Interactions:
             item_ids=item_ids,
             item_category=category,
             source=source,
+            time_column=time_column,
+            row_unit=row_unit,
+            first_row=first_row,
         )
 
 

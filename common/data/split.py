@@ -1,16 +1,21 @@
-"""Leave-one-out split by time and sampled evaluation negatives."""
+"""Leave-one-out split (by time, or seeded random without time) and sampled evaluation negatives."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+from typing import Any, Final
 
 import numpy as np
 from numpy.typing import NDArray
 
 from common.data.schema import Interactions
-from common.errors import DataError
+from common.errors import DataError, DataWarning
 
 NO_ITEM = -1
+#: How a split chose held-out items: by time, or by a seeded shuffle (log without time).
+SPLIT_ORDERS: Final = ("time", "random")
+_RANDOM_ORDER_STREAM = 0x6F72646572  # "order": the shuffle's stream, apart from the negatives'
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +37,9 @@ class UserSplit:
         Sampled items the user never interacted with (fixed by seed).
     user_global_idx : (U,) int64
         Index of each local user in the full dataset.
+    order : {"time", "random"}
+        How held-out items were chosen: the latest two by time, or (for a log
+        without time) the last two of a seeded shuffle of each user's items.
     """
 
     num_items: int
@@ -42,6 +50,15 @@ class UserSplit:
     val_negatives: NDArray[np.int64]
     test_negatives: NDArray[np.int64]
     user_global_idx: NDArray[np.int64]
+    # One of SPLIT_ORDERS. Typed Any, not Literal, so that code rebuilding a split
+    # from a mapping of arrays (``UserSplit(**arrays)``) still type-checks;
+    # __post_init__ checks the value.
+    order: Any = "time"
+
+    def __post_init__(self) -> None:
+        """Reject an unknown ``order``."""
+        if self.order not in SPLIT_ORDERS:
+            raise DataError(f"UserSplit.order must be one of {SPLIT_ORDERS}, got {self.order!r}")
 
     @property
     def num_users(self) -> int:
@@ -74,6 +91,7 @@ class UserSplit:
             val_negatives=self.val_negatives[users],
             test_negatives=self.test_negatives[users],
             user_global_idx=self.user_global_idx[users],
+            order=self.order,
         )
 
 
@@ -82,19 +100,48 @@ def leave_one_out(
 ) -> UserSplit:
     """Split each user's interactions by time: latest = test, second latest = validation.
 
-    Ties in timestamp are broken by row order in the source (a stable sort), so the
-    later row in the file counts as later. Users with fewer than 3 interactions keep
+    Ties in timestamp are broken by row order in the source (a stable sort by time,
+    then file order), so the later row in the file counts as later; a `DataWarning`
+    counts the users whose test or validation item a tie decided, and a second one
+    says when the time column does not look like a time at all (more than half of
+    the users' two latest values tie). Users with fewer than 3 interactions keep
     everything in train and have no held-out items.
+
+    Duplicate (user, item) rows are dropped but the earliest of each pair (by time,
+    then file order), with a `DataWarning` naming the source, the number dropped and
+    an example; otherwise a repeat could make the validation item equal the test
+    item, or put the test item in train.
+
+    A log without time (``data.time_column == ""``) is split at random instead:
+    each user's interactions are shuffled by a generator seeded from ``seed``
+    (deterministic), and the last two of the shuffle are held out; the split's
+    ``order`` is then ``"random"``.
 
     Evaluation negatives are sampled once per user (and separately for validation
     and test) from items the user never interacted with, in any part of the split.
+
+    Raises
+    ------
+    DataError
+        If a user has interacted with so many items that fewer than
+        ``num_negatives`` remain to sample from.
     """
-    order = np.lexsort((data.timestamp, data.user_idx))  # stable: by user, then time
+    _check_negatives(data, num_negatives)
+    if data.has_time:
+        order = np.lexsort((data.timestamp, data.user_idx))  # stable: by user, then time
+    else:
+        order = np.argsort(data.user_idx, kind="stable")  # by user, then file order
+    order = _drop_duplicates(data, order)
+    if not data.has_time:
+        shuffle = np.random.default_rng([seed, _RANDOM_ORDER_STREAM]).random(len(order))
+        order = order[np.lexsort((shuffle, data.user_idx[order]))]
     users = data.user_idx[order]
     items = data.item_idx[order]
     counts = np.bincount(users, minlength=data.num_users)
     ends = np.cumsum(counts)  # one past each user's last row
     heldout = counts >= 3
+    if data.has_time:
+        _warn_ties(data, data.timestamp[order], ends[heldout])
 
     val_item = np.full(data.num_users, NO_ITEM, dtype=np.int64)
     test_item = np.full(data.num_users, NO_ITEM, dtype=np.int64)
@@ -104,6 +151,7 @@ def leave_one_out(
     is_train = np.ones(len(order), dtype=bool)
     is_train[ends[heldout] - 1] = False
     is_train[ends[heldout] - 2] = False
+    _check_heldout_apart(data, users[is_train], items[is_train], val_item, test_item)
 
     rng = np.random.default_rng(seed)
     seen = _user_item_keys(users, items, data.num_items)
@@ -118,7 +166,104 @@ def leave_one_out(
         val_negatives=val_neg,
         test_negatives=test_neg,
         user_global_idx=np.arange(data.num_users, dtype=np.int64),
+        order="time" if data.has_time else "random",
     )
+
+
+def _check_negatives(data: Interactions, num_negatives: int) -> None:
+    """Raise, naming the user, if someone has too few unseen items to sample from."""
+    keys = _user_item_keys(data.user_idx, data.item_idx, data.num_items)
+    seen = np.bincount(keys // data.num_items, minlength=data.num_users)
+    if data.num_items - seen.max() >= num_negatives:
+        return
+    u = int(seen.argmax())
+    free = data.num_items - int(seen[u])
+    fix = f"lower data.eval-negatives to at most {free}, or" if free else "the log needs"
+    raise DataError(
+        f"{data.source}: user {data.user_ids[u]!r} has interacted with {seen[u]} of "
+        f"the {data.num_items} items, so {num_negatives} unseen evaluation negatives "
+        f"cannot be sampled; {fix} a larger catalogue (items this user never saw)"
+    )
+
+
+def _drop_duplicates(data: Interactions, order: NDArray[np.int64]) -> NDArray[np.int64]:
+    """Keep the first row of each (user, item) pair along ``order``, warning if any go."""
+    keys = data.user_idx[order] * data.num_items + data.item_idx[order]
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    keep = np.zeros(len(order), dtype=bool)
+    keep[first] = True
+    if keep.all():
+        return order
+    dropped = np.flatnonzero(~keep)
+    row = int(order[dropped].min())  # the first dropped row in file order
+    pos = int(np.flatnonzero(order == row)[0])
+    kept = int(order[first[inverse[pos]]])
+    rule = "by time, then file order" if data.has_time else "in file order"
+    warnings.warn(
+        f"{data.source}: dropped {len(dropped)} duplicate (user, item) rows, keeping "
+        f"the earliest of each pair ({rule}); e.g. {data.locate(row)} repeats user "
+        f"{data.user_ids[data.user_idx[row]]!r} and item "
+        f"{data.item_ids[data.item_idx[row]]!r} of {data.locate(kept)}",
+        DataWarning,
+        stacklevel=3,
+    )
+    return order[keep]
+
+
+def _warn_ties(
+    data: Interactions, times: NDArray[np.int64], ends: NDArray[np.int64]
+) -> None:
+    """Warn when equal times decided held-out items (``ends``: of held-out users)."""
+    test_tie = times[ends - 1] == times[ends - 2]
+    val_tie = times[ends - 2] == times[ends - 3]
+    tied = int((test_tie | val_tie).sum())
+    if tied:
+        warnings.warn(
+            f"{data.source}: for {tied} of {len(ends)} users the test or validation "
+            f"item was decided by a tie in {data.time_column!r}; ties are broken by a "
+            "stable sort by time, then file order (the later row counts as later)",
+            DataWarning,
+            stacklevel=3,
+        )
+    if 2 * int(test_tie.sum()) > len(ends):
+        warnings.warn(
+            f"{data.source}: column {data.time_column!r} does not look like a "
+            f"timestamp: for {int(test_tie.sum())} of {len(ends)} users its two latest "
+            "values are equal (a count or a rating?), so file order picks the held-out "
+            "items; give the real time column, or data.timestamp-col = \"\" for a "
+            "seeded random split",
+            DataWarning,
+            stacklevel=3,
+        )
+
+
+def _check_heldout_apart(
+    data: Interactions,
+    train_user: NDArray[np.int64],
+    train_item: NDArray[np.int64],
+    val_item: NDArray[np.int64],
+    test_item: NDArray[np.int64],
+) -> None:
+    """Raise unless each user's validation, test and train items are distinct.
+
+    Holds by construction once duplicates are dropped; checked because a breach
+    would silently inflate every metric.
+    """
+    users = np.flatnonzero(test_item != NO_ITEM)
+    train = _user_item_keys(train_user, train_item, data.num_items)
+    problem = ""
+    for name, held in (("test", test_item), ("validation", val_item)):
+        leaked = np.isin(users * data.num_items + held[users], train)
+        if leaked.any():
+            problem, u = f"its {name} item is also in train", int(users[leaked.argmax()])
+    same = val_item[users] == test_item[users]
+    if same.any():
+        problem, u = "its validation item equals its test item", int(users[same.argmax()])
+    if problem:
+        raise DataError(
+            f"{data.source}: internal error in the leave-one-out split: user "
+            f"{data.user_ids[u]!r}: {problem}; please report it"
+        )
 
 
 def _user_item_keys(

@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import numpy as np
 import pytest
 
 from common.data.schema import Interactions
-from common.data.split import NO_ITEM, UserSplit, leave_one_out, sample_unseen
+from common.data.split import (
+    NO_ITEM,
+    UserSplit,
+    _check_heldout_apart,
+    leave_one_out,
+    sample_unseen,
+)
 from common.data.synthetic import SyntheticSpec, generate_synthetic
-from common.errors import DataError
+from common.errors import DataError, DataWarning
+
+# Some logs here tie on purpose; the tests of those warnings are below.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*decided by a tie:common.errors.DataWarning"),
+    pytest.mark.filterwarnings("ignore:.*does not look like a timestamp:common.errors.DataWarning"),
+]
+# A user with two interactions (train-only): items the others never saw, to sample
+# evaluation negatives from.
+FILLER = [("z", "o1", 1), ("z", "o2", 2)]
 
 # (user, item, timestamp) in file order. alice's rows are out of time order; bob's
 # three rows share one timestamp and are interleaved with other users' rows; carol
@@ -30,10 +48,10 @@ ROWS = [
 ]
 
 
-def _log(rows: list[tuple[str, str, int]]) -> Interactions:
+def _log(rows: list[tuple[str, str, int]], **kw: str) -> Interactions:
     users, items, times = zip(*rows, strict=True)
     return Interactions.from_external_ids(
-        list(users), list(items), np.array(times), source="test"
+        list(users), list(items), np.array(times), source="test", **kw
     )
 
 
@@ -180,8 +198,9 @@ def test_sample_unseen_raises_when_a_user_has_too_few_unseen_items() -> None:
 
 
 def test_leave_one_out_raises_when_catalogue_is_too_small(log: Interactions) -> None:
-    # Act / Assert
-    with pytest.raises(DataError, match="unseen evaluation negatives"):
+    # Act / Assert: alice saw 4 of the 13 items, the most of anyone
+    message = "test: user 'alice' has interacted with 4 of the 13 items, so 99 unseen evaluation negatives cannot be sampled; lower data.eval-negatives to at most 9"
+    with pytest.raises(DataError, match=re.escape(message)):
         leave_one_out(log, num_negatives=99, seed=0)
 
 
@@ -211,3 +230,222 @@ def test_empty_subset_is_rejected(log: Interactions) -> None:
     # Act / Assert
     with pytest.raises(DataError):
         split.subset(np.array([], dtype=np.int64))
+
+
+# Duplicate (user, item) rows
+
+
+def _heldout_apart(split: UserSplit) -> None:
+    for u in np.flatnonzero(split.test_item != NO_ITEM):
+        train = set(_train_items(split, int(u)))
+        assert split.val_item[u] != split.test_item[u]
+        assert split.test_item[u] not in train
+        assert split.val_item[u] not in train
+
+
+def test_duplicate_latest_rows_no_longer_make_validation_equal_test() -> None:
+    # Arrange: "x" twice at the end used to be both the validation and the test item
+    rows = [("u", "a", 1), ("u", "b", 2), ("u", "c", 3), ("u", "x", 4), ("u", "x", 5), *FILLER]
+    data = _log(rows, row_unit="line", first_row=2)
+    # Act
+    with pytest.warns(DataWarning) as record:
+        split = leave_one_out(data, num_negatives=1, seed=0)
+    # Assert
+    u = _uid(data, "u")
+    assert str(record[0].message) == (
+        "test: dropped 1 duplicate (user, item) rows, keeping the earliest of each pair "
+        "(by time, then file order); e.g. line 6 repeats user 'u' and item 'x' of line 5"
+    )
+    assert split.test_item[u] == _item(data, "x")
+    assert split.val_item[u] == _item(data, "c")
+    assert _train_items(split, u) == sorted([_item(data, "a"), _item(data, "b")])
+    _heldout_apart(split)
+
+
+def test_duplicate_of_an_early_item_no_longer_puts_the_test_item_in_train() -> None:
+    # Arrange: "a" first at t=1, again as the latest row (t=9)
+    rows = [("u", "a", 1), ("u", "b", 2), ("u", "c", 3), ("u", "d", 4), ("u", "a", 9), *FILLER]
+    data = _log(rows)
+    # Act
+    with pytest.warns(DataWarning, match="dropped 1 duplicate"):
+        split = leave_one_out(data, num_negatives=1, seed=0)
+    # Assert: the earliest "a" is kept; the latest distinct item is the test item
+    u = _uid(data, "u")
+    assert split.test_item[u] == _item(data, "d")
+    assert split.val_item[u] == _item(data, "c")
+    assert split.num_train == 2 + len(FILLER)
+    _heldout_apart(split)
+
+
+def test_duplicates_are_counted_over_all_users_and_keep_the_earliest_by_time() -> None:
+    # Arrange: v's duplicate of "p" comes first in the file but is later in time
+    rows = [("v", "p", 9), ("u", "a", 1), ("v", "p", 2), ("u", "a", 1), ("v", "q", 3)]
+    rows += [("v", "r", 4), ("u", "b", 2), ("u", "c", 3), ("u", "a", 7)]
+    data = _log(rows)
+    # Act
+    with pytest.warns(DataWarning, match=r"dropped 3 duplicate .* e\.g\. row 1 repeats user 'v' and item 'p' of row 3"):
+        split = leave_one_out(data, num_negatives=1, seed=0)
+    # Assert: v keeps p@2, so p is v's training item
+    v = _uid(data, "v")
+    assert _train_items(split, v) == [_item(data, "p")]
+    assert split.num_train + 2 * 2 == len(rows) - 3
+    _heldout_apart(split)
+
+
+def test_a_user_left_with_fewer_than_three_distinct_items_is_train_only() -> None:
+    # Arrange
+    rows = [("u", "a", 1), ("u", "a", 2), ("u", "b", 3), ("v", "c", 1), ("v", "d", 2), ("v", "e", 3)]
+    data = _log(rows)
+    # Act
+    with pytest.warns(DataWarning, match="dropped 1 duplicate"):
+        split = leave_one_out(data, num_negatives=1, seed=0)
+    # Assert
+    u = _uid(data, "u")
+    assert split.test_item[u] == NO_ITEM
+    assert _train_items(split, u) == sorted([_item(data, "a"), _item(data, "b")])
+
+
+def test_synthetic_logs_have_no_duplicates_ties_or_warnings(synthetic: Interactions) -> None:
+    # Act / Assert
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        leave_one_out(synthetic, num_negatives=5, seed=1)
+
+
+def test_heldout_items_apart_from_train_is_checked_as_an_invariant() -> None:
+    # Arrange: hand-built broken split (the split itself cannot produce one)
+    data = _log([("u", "a", 1), ("u", "b", 2), ("u", "c", 3)])
+    one = np.array([1], dtype=np.int64)
+    # Act / Assert
+    with pytest.raises(DataError, match="internal error in the leave-one-out split: user 'u': its test item is also in train"):
+        _check_heldout_apart(data, 0 * one, 2 * one, 1 * one, 2 * one)
+    with pytest.raises(DataError, match="user 'u': its validation item equals its test item"):
+        _check_heldout_apart(data, 0 * one, 0 * one, 2 * one, 2 * one)
+
+
+# Ties
+
+
+def test_ties_that_decide_heldout_items_are_counted_with_the_rule(log: Interactions) -> None:
+    # Act: bob's three rows share t=5, so both of his held-out items are file order's
+    with pytest.warns(DataWarning) as record:
+        leave_one_out(log, num_negatives=2, seed=0)
+    # Assert
+    assert [str(w.message) for w in record] == [
+        "test: for 1 of 3 users the test or validation item was decided by a tie in "
+        "'timestamp'; ties are broken by a stable sort by time, then file order (the "
+        "later row counts as later)"
+    ]
+
+
+def test_a_tie_below_the_validation_item_is_not_counted() -> None:
+    # Arrange: u's two earliest tie, which only orders training rows
+    rows = [("u", "a", 1), ("u", "b", 1), ("u", "c", 2), ("u", "d", 3), *FILLER]
+    data = _log(rows)
+    # Act / Assert
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        leave_one_out(data, num_negatives=1, seed=0)
+
+
+def test_a_validation_tie_alone_is_counted() -> None:
+    # Arrange
+    rows = [("u", "a", 1), ("u", "b", 2), ("u", "c", 2), ("u", "d", 3)]
+    rows += [("v", "e", 1), ("v", "f", 2), ("v", "g", 3)]
+    # Act / Assert
+    with pytest.warns(DataWarning, match="for 1 of 2 users the test or validation item"):
+        leave_one_out(_log(rows), num_negatives=1, seed=0)
+
+
+def test_a_count_column_used_as_time_does_not_look_like_a_timestamp() -> None:
+    # Arrange: play counts; 2 of 3 users' two largest counts tie
+    rows = [("u", "a", 1), ("u", "b", 5), ("u", "c", 5), ("v", "d", 2), ("v", "e", 2)]
+    rows += [("v", "f", 2), ("w", "g", 1), ("w", "h", 2), ("w", "i", 3)]
+    data = _log(rows, time_column="plays")
+    # Act
+    with pytest.warns(DataWarning) as record:
+        leave_one_out(data, num_negatives=1, seed=0)
+    # Assert
+    messages = [str(w.message) for w in record]
+    assert messages[0].startswith("test: for 2 of 3 users the test or validation item was decided by a tie in 'plays'")
+    assert messages[1] == (
+        "test: column 'plays' does not look like a timestamp: for 2 of 3 users its two "
+        "latest values are equal (a count or a rating?), so file order picks the held-out "
+        'items; give the real time column, or data.timestamp-col = "" for a seeded '
+        "random split"
+    )
+
+
+def test_half_of_users_tied_is_not_yet_suspicious() -> None:
+    # Arrange: exactly 1 of 2 users' latest two tie
+    rows = [("u", "a", 1), ("u", "b", 2), ("u", "c", 2), ("v", "d", 1), ("v", "e", 2), ("v", "f", 3)]
+    # Act
+    with pytest.warns(DataWarning) as record:
+        leave_one_out(_log(rows), num_negatives=1, seed=0)
+    # Assert
+    assert len(record) == 1
+    assert "does not look like a timestamp" not in str(record[0].message)
+
+
+# Logs without time: seeded random order
+
+
+def _untimed(rows: list[tuple[str, str]]) -> Interactions:
+    return _log([(u, i, 0) for u, i in rows], time_column="")
+
+
+UNTIMED = [(f"u{u}", f"i{(7 * u + j) % 40}") for u in range(30) for j in range(6)]
+
+
+def test_a_log_without_time_is_split_at_random_and_says_so() -> None:
+    # Arrange
+    data = _untimed(UNTIMED)
+    # Act
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no tie warnings: there is no time to tie
+        split = leave_one_out(data, num_negatives=5, seed=3)
+    # Assert
+    assert split.order == "random"
+    assert split.subset(np.array([0, 1])).order == "random"
+    last_two_in_file = [_item(data, f"i{(7 * u + 5) % 40}") for u in range(30)]
+    assert (split.test_item != np.array(last_two_in_file)).any()  # not file order
+    _heldout_apart(split)
+    for u in range(30):
+        parts = _train_items(split, u) + [split.val_item[u], split.test_item[u]]
+        assert sorted(parts) == sorted(data.item_idx[data.user_idx == u].tolist())
+
+
+def test_the_random_split_is_deterministic_by_seed() -> None:
+    # Arrange
+    data = _untimed(UNTIMED)
+    # Act
+    a = leave_one_out(data, num_negatives=5, seed=3)
+    b = leave_one_out(data, num_negatives=5, seed=3)
+    c = leave_one_out(data, num_negatives=5, seed=4)
+    # Assert
+    for name in ("train_user", "train_item", "val_item", "test_item", "val_negatives"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    assert not np.array_equal(a.test_item, c.test_item)
+
+
+def test_a_timed_split_says_time() -> None:
+    # Act / Assert
+    assert leave_one_out(_log(ROWS), num_negatives=2, seed=0).order == "time"
+
+
+def test_duplicates_without_time_keep_the_first_in_file_order() -> None:
+    # Arrange
+    data = _untimed([("u", "a"), ("u", "b"), ("u", "a"), ("u", "c"), ("u", "d"), ("z", "o1")])
+    # Act / Assert
+    with pytest.warns(DataWarning, match=r"keeping the earliest of each pair \(in file order\); e\.g\. row 3 repeats user 'u' and item 'a' of row 1"):
+        split = leave_one_out(data, num_negatives=1, seed=0)
+    assert split.num_train == 2 + 1
+    _heldout_apart(split)
+
+
+def test_user_split_rejects_an_unknown_order(log: Interactions) -> None:
+    # Arrange
+    split = leave_one_out(log, num_negatives=2, seed=0)
+    # Act / Assert
+    with pytest.raises(DataError, match="UserSplit.order must be one of"):
+        UserSplit(**{**{f: getattr(split, f) for f in UserSplit.__dataclass_fields__}, "order": "by-rating"})
