@@ -19,6 +19,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from common.storage import atomic_write_bytes
+
 SERVER_HOSTS = ("127.0.0.1", "localhost")
 """Names a local SuperLink's certificate always carries (its own processes dial 127.0.0.1)."""
 
@@ -65,11 +67,17 @@ class Credentials:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` readable by the owner only (0600), atomically enough."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(path, 0o600)  # an existing file keeps its mode through os.open
+    """Write ``data`` to ``path`` readable by the owner only (0600), atomically.
+
+    A key is never half-written: a full disk or a crash leaves no file (or the old one),
+    so the next start does not keep a truncated key.
+    """
+    atomic_write_bytes(path, data, mode=0o600)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    """Write a certificate or public key (0644), atomically."""
+    atomic_write_bytes(path, data, mode=0o644)
 
 
 def _san(host: str) -> x509.GeneralName:
@@ -130,7 +138,7 @@ def create_ca(directory: Path, *, days: int = 365) -> Credentials:
             serialization.NoEncryption(),
         ),
     )
-    creds.ca_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_public(creds.ca_cert, cert.public_bytes(serialization.Encoding.PEM))
     return creds
 
 
@@ -204,7 +212,7 @@ def create_server_certificate(
             serialization.NoEncryption(),
         ),
     )
-    creds.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_public(creds.server_cert, cert.public_bytes(serialization.Encoding.PEM))
     return creds.server_cert
 
 
@@ -240,7 +248,7 @@ def create_node_key(private_path: Path, comment: str = "") -> Path:
     line = key.public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
-    public_path.write_bytes(line + (f" {comment}".encode() if comment else b"") + b"\n")
+    _write_public(public_path, line + (f" {comment}".encode() if comment else b"") + b"\n")
     return public_path
 
 
