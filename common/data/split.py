@@ -126,7 +126,8 @@ def leave_one_out(
         If a user has interacted with so many items that fewer than
         ``num_negatives`` remain to sample from.
     """
-    _check_negatives(data, num_negatives)
+    seen = _user_item_keys(data.user_idx, data.item_idx, data.num_items)
+    _check_negatives(data, seen, num_negatives)
     if data.has_time:
         order = np.lexsort((data.timestamp, data.user_idx))  # stable: by user, then time
     else:
@@ -154,7 +155,6 @@ def leave_one_out(
     _check_heldout_apart(data, users[is_train], items[is_train], val_item, test_item)
 
     rng = np.random.default_rng(seed)
-    seen = _user_item_keys(users, items, data.num_items)
     val_neg = sample_unseen(seen, data.num_users, data.num_items, num_negatives, rng)
     test_neg = sample_unseen(seen, data.num_users, data.num_items, num_negatives, rng)
     return UserSplit(
@@ -170,10 +170,11 @@ def leave_one_out(
     )
 
 
-def _check_negatives(data: Interactions, num_negatives: int) -> None:
+def _check_negatives(
+    data: Interactions, seen_keys: NDArray[np.int64], num_negatives: int
+) -> None:
     """Raise, naming the user, if someone has too few unseen items to sample from."""
-    keys = _user_item_keys(data.user_idx, data.item_idx, data.num_items)
-    seen = np.bincount(keys // data.num_items, minlength=data.num_users)
+    seen = np.bincount(seen_keys // data.num_items, minlength=data.num_users)
     if data.num_items - seen.max() >= num_negatives:
         return
     u = int(seen.argmax())
@@ -189,7 +190,7 @@ def _check_negatives(data: Interactions, num_negatives: int) -> None:
 def _drop_duplicates(data: Interactions, order: NDArray[np.int64]) -> NDArray[np.int64]:
     """Keep the first row of each (user, item) pair along ``order``, warning if any go."""
     keys = data.user_idx[order] * data.num_items + data.item_idx[order]
-    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    uniq, first = np.unique(keys, return_index=True)  # first: earliest along order
     keep = np.zeros(len(order), dtype=bool)
     keep[first] = True
     if keep.all():
@@ -197,7 +198,7 @@ def _drop_duplicates(data: Interactions, order: NDArray[np.int64]) -> NDArray[np
     dropped = np.flatnonzero(~keep)
     row = int(order[dropped].min())  # the first dropped row in file order
     pos = int(np.flatnonzero(order == row)[0])
-    kept = int(order[first[inverse[pos]]])
+    kept = int(order[first[np.searchsorted(uniq, keys[pos])]])
     rule = "by time, then file order" if data.has_time else "in file order"
     warnings.warn(
         f"{data.source}: dropped {len(dropped)} duplicate (user, item) rows, keeping "
@@ -249,16 +250,14 @@ def _check_heldout_apart(
     Holds by construction once duplicates are dropped; checked because a breach
     would silently inflate every metric.
     """
-    users = np.flatnonzero(test_item != NO_ITEM)
-    train = _user_item_keys(train_user, train_item, data.num_items)
     problem = ""
     for name, held in (("test", test_item), ("validation", val_item)):
-        leaked = np.isin(users * data.num_items + held[users], train)
+        leaked = train_item == held[train_user]  # NO_ITEM never equals an item
         if leaked.any():
-            problem, u = f"its {name} item is also in train", int(users[leaked.argmax()])
-    same = val_item[users] == test_item[users]
+            problem, u = f"its {name} item is also in train", int(train_user[leaked.argmax()])
+    same = (val_item == test_item) & (test_item != NO_ITEM)
     if same.any():
-        problem, u = "its validation item equals its test item", int(users[same.argmax()])
+        problem, u = "its validation item equals its test item", int(same.argmax())
     if problem:
         raise DataError(
             f"{data.source}: internal error in the leave-one-out split: user "
