@@ -14,7 +14,6 @@ from common.errors import ConfigError
 DATASETS: tuple[str, ...] = ("synthetic", "ml-100k", "ml-1m", "csv", "parquet")
 
 
-
 def load_dataset(name: str, data_dir: Path | None, **kw: Any) -> Interactions:
     """Load a data set by name.
 
@@ -24,7 +23,7 @@ def load_dataset(name: str, data_dir: Path | None, **kw: Any) -> Interactions:
         One of `DATASETS`: ``"synthetic"`` (``kw`` are `SyntheticSpec` fields and
         `data_dir` is unused), ``"ml-100k"`` or ``"ml-1m"`` (`data_dir` is the data
         set's directory or ratings file), ``"csv"`` or ``"parquet"`` (`data_dir` is
-        the file).
+        the file, read as delimited text or as Parquet whatever its suffix).
     data_dir : Path or None
         Where the data lives; required for every name but ``"synthetic"``.
     **kw : Any
@@ -54,4 +53,4 @@ def load_dataset(name: str, data_dir: Path | None, **kw: Any) -> Interactions:
         return load_movielens_100k(data_dir)
     if name == "ml-1m":
         return load_movielens_1m(data_dir)
-    return load_interactions_file(data_dir, **kw)
+    return load_interactions_file(data_dir, file_format=name, **kw)

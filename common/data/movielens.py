@@ -88,12 +88,19 @@ def _movielens(
     items = integer_column(path, table, "item_id", data_line)
     require_pattern(path, table, "rating", NUMBER, "is not a number", data_line)
     timestamp = integer_column(path, table, "timestamp", data_line)
+    if (timestamp < 0).any():
+        i = int(np.argmax(timestamp < 0))
+        raise DataError(
+            f"{path}: {data_line(i)}: timestamp {int(timestamp[i])} is negative; "
+            "times must be >= 0 seconds since 1970-01-01 UTC"
+        )
     return Interactions.from_external_ids(
         users.astype(str),
         items.astype(str),
         timestamp,
         source=str(path),
         item_category=categories,
+        row_unit="line",
     )
 
 

@@ -15,7 +15,11 @@ from common.seeding import derive_seed
 
 
 def load_interactions(data: DataSettings, seed: int, path: str = "") -> Interactions:
-    """Load the configured data set (``path`` overrides ``data.path``)."""
+    """Load the configured data set (``path`` overrides ``data.path``).
+
+    A ``csv`` log is read with ``data.sep`` and ``data.header``; ``data.timestamp-col``
+    ``""`` loads a log without time, which the split then orders at random.
+    """
     if data.dataset == "synthetic":
         s = data.synthetic
         spec = SyntheticSpec(
@@ -33,6 +37,7 @@ def load_interactions(data: DataSettings, seed: int, path: str = "") -> Interact
         user_col=data.user_col,
         item_col=data.item_col,
         timestamp_col=data.timestamp_col,
+        **({"sep": data.sep, "header": data.header} if data.dataset == "csv" else {}),
     )
 
 
