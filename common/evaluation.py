@@ -93,7 +93,10 @@ def _score(
         model(
             torch.from_numpy(users[lo : lo + batch]).to(device),
             torch.from_numpy(items[lo : lo + batch]).to(device),
-        ).double().cpu().numpy()
+        )
+        .double()
+        .cpu()
+        .numpy()
         for lo in range(0, len(users), batch)
     ]
     return np.concatenate(out) if out else np.empty((0, items.shape[1]))
@@ -118,9 +121,7 @@ def _full_ranking_sums(
     train_items = split.train_item[order]
     for lo in range(0, len(users), protocol.batch_users):
         chunk = users[lo : lo + protocol.batch_users]
-        scores = (
-            model.score_all(torch.from_numpy(chunk).to(device)).double().cpu().numpy()
-        )  # (B, I)
+        scores = model.score_all(torch.from_numpy(chunk).to(device)).double().cpu().numpy()  # (B, I)
         exclude = np.zeros(scores.shape, dtype=bool)
         lengths = starts[chunk + 1] - starts[chunk]
         rows = np.repeat(np.arange(len(chunk)), lengths)
@@ -141,6 +142,52 @@ def _full_ranking_sums(
     sums["exposure"] = exposure.astype(float).tolist()
     sums["arp"] = arp
     return sums
+
+
+def sum_shapes(protocol: EvalProtocol, num_items: int) -> dict[str, int | None]:
+    """Every key :func:`evaluation_sums` returns, with its list length (None: a number)."""
+    k = protocol.k
+    shapes: dict[str, int | None] = {}
+    for phase in ("val", "test"):
+        shapes.update({f"{phase}-users": None, f"{phase}-hits@{k}": None, f"{phase}-ndcg@{k}": None})
+    shapes["activity-users"] = MAX_ACTIVITY + 1
+    shapes["activity-hits"] = MAX_ACTIVITY + 1
+    if protocol.full_ranking:
+        for c in sorted({k, protocol.full_ranking_k}):
+            shapes[f"test-full-recall@{c}"] = None
+            shapes[f"test-full-ndcg@{c}"] = None
+        shapes["exposure"] = num_items
+        shapes["arp"] = None
+    return shapes
+
+
+def sums_problem(sums: Mapping[str, object], protocol: EvalProtocol, num_items: int) -> str | None:
+    """Why one silo's evaluation sums cannot be added to the others' (None when they can).
+
+    Every key of :func:`sum_shapes` must be there and nothing else; every value a
+    finite, non-negative number (lists of the right length); hits and DCG sums at most
+    the phase's user count.
+    """
+    shapes = sum_shapes(protocol, num_items)
+    if set(sums) != set(shapes):
+        extra, missing = sorted(set(sums) - set(shapes)), sorted(set(shapes) - set(sums))
+        return f"evaluation sums have unexpected keys {extra} and lack {missing}"
+    for key, length in shapes.items():
+        value = sums[key]
+        values = value if isinstance(value, list) else [value]
+        if (length is None) == isinstance(value, list) or (length is not None and len(values) != length):
+            return (
+                f"evaluation sum {key!r} has the wrong form ({type(value).__name__}, expected {length or 'a number'})"
+            )
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
+                return f"evaluation sum {key!r} holds {v!r}: sums are finite and >= 0"
+    for phase in ("val", "test"):
+        users = float(sums[f"{phase}-users"])  # type: ignore[arg-type]
+        for name in (f"{phase}-hits@{protocol.k}", f"{phase}-ndcg@{protocol.k}"):
+            if float(sums[name]) > users + 1e-6:  # type: ignore[arg-type]
+                return f"evaluation sum {name!r} ({sums[name]}) exceeds the {users:g} users evaluated"
+    return None
 
 
 def add_sums(parts: Sequence[Mapping[str, SumValue]]) -> dict[str, SumValue]:
@@ -169,9 +216,7 @@ def summarize(sums: Mapping[str, SumValue], k: int) -> dict[str, float]:
             out[f"{phase}-{label}"] = float(sums[f"{phase}-{name}"]) / n if n else float("nan")  # type: ignore[arg-type]
     counts = np.rint(np.asarray(sums["activity-users"], dtype=float)).astype(np.int64)
     hit_sums = np.asarray(sums["activity-hits"], dtype=float)
-    out[f"test-hr@{k}-gap-least-most-active"] = metrics.quintile_gap_from_histogram(
-        counts, hit_sums
-    )
+    out[f"test-hr@{k}-gap-least-most-active"] = metrics.quintile_gap_from_histogram(counts, hit_sums)
     if "exposure" in sums:
         n = float(sums["test-users"])  # type: ignore[arg-type]
         for key, value in sums.items():

@@ -161,6 +161,10 @@ def l2_rows(model: Recommender, rows: dict[str, Tensor]) -> Tensor:
     return total
 
 
+# Every model's shared item tables (their rows are the catalogue).
+ITEM_TABLES: tuple[str, ...] = MF.item_tables + NeuMF.item_tables
+
+
 def build_model(
     name: ModelName,
     num_users: int,

@@ -15,6 +15,7 @@ from common import records
 from common.config import AppConfig
 from common.data import prepared
 from common.data.pipeline import load_interactions
+from common.evaluation import EvalProtocol
 from common.models import build_model, shared_state
 from common.privacy.accounting import Accountant
 from common.privacy.events import DP_FEDAVG
@@ -54,8 +55,13 @@ def catalogue_size(cfg: AppConfig) -> int:
 
 def build_strategy(cfg: AppConfig, ledgers: RunLedgers, resumed: bool) -> FedrecStrategy:
     """FedAvg (or a robust aggregator) of the shared model, wrapped in client-level DP when central DP is on."""
+    protocol = EvalProtocol(k=cfg.eval.k, full_ranking=cfg.eval.full_ranking, full_ranking_k=cfg.eval.full_ranking_k)
     strategy = SharedModelFedAvg(
-        cfg.strategy, cfg.eval.k, ledgers=ledgers, registry=lambda nodes: registered_weights(cfg, nodes)
+        cfg.strategy,
+        cfg.eval.k,
+        ledgers=ledgers,
+        registry=lambda nodes: registered_weights(cfg, nodes),
+        protocol=protocol,
     )
     if not cfg.privacy.is_central:
         return strategy
@@ -65,7 +71,9 @@ def build_strategy(cfg: AppConfig, ledgers: RunLedgers, resumed: bool) -> Fedrec
         accountant = Accountant.from_releases(spent, steps_per_round=1) if spent else None
     canaries = cfg.audit.central_canaries
     return ClientLevelDP(
-        strategy, cfg.privacy, cfg.num_server_rounds,
+        strategy,
+        cfg.privacy,
+        cfg.num_server_rounds,
         canaries=CanaryClients(canaries, derive_seed(cfg.audit.seed, "central-canaries")) if canaries else None,
         disable_noise=cfg.audit.unsafe_disable_noise,
         accountant=accountant,

@@ -63,6 +63,7 @@ def run_rounds(
                 timeout=timeout,
             )
             eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
+            events.rejected += strategy.take_events().rejected  # evaluation replies that were rejected
         traffic = grid.reset()
         record = RoundRecord(
             server_round=server_round,

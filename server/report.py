@@ -74,8 +74,48 @@ def render_report(rounds: list[RoundRecord], k: int, plot_name: str) -> str:
         "protocol framing. Evaluation metrics are aggregates of per-silo sums; they "
         "are not differentially private.",
         "",
+        *render_anomalies(rounds),
     ]
     return "\n".join(lines)
+
+
+def render_anomalies(rounds: list[RoundRecord]) -> list[str]:
+    """The silos' updates per round: norm, cosine with the aggregate, weights, what the defences did."""
+    if not any(r.silos for r in rounds):
+        return []
+    flagged = sorted(
+        {(s.partition_id, s.node) for r in rounds for s in r.silos if s.outlier or s.rejected},
+        key=lambda x: (x[0] is None, x[0] or 0, x[1]),
+    )
+    lines = ["## Silos' updates (anomaly report)", ""]
+    if flagged:
+        names = ", ".join(f"silo {pid} (node {node})" if pid is not None else f"node {node}" for pid, node in flagged)
+        lines += [f"**Flagged as outliers or rejected in at least one round:** {names}.", ""]
+    else:
+        lines += ["No silo was flagged: every update was within the norm bound and agreed with the aggregate.", ""]
+    lines += [
+        "| round | silo | node | norm | cosine | weight claimed | weight used | clipped | outlier | rejected |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rounds:
+        for s in sorted(r.silos, key=lambda s: (s.partition_id is None, s.partition_id or 0, s.node)):
+            lines.append(
+                f"| {r.server_round} | {'-' if s.partition_id is None else s.partition_id} | {s.node} | "
+                f"{_num(s.norm)} | {_num(s.cosine)} | {_num(s.weight_claimed)} | {_num(s.weight_used)} | "
+                f"{'yes' if s.clipped else '-'} | {'**yes**' if s.outlier else '-'} | {s.rejected or '-'} |"
+            )
+    lines += [
+        "",
+        "Norm: L2 norm of the silo's update of the shared model as received; cosine: with the "
+        "round's aggregate update; weight used: the claim capped at the silo's registered weight. "
+        "An outlier's norm exceeded the round's bound, or its update pointed against the aggregate.",
+        "",
+    ]
+    return lines
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
 
 
 def _fmt(value: Any) -> str:

@@ -13,7 +13,8 @@ from flwr.supercore import log
 
 from common import records
 from common.config import StrategySettings
-from common.evaluation import add_sums, summarize
+from common.evaluation import EvalProtocol, add_sums, summarize, sums_problem
+from common.models import ITEM_TABLES
 from common.privacy.clipping import l2_norm
 from server import defences, validation
 from server.ledger import RunLedgers
@@ -46,6 +47,7 @@ class SharedModelFedAvg(FedAvg):
         k: int,
         ledgers: RunLedgers | None = None,
         registry: Callable[[int], Mapping[int, int]] | None = None,
+        protocol: EvalProtocol | None = None,
     ) -> None:
         super().__init__(
             fraction_train=settings.fraction_train,
@@ -61,6 +63,8 @@ class SharedModelFedAvg(FedAvg):
         )
         self.current: ArrayRecord | None = None
         self.settings = settings
+        self.k = k
+        self.protocol = protocol  # when given, every evaluation reply is checked against it
         self.ledgers = ledgers
         self.registered: dict[int, int] = {}
         self._registry = registry  # called once, with the number of nodes, at the first round
@@ -93,6 +97,29 @@ class SharedModelFedAvg(FedAvg):
         if self.ledgers is not None:
             config = ConfigRecord({**config, records.LEDGER_COUNTS: self.ledgers.counts()})
         return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Add up the valid silos' evaluation sums; an unusable reply is rejected and recorded."""
+        valid = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                self._reject(server_round, node, f"evaluation: silo failed: {msg.error.reason}")
+                continue
+            metrics = msg.content.metric_records.get(records.METRICS)
+            problem = "reply has no metrics" if metrics is None else self._sums_problem(metrics)
+            if problem is not None:
+                self._reject(server_round, node, f"evaluation: {problem}")
+                continue
+            valid.append(msg.content)
+        return _aggregate_eval_sums(valid, self.k) if valid else None
+
+    def _sums_problem(self, metrics: MetricRecord) -> str | None:
+        sums = {k: v for k, v in metrics.items() if k != records.NUM_EXAMPLES}
+        if self.protocol is None or self.current is None:
+            return None
+        num_items = next((a.shape[0] for name, a in self.current.items() if name.split(".")[0] in ITEM_TABLES), 0)
+        return sums_problem(sums, self.protocol, num_items)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -25,8 +25,9 @@ def test_a_silo_with_a_bad_data_path_fails_with_the_path_and_the_round_goes_on(s
     assert len(rounds) == cfg["num-server-rounds"]
     for r in rounds:
         assert r["train"]["silos"] == 2
-        (rejected,) = r["rejected"]
-        assert rejected["node"] == 2 and str(bad) in rejected["reason"]
+        train, evaluation = r["rejected"]  # the failing silo's training and evaluation replies
+        assert train["node"] == evaluation["node"] == 2
+        assert str(bad) in train["reason"] and evaluation["reason"].startswith("evaluation: silo failed")
     report = open(f"{cfg['run-dir']}/report.md").read()
     assert str(bad) in report
 
