@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+from logging import WARNING
 
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, RecordDict
+from flwr.supercore import log
 
 from common import records
 from common.config import AppConfig
 from common.data.split import UserSplit
 from common.models import Recommender
-from common.privacy.accounting import Accountant, calibrate_noise, default_delta
+from common.privacy.accounting import Accountant, calibrate_noise, choose_delta
 from common.privacy.events import PrivacyRelease, silo_owner
 from common.privacy.ledger import Chain
 from common.privacy.local import LocalDPSettings, UnitSampler, dp_train, steps_per_round
@@ -34,12 +36,30 @@ def new_accountant(cfg: AppConfig, split: UserSplit, partition_id: int) -> Accou
     """Fix the silo's mechanism for the run: q from its population, σ given or calibrated.
 
     A calibrated σ spends ``target-epsilon`` over ``num-server-rounds`` rounds of
-    ``steps-per-round`` steps (the silo takes part in every round at most).
+    ``steps-per-round`` steps (the silo takes part in every round at most). δ is
+    :func:`~common.privacy.accounting.choose_delta` of the silo's N units: a
+    configured δ above 1/(10N) is logged as weak and so recorded in the release.
+
+    Raises
+    ------
+    ConfigError
+        If ``privacy.local.delta`` is ≥ 1/N for this silo (the message names the
+        silo, N and 1/N). The ClientApp then replies with an error, which the server
+        records as this silo's rejected reply; no state is saved.
     """
     p = cfg.privacy.local
     sampler = UnitSampler(split, p.unit, p.batch_size, p.max_positives)
     steps = steps_per_round(sampler.sample_rate, cfg.train.local_epochs)
-    delta = p.delta or default_delta(sampler.population)
+    chosen = choose_delta(
+        p.delta,
+        sampler.population,
+        key="privacy.local.delta",
+        units=f"the silo's N {p.unit}s",
+        owner=f"silo {partition_id}",
+    )
+    if chosen.warning:
+        log(WARNING, "%s", chosen.warning)
+    delta = chosen.delta
     sigma = p.noise_multiplier or calibrate_noise(
         sampler.sample_rate, steps * cfg.num_server_rounds, p.target_epsilon, delta, cfg.privacy.accountant
     )
@@ -52,7 +72,7 @@ def new_accountant(cfg: AppConfig, split: UserSplit, partition_id: int) -> Accou
         noise_multiplier=sigma,
         clip=p.clip,
         delta=delta,
-        delta_rule="configured" if p.delta else "1/N^1.1 for the silo's N units",
+        delta_rule=chosen.rule,
         accountant=cfg.privacy.accountant,
         target_epsilon=p.target_epsilon,
         released=RELEASED,

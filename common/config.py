@@ -126,8 +126,10 @@ class LocalPrivacySettings:
     """The mechanism of local DP-SGD in each silo (``[privacy.local]``).
 
     A noise multiplier of 0 means "calibrate it to ``target_epsilon`` over the
-    planned rounds"; a δ of 0 means "1/N^1.1 for the silo's N units"; a target ε of
-    0 means "no budget" (only with an explicit noise multiplier).
+    planned rounds"; a δ of 0 means "min(1e-5, 1/(10N)) for the silo's N units" (a δ
+    ≥ 1/N is refused and one above 1/(10N) is warned about when the silo fixes its
+    mechanism, see :func:`common.privacy.accounting.choose_delta`); a target ε of 0
+    means "no budget" (only with an explicit noise multiplier).
     """
 
     unit: Literal["user", "interaction"]

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterable
-from logging import INFO
+from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -33,7 +33,7 @@ from numpy.typing import NDArray
 
 from common import records
 from common.config import PrivacySettings
-from common.privacy.accounting import Accountant, calibrate_noise, default_delta
+from common.privacy.accounting import Accountant, calibrate_noise, choose_delta
 from common.privacy.clipping import clip_update, gaussian_noise
 from common.privacy.events import SERVER_OWNER
 from common.rundir import CentralCounts
@@ -105,7 +105,11 @@ class ClientLevelDP:
             return self.accountant
         c = self.settings.central
         population = len(list(grid.get_node_ids())) + (self.canaries.count if self.canaries else 0)
-        delta = c.delta or default_delta(max(population, 1))
+        units = "the N clients: silos and canary clients" if self.canaries else "the N silos"
+        chosen = choose_delta(c.delta, max(population, 1), key="privacy.central.delta", units=units, owner="the server")
+        if chosen.warning:
+            log(WARNING, "central DP: %s", chosen.warning)
+        delta = chosen.delta
         sigma = c.noise_multiplier or calibrate_noise(
             c.sample_rate, self.num_rounds, c.target_epsilon, delta, self.settings.accountant
         )
@@ -118,7 +122,7 @@ class ClientLevelDP:
             noise_multiplier=sigma,
             clip=c.clip,
             delta=delta,
-            delta_rule="configured" if c.delta else "1/N^1.1 for the N silos",
+            delta_rule=chosen.rule,
             accountant=self.settings.accountant,
             target_epsilon=c.target_epsilon,
             released=RELEASED,

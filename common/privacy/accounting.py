@@ -21,6 +21,7 @@ from typing import Any, Literal, cast
 import dp_accounting
 from dp_accounting import pld, rdp
 
+from common.errors import ConfigError
 from common.privacy.events import BUDGET_DECLINE, DP_FEDAVG, DP_SGD, MechanismUse, PrivacyRelease
 
 AccountantName = Literal["pld", "rdp"]
@@ -173,11 +174,82 @@ def epsilon_delta_curve(uses: Sequence[MechanismUse], deltas: Sequence[float]) -
     return list(_curve_cached(tuple(merged(uses)), tuple(float(d) for d in deltas)))
 
 
+# δ is the probability that the guarantee fails outright; a mechanism that publishes
+# one unit's data at random with probability δ is (0, δ)-DP, so δ must be far below 1/N.
+DELTA_CAP = 1e-5
+
+
 def default_delta(num_units: int) -> float:
-    """δ = 1 / N^1.1 for a population of ``num_units`` privacy units."""
+    """δ = min(1e-5, 1/(10·N)) for a population of ``num_units`` privacy units.
+
+    A mechanism that releases each unit's data in the clear with probability δ is
+    (0, δ)-DP; with δ = 1/(10N) the expected number of units so exposed is 0.1.
+    """
     if num_units < 1:
         raise ValueError(f"population must be >= 1 unit, got {num_units}")
-    return float(num_units ** -1.1)
+    return min(DELTA_CAP, 1.0 / (10 * num_units))
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaChoice:
+    """The δ of one mechanism, how it was chosen, and the warning to log (if any)."""
+
+    delta: float
+    rule: str  # the release's ``delta-rule``
+    warning: str | None = None  # a configured δ above 1/(10N): accepted, but weak
+
+
+def choose_delta(configured: float, num_units: int, *, key: str, units: str, owner: str) -> DeltaChoice:
+    """The δ of a mechanism over ``num_units`` units: ``configured``, or the default if 0.
+
+    Parameters
+    ----------
+    configured : float
+        The configured δ (``privacy.local.delta`` or ``privacy.central.delta``); 0 means
+        :func:`default_delta`.
+    num_units : int
+        N, the population of privacy units (a silo's users or interactions; the silos).
+    key : str
+        The configuration key, named in errors and warnings.
+    units : str
+        What the N units are, for messages and the rule ("the silo's N users").
+    owner : str
+        Who fixes the mechanism ("silo 3", "the server"), named in errors and warnings.
+
+    Returns
+    -------
+    DeltaChoice
+        The default δ with rule "min(1e-5, 1/(10N)) for <units>"; a configured δ up to
+        1/(10N) with rule "configured"; a configured δ in (1/(10N), 1/N) with a rule and
+        a warning saying it is weak.
+
+    Raises
+    ------
+    ConfigError
+        If the configured δ is ≥ 1/N: such a δ allows a mechanism that publishes some
+        unit's data outright.
+    """
+    if num_units < 1:
+        raise ValueError(f"population must be >= 1 unit, got {num_units}")
+    if not configured:
+        return DeltaChoice(default_delta(num_units), f"min(1e-5, 1/(10N)) for {units}")
+    inverse, tenth = 1.0 / num_units, 1.0 / (10 * num_units)
+    if configured >= inverse:
+        raise ConfigError(
+            f"{owner}: {key} = {configured:g} is not below 1/N = {inverse:.3g} for N = {num_units} "
+            f"({units}): a δ that large allows publishing some unit's data outright. "
+            f"Set {key} at most 1/(10N) = {tenth:.3g}, or 0 for min(1e-5, 1/(10N)) = "
+            f"{default_delta(num_units):.3g}"
+        )
+    if configured > tenth:
+        return DeltaChoice(
+            configured,
+            f"configured (above 1/(10N) = {tenth:.3g} for {units}: weak)",
+            f"{owner}: {key} = {configured:g} is above 1/(10N) = {tenth:.3g} for N = {num_units} "
+            f"({units}): accepted, but weak (N·δ = {num_units * configured:.3g}); the release "
+            "records it in its delta-rule",
+        )
+    return DeltaChoice(configured, "configured")
 
 
 @dataclass(slots=True)
