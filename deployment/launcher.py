@@ -18,17 +18,27 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from common.rundir import FlowerDir
-from deployment.processes import LaunchError, free_port, stop, stop_detached, wait_for_port
-
-REPO = Path(__file__).resolve().parents[1]
+from common.storage import atomic_write_bytes
+from deployment.processes import (
+    REPO,
+    LaunchError,
+    die_with_parent,
+    free_port,
+    spawn,
+    stop,
+    stop_detached,
+    wait_for_port,
+)
 
 CONNECTION = "fedrec"
 """Name of the SuperLink connection in ``$FLWR_HOME/config.toml``."""
@@ -63,9 +73,12 @@ def write_connection_config(flwr_home: Path, address: str, security: str) -> Non
     ``security`` is the connection's TLS line: ``insecure = true`` or
     ``root-certificates = "<ca.crt>"``.
     """
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-        f'[superlink.{CONNECTION}]\naddress = "{address}"\n{security}\n'
+    atomic_write_bytes(
+        flwr_home / "config.toml",
+        (
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+            f'[superlink.{CONNECTION}]\naddress = "{address}"\n{security}\n'
+        ).encode(),
     )
 
 
@@ -95,7 +108,9 @@ def superlink(
 ) -> Iterator[SuperLink]:
     """Start a SuperLink on a free port with its own FLWR_HOME; stop it on exit.
 
-    The connection is registered in ``$FLWR_HOME/config.toml`` as ``fedrec``.
+    The connection is registered in ``$FLWR_HOME/config.toml`` as ``fedrec``. The
+    SuperLink runs under :mod:`deployment.watchdog` (:func:`deployment.processes.spawn`),
+    so it and everything it detached stop when this process dies, even by SIGKILL.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     files = FlowerDir(workdir)
@@ -114,11 +129,8 @@ def superlink(
     ]
     if "--ssl-certfile" not in extra_args:
         args.insert(1, "--insecure")
-    env = flower_env(files.flwr_home)
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir, start_new_session=True
-        )
+    # Under a watchdog: SuperExec, the simulation and Ray go down with it, and with us.
+    proc = spawn(args, log, flower_env(files.flwr_home), cwd=workdir)
     try:
         wait_for_port(port, proc, startup_timeout, log)
         yield SuperLink(proc, port, files.flwr_home, log)
@@ -139,6 +151,7 @@ class AppRun:
     log: Path | None
     run_id: int | None = None
     lines: list[str] = field(default_factory=list)
+    log_error: str | None = None  # why the log could not be written (the run goes on)
     _reader: threading.Thread | None = None
 
     def wait(self, timeout: float | None = None) -> int:
@@ -201,30 +214,50 @@ def start_flwr_run(
         args += ["--run-config", str(write_run_config(FlowerDir(flwr_home.parent).run_config, run_config))]
     if federation_config:
         args += ["--federation-config", federation_config]
-    proc = subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        env=_env(flwr_home, env), start_new_session=True,
-    )
-    run = AppRun(proc, log)
     out = None if log is None else log.open("a" if append else "w")
+    try:
+        proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env=_env(flwr_home, env), start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGKILL),  # a client only: nothing to clean up
+        )
+    except BaseException:
+        if out is not None:
+            out.close()
+        raise
+    run = AppRun(proc, log)
 
     def read() -> None:
         assert proc.stdout is not None
-        with out if out is not None else contextlib.nullcontext():
-            for raw in proc.stdout:
-                line = raw.decode(errors="replace")
-                if out is not None:
-                    out.write(line)
-                    out.flush()
-                run.lines.append(line)
-                if run.run_id is None and (m := _RUN_ID.search(line)):
-                    run.run_id = int(m.group(1))
-                if on_line is not None:
-                    on_line(line)
+        sink = out
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace")
+            if sink is not None:
+                try:
+                    sink.write(line)
+                    sink.flush()
+                except OSError as exc:  # disk full: say so once, keep draining the pipe
+                    run.log_error = f"{log}: cannot write ({exc.strerror}); the log stops here"
+                    line = f"ERROR: {run.log_error}\n{line}"
+                    _close_quietly(sink)
+                    sink = None
+            run.lines.append(line)
+            if run.run_id is None and (m := _RUN_ID.search(line)):
+                run.run_id = int(m.group(1))
+            if on_line is not None:
+                on_line(line)
+        if sink is not None:
+            _close_quietly(sink)
 
     run._reader = threading.Thread(target=read, daemon=True)
     run._reader.start()
     return run
+
+
+def _close_quietly(file: IO[str]) -> None:
+    """Close a log whose last write failed (its unwritten buffer cannot be saved either)."""
+    with contextlib.suppress(OSError):
+        file.close()
 
 
 def flwr_run(
@@ -301,7 +334,7 @@ def write_run_config(path: Path, run_config: Mapping[str, object]) -> Path:
     Keys are written bare (``data.path = "..."``: TOML dotted keys), so the file reads
     back, flattened, as the same keys.
     """
-    path.write_text(run_config_text(run_config))
+    atomic_write_bytes(path, run_config_text(run_config).encode())
     return path
 
 

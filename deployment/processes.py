@@ -3,11 +3,18 @@
 Every Flower process fedrec starts runs in its own session (process group) with its
 output in a log file, and is stopped by PID: nothing here matches processes by name
 except through an address we chose.
+
+Nothing outlives the fedrec process, even one killed with SIGKILL: a process fedrec
+starts directly gets a parent-death signal (Linux ``PR_SET_PDEATHSIG``,
+:func:`die_with_parent`), and a Flower server process, which detaches its own
+children into new sessions, runs under :mod:`deployment.watchdog` (:func:`spawn`),
+which takes its whole tree down when fedrec goes away.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import http.client
 import os
 import re
@@ -16,11 +23,22 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from common.errors import FedrecError
+
+REPO = Path(__file__).resolve().parents[1]
+"""This repository: the Flower app ``flwr run`` submits, and where the watchdog starts."""
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_PR_SET_CHILD_SUBREAPER = 36
+
+WATCHDOG_GRACE = 10.0
+"""Seconds the watchdog gives its command, then the rest of its tree, to exit on SIGTERM."""
 
 
 class LaunchError(FedrecError, RuntimeError):
@@ -34,16 +52,71 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _prctl() -> Callable[..., int] | None:
+    """libc's ``prctl`` on Linux, else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    func: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl  # the C library's
+    return func
+
+
+def set_child_subreaper() -> bool:
+    """Make this process adopt its orphaned descendants (Linux ``PR_SET_CHILD_SUBREAPER``).
+
+    Whatever a child starts, even into a new session, then stays a descendant of this
+    process after its own parent exits, so :func:`descendants` still finds it.
+    """
+    prctl = _prctl()
+    return prctl is not None and prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child receive ``sig`` when this process dies.
+
+    ``PR_SET_PDEATHSIG`` fires when the *thread* that forked the child exits, so it is
+    only set from the main thread (elsewhere: None, no parent-death signal; the
+    watchdog also checks its parent every 0.2 s). None off Linux.
+    """
+    prctl = _prctl()
+    if prctl is None or threading.current_thread() is not threading.main_thread():
+        return None
+    number = int(sig)
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, number, 0, 0, 0)
+
+    return preexec
+
+
+def watchdog_command(args: Sequence[str], *, cwd: Path) -> list[str]:
+    """``args`` run under :mod:`deployment.watchdog` in ``cwd``, watching this process."""
+    return [
+        sys.executable, "-m", "deployment.watchdog",
+        "--parent", str(os.getpid()), "--cwd", str(cwd), "--grace", f"{WATCHDOG_GRACE:g}",
+        "--", *args,
+    ]
+
+
 def spawn(
     args: list[str], log: Path, env: Mapping[str, str], *, cwd: Path, append: bool = False
 ) -> subprocess.Popen[bytes]:
-    """Start ``args`` in a new session with its output in ``log`` (first line: the command)."""
+    """Start ``args`` under a watchdog, in a new session, with its output in ``log``.
+
+    The log's first line is the command. The returned process is the watchdog
+    (:mod:`deployment.watchdog`): it exits with the command's exit status, stops the
+    command's whole tree (what Flower detached included) on SIGTERM, and does the same
+    when this process dies, even by SIGKILL. Stop it with :func:`stop`.
+    """
     with log.open("ab" if append else "wb") as out:
         out.write(f"$ {shlex.join(args)}\n".encode())
         out.flush()
+        # The watchdog starts in the repository, so ``-m deployment.watchdog`` imports
+        # this checkout (a run directory may hold a ``deployment/`` folder of its own);
+        # it starts the command in ``cwd``.
         return subprocess.Popen(
-            args, stdout=out, stderr=subprocess.STDOUT, env=dict(env), cwd=cwd,
-            start_new_session=True,
+            watchdog_command(args, cwd=cwd), stdout=out, stderr=subprocess.STDOUT,
+            env=dict(env), cwd=REPO, start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGTERM),
         )
 
 
@@ -106,8 +179,11 @@ def tail(path: Path, lines: int = 30) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
-    """Stop a process group started by us: SIGTERM, then SIGKILL after ``grace`` s."""
+def stop(proc: subprocess.Popen[bytes], grace: float = 3 * WATCHDOG_GRACE) -> None:
+    """Stop a process group started by us: SIGTERM, then SIGKILL after ``grace`` s.
+
+    The default leaves a watchdog (:func:`spawn`) the time to stop its whole tree.
+    """
     if proc.poll() is not None:
         return
     with contextlib.suppress(ProcessLookupError):
