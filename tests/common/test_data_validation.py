@@ -308,8 +308,7 @@ def test_a_tsv_link_to_a_dat_file_names_the_real_file(tmp_path: Path) -> None:
     link = tmp_path / "ratings.tsv"
     os.symlink(real.name, link)
     # Act / Assert
-    with pytest.raises(DataError, match=re.escape(f"{real}: line 2: timestamp '1e300'")):
-        load_interactions_file(link)
+    _assert_refused(real, lambda: load_interactions_file(link), DataError, "timestamp '1e300' does not fit", "line 2")
     ok = _write(tmp_path / "ok.dat", b"user_id\titem_id\ttimestamp\na\tb\t1\n")
     os.symlink(ok.name, tmp_path / "ok.tsv")
     assert load_interactions_file(tmp_path / "ok.tsv").source == str(ok)
@@ -426,16 +425,19 @@ def test_ties_in_a_file_warn_with_the_count_and_the_rule(tmp_path: Path) -> None
     # Arrange
     rows = b"a,i1,1\na,i2,2\na,i3,2\nb,i4,1\nb,i5,2\nb,i6,3\n"
     path = _write(tmp_path / "ties.csv", HEADER + rows)
+    before = _digest(path)
     data = load_interactions_file(path)
     # Act / Assert
     with pytest.warns(DataWarning, match=re.escape(f"{path}: for 1 of 2 users the test or validation item was decided by a tie in 'timestamp'; ties are broken by a stable sort by time, then file order")):
         leave_one_out(data, num_negatives=2, seed=0)
+    assert _digest(path) == before
 
 
 def test_a_play_count_used_as_timestamp_is_flagged(tmp_path: Path) -> None:
     # Arrange: counts, not times: every user's two largest counts tie
     rows = b"".join(f"u{u},i{u}{j},{min(j, 2)}\n".encode() for u in range(4) for j in range(4))
     path = _write(tmp_path / "plays.csv", b"user_id,item_id,plays\n" + rows)
+    before = _digest(path)
     data = load_interactions_file(path, timestamp_col="plays")
     # Act
     with pytest.warns(DataWarning) as record:
@@ -444,6 +446,7 @@ def test_a_play_count_used_as_timestamp_is_flagged(tmp_path: Path) -> None:
     messages = [str(w.message) for w in record]
     assert messages[0].startswith(f"{path}: for 4 of 4 users the test or validation item was decided by a tie in 'plays'")
     assert messages[1].startswith(f"{path}: column 'plays' does not look like a timestamp: for 4 of 4 users")
+    assert _digest(path) == before
 
 
 # Config: data.sep, data.header, data.timestamp-col = "" and the eval.k cross-check
@@ -483,6 +486,16 @@ def test_data_sep_takes_characters_and_words(tmp_path: Path, spelling: str, sep:
         ({"data.header": "no"}, "data.header: expected true or false"),
         ({"eval.k": 4}, "eval.k: 4 is not below the 4 candidates each user ranks (data.eval-negatives = 3, plus the held-out item)"),
         ({"eval.k": 10, "data.eval-negatives": 5}, "lower eval.k or raise data.eval-negatives"),
+    ],
+    ids=[
+        "sep-unknown",
+        "sep-with-movielens",
+        "headerless-parquet",
+        "headerless-with-column-names",
+        "headerless-timestamp-name",
+        "header-not-a-bool",
+        "eval-k-equals-candidates",
+        "eval-k-above-candidates",
     ],
 )
 def test_bad_data_settings_name_the_key(tmp_path: Path, overrides: dict[str, Any], fragment: str) -> None:
