@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cli.output import err
+from cli.output import err, os_errors
 
 
 def audit(
@@ -22,10 +22,11 @@ def audit(
 ) -> None:
     """Verify every ledger chain, replay every ε (PLD, RDP, PRV), check budgets and canaries.
 
-    Exit codes: 0 passed; 1 not an auditable run directory; 3 broken or unanchored
-    ledger chain; 4 claimed ε differs from the replayed ε (or a DP round is missing
-    from the ledger); 5 budget overrun; 6 the empirical lower bound exceeds the
-    claimed ε. With several problems, the smallest code wins.
+    Exit codes: 0 passed; 1 not an auditable run directory; 2 the results cannot be
+    written (read-only or full disk); 3 broken or unanchored ledger chain; 4 claimed ε
+    differs from the replayed ε (or a DP round is missing from the ledger); 5 budget
+    overrun; 6 the empirical lower bound exceeds the claimed ε. With several problems,
+    the smallest code wins.
     """
     from common.privacy.audit import EXIT_CODES, AuditInputError, audit_run
     from common.privacy.audit_report import write_audit
@@ -37,7 +38,8 @@ def audit(
     except AuditInputError as exc:
         err.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(1) from None
-    paths = write_audit(result, out or run_dir)
+    with os_errors(out or run_dir):
+        paths = write_audit(result, out or run_dir)
     table = Table(title="privacy audit (ε replayed from the ledgers)")
     for col in ("ledger", "unit", "δ", "rounds", "steps", "ε PLD", "ε RDP", "ε PRV", "no ampl.", "budget"):
         table.add_column(col, justify="left" if col in ("ledger", "unit") else "right")

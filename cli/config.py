@@ -59,12 +59,16 @@ def preflight(cfg: AppConfig, silos: int | None) -> int:
     from common.data.pipeline import load_interactions, split_interactions
     from common.seeding import derive_seed
 
+    if silos is not None and silos < 1:
+        raise ConfigError(f"--silos must be >= 1, got {silos}")
     interactions = load_interactions(cfg.data, cfg.seed)
     data = split_interactions(cfg.data, cfg.seed, interactions)
-    if cfg.data.partition == "by-user":
-        num_clients = silos or data.split.num_users
+    if silos is not None:
+        num_clients = silos
+    elif cfg.data.partition == "by-user":
+        num_clients = data.split.num_users
     else:
-        num_clients = silos or 5
+        num_clients = 5
     partition_users(
         data.split,
         scheme=cfg.data.partition,

@@ -58,6 +58,7 @@ def prepare(
         int | None,
         typer.Option(
             "--silos",
+            min=1,
             help="Assign users to N silos by seed, exactly as simulation's "
             "'silos' partition does.",
         ),
@@ -83,12 +84,14 @@ def prepare(
     seed: Annotated[
         int | None,
         typer.Option(
+            min=0,
             help="Run seed: fixes the split and partition (default: the config's seed)."
         ),
     ] = None,
     eval_negatives: Annotated[
         int | None,
         typer.Option(
+            min=1,
             help="Negatives per held-out item (default: data.eval-negatives)."
         ),
     ] = None,

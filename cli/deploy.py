@@ -11,11 +11,12 @@ import typer
 
 from cli.config import collect_overrides, preflight
 from cli.options import ConfigOpt, RoundsOpt
-from cli.output import console, err, fail, is_progress
-from cli.runs import choose_run_dir, refuse_existing_run, summarise_run, unwind_on_sigterm
+from cli.output import console, err, fail, is_progress, os_errors
+from cli.runs import choose_run_dir, refuse_existing_run, run_dir_session, summarise_run, unwind_on_sigterm
 from common.config import AppConfig
 from common.errors import ConfigError, FedrecError
 from common.run_config import Scalar, load_default_run_config, merge_overrides
+from common.rundir import RunDir
 from deployment.pki import SERVER_HOSTS
 from deployment.tuning import FLOWER_DEFAULTS, TUNED, Tuning
 
@@ -90,14 +91,35 @@ def local(
                 raise ConfigError(f"strategy.min-nodes is {cfg.strategy.min_nodes} but only {silos} silos run")
         else:
             preflight(cfg, silos)
-        if not print_commands:
-            refuse_existing_run(run, "choose another --run-dir")
     except FedrecError as e:
         fail(e)
     if print_commands:
         _print_commands(run_config, silos, superlink_host, tuning, tls, auth, data_root, state_root)
         return
-    run.path.mkdir(parents=True, exist_ok=True)
+    with run_dir_session(run):
+        try:
+            refuse_existing_run(run, "choose another --run-dir")
+        except ConfigError as e:
+            fail(e)
+        _deploy(run, run_config, cfg, silos, tls=tls, auth=auth, tuning=tuning, flower_defaults=flower_defaults,
+                data_root=data_root, state_root=state_root, verbose=verbose)
+
+
+def _deploy(
+    run: RunDir,
+    run_config: dict[str, Scalar],
+    cfg: AppConfig,
+    silos: int,
+    *,
+    tls: bool,
+    auth: bool,
+    tuning: Tuning,
+    flower_defaults: bool,
+    data_root: Path | None,
+    state_root: Path | None,
+    verbose: bool,
+) -> None:
+    """Start the federation in ``run`` (locked by the caller), run the app, stop all."""
     console.print(
         f"[bold]fedrec deploy local[/]: {silos} SuperNodes, {cfg.num_server_rounds} rounds, "
         f"TLS {'on' if tls else 'off'}, node auth {'on' if auth else 'off'}, "
@@ -182,8 +204,9 @@ def certs(
     # 127.0.0.1 always: a SuperLink bound to 0.0.0.0 has its SuperExec and ServerApp dial
     # 127.0.0.1:<port> over TLS, which fails unless the certificate names that address.
     hosts = list(dict.fromkeys([*host, *SERVER_HOSTS]))
-    creds = create_ca(out)
-    create_server_certificate(creds, hosts)
+    with os_errors(out):
+        creds = create_ca(out)
+        create_server_certificate(creds, hosts)
     typer.echo(f"CA: {creds.ca_cert} (private key {creds.ca_key})")
     typer.echo(f"SuperLink: {creds.server_cert} (private key {creds.server_key}), SAN {', '.join(hosts)}")
 
@@ -195,6 +218,7 @@ def node_key(
     """Create a SuperNode's ECDSA P-384 key pair (OpenSSH format), as ssh-keygen would."""
     from deployment.pki import create_node_key
 
-    public = create_node_key(path, comment=path.name)
+    with os_errors(path):
+        public = create_node_key(path, comment=path.name)
     typer.echo(f"private key: {path} (0600; keep it on this host)")
     typer.echo(f"public key:  {public} (register it: flwr supernode register {public} <connection>)")

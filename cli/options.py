@@ -21,4 +21,4 @@ DataDirOpt = Annotated[
 ]
 ModelOpt = Annotated[str | None, typer.Option(help="mf | neumf (model.name).")]
 RunDirOpt = Annotated[Path | None, typer.Option(help="Where to write the run (default runs/<time>-<dataset>).")]
-RoundsOpt = Annotated[int | None, typer.Option(help="num-server-rounds.")]
+RoundsOpt = Annotated[int | None, typer.Option(min=1, help="num-server-rounds.")]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
@@ -20,10 +23,31 @@ err = Console(stderr=True, soft_wrap=True)
 _PROGRESS = re.compile(r"fedrec |│|ERROR|Error|Exception|Traceback|Successfully started run")
 
 
-def fail(error: Exception, code: int = 2) -> NoReturn:
+def fail(error: Exception | str, code: int = 2) -> NoReturn:
     """Print ``error`` without a traceback and exit with ``code`` (2: bad input)."""
-    err.print(f"[bold red]error:[/] {error}")
+    err.print(f"[bold red]error:[/] {escape(str(error))}")
     raise typer.Exit(code)
+
+
+def write_error(exc: OSError, path: Path) -> str:
+    """``<file>: cannot write (<reason>)``: the file the system named, else ``path``."""
+    where = exc.filename if exc.filename is not None else path
+    return f"{where}: cannot write ({exc.strerror or exc})"
+
+
+@contextlib.contextmanager
+def os_errors(path: Path) -> Iterator[None]:
+    """Turn an ``OSError`` inside (read-only or full disk...) into :func:`fail` (exit 2).
+
+    The message names the file (``path`` when the system named none) and the reason.
+    A closed pipe or connection is not a file problem and is re-raised.
+    """
+    try:
+        yield
+    except ConnectionError:
+        raise
+    except OSError as exc:
+        fail(write_error(exc, path))
 
 
 def is_progress(line: str) -> bool:

@@ -1,13 +1,15 @@
-"""What ``fedrec simulate`` and ``fedrec deploy local`` share around a Flower run."""
+"""What ``fedrec simulate``, ``deploy local`` and ``centralized`` share around a run."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import typer
 
-from cli.output import console, err, fail, print_privacy, print_rounds
+from cli.output import console, err, fail, os_errors, print_privacy, print_rounds
 from common.errors import ConfigError
 from common.rundir import RunDir, RunDirError, default_run_dir
 
@@ -21,6 +23,23 @@ def refuse_existing_run(run: RunDir, hint: str) -> None:
     """Raise if ``run`` already holds rounds of a run (nothing may overwrite them)."""
     if run.holds_run():
         raise ConfigError(f"{run.path} already holds a run ({run.metrics.name} exists); {hint}")
+
+
+@contextlib.contextmanager
+def run_dir_session(run: RunDir) -> Iterator[None]:
+    """Hold ``run``'s lock (creating the directory) for the whole command.
+
+    Exits with code 2 and a clear message, no traceback, if another fedrec process
+    holds the directory (naming its pid) or a file cannot be written inside (read-only
+    or full disk: naming the file and the reason).
+    """
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(run.locked())
+        except RunDirError as e:
+            fail(e)
+        with os_errors(run.path):
+            yield
 
 
 def unwind_on_sigterm() -> None:

@@ -12,7 +12,7 @@ import typer
 from cli.config import collect_overrides, preflight
 from cli.options import ConfigOpt, DataDirOpt, DatasetOpt, ModelOpt, RoundsOpt, RunDirOpt
 from cli.output import console, fail, is_progress
-from cli.runs import choose_run_dir, refuse_existing_run, summarise_run, unwind_on_sigterm
+from cli.runs import choose_run_dir, refuse_existing_run, run_dir_session, summarise_run, unwind_on_sigterm
 from common.config import AppConfig
 from common.errors import ConfigError, FedrecError
 from common.run_config import Scalar, load_default_run_config, merge_overrides
@@ -24,14 +24,14 @@ def simulate(
     data_dir: DataDirOpt = None,
     silos: Annotated[
         int | None,
-        typer.Option(help="Number of clients (Flower num-supernodes). Default 5; by-user: one per user."),
+        typer.Option(min=1, help="Number of clients (Flower num-supernodes). Default 5; by-user: one per user."),
     ] = None,
     rounds: RoundsOpt = None,
     partition: Annotated[str | None, typer.Option(help="silos | by-user (data.partition).")] = None,
     model: ModelOpt = None,
     config: ConfigOpt = None,
     run_dir: RunDirOpt = None,
-    cpus_per_client: Annotated[int, typer.Option(help="Ray CPUs per simulated client.")] = 1,
+    cpus_per_client: Annotated[int, typer.Option(min=1, help="Ray CPUs per simulated client.")] = 1,
     verbose: Annotated[bool, typer.Option(help="Show Flower's full log stream.")] = False,
     resume: Annotated[
         Path | None,
@@ -41,14 +41,15 @@ def simulate(
     ] = None,
 ) -> None:
     """Run the federated app on Flower's simulation runtime (its own SuperLink)."""
-    overrides = list(config or [])
+    original: dict[str, Scalar] = {}
     try:
         if resume is not None:
             if run_dir is not None and run_dir.resolve() != resume.resolve():
                 raise ConfigError("--resume and --run-dir name different directories")
-            original, clients = _original_settings(RunDir(resume), new_rounds=rounds is not None)
-            overrides = [str(original), *overrides]
-            silos = silos or clients
+            original, clients = _original_settings(RunDir(resume.resolve()), new_rounds=rounds is not None)
+            if silos is not None and clients is not None and silos != clients:
+                raise ConfigError(f"--silos {silos}: the run to resume has {clients} clients; a resumed run keeps them")
+            silos = silos if silos is not None else clients
             run_dir = resume
         named: dict[str, Scalar | None] = {
             "data.dataset": dataset,
@@ -56,8 +57,9 @@ def simulate(
             "num-server-rounds": rounds,
             "data.partition": partition,
             "model.name": model,
+            **original,  # the resumed run's settings win over named options; -c over both
         }
-        values = collect_overrides(overrides, named)
+        values = collect_overrides(config, named)
         defaults = load_default_run_config()
         given = {**defaults, **values}  # not yet validated: only picks what depends on it
         if given["data.partition"] == "by-user" and given["data.dataset"] == "synthetic" and silos:
@@ -73,59 +75,63 @@ def simulate(
         run_config = merge_overrides(defaults, values)
         cfg = AppConfig.from_run_config(run_config)
         num_clients = preflight(cfg, silos)
+    except FedrecError as e:
+        fail(e)
+    from common.storage import atomic_write_bytes
+    from deployment.launcher import flwr_run, superlink, write_run_config
+
+    with run_dir_session(run):
         if resume is None:
-            refuse_existing_run(run, "choose another --run-dir or --resume it")
-    except FedrecError as e:
-        fail(e)
-    run.path.mkdir(parents=True, exist_ok=True)
-    run.simulation.write_text(json.dumps({"clients": num_clients}) + "\n")
-    console.print(
-        f"[bold]fedrec simulate[/]: {cfg.data.dataset}, {num_clients} clients "
-        f"({cfg.data.partition}), {cfg.num_server_rounds} rounds, model {cfg.model.name}"
-    )
-    console.print(f"run directory: {run.path}")
-    from deployment.launcher import flwr_run, superlink
+            try:
+                refuse_existing_run(run, "choose another --run-dir or --resume it")
+            except ConfigError as e:
+                fail(e)
+        else:
+            write_run_config(run.resume_overrides, original)  # the settings this resume replays
+        atomic_write_bytes(run.simulation, (json.dumps({"clients": num_clients}) + "\n").encode())
+        console.print(
+            f"[bold]fedrec simulate[/]: {cfg.data.dataset}, {num_clients} clients "
+            f"({cfg.data.partition}), {cfg.num_server_rounds} rounds, model {cfg.model.name}"
+        )
+        console.print(f"run directory: {run.path}")
 
-    def show(line: str) -> None:
-        if verbose or is_progress(line):
-            sys.stdout.write(line)
-            sys.stdout.flush()
+        def show(line: str) -> None:
+            if verbose or is_progress(line):
+                sys.stdout.write(line)
+                sys.stdout.flush()
 
-    unwind_on_sigterm()
-    try:
-        with superlink(run.flower_dir, simulation=True) as link:
-            rc = flwr_run(
-                link.flwr_home,
-                run_config=run_config,
-                federation_config=(
-                    f"num-supernodes={num_clients} client-resources-num-cpus={cpus_per_client}"
-                ),
-                log=run.flower_log,
-                append=False,
-                on_line=show,
-            )
-    except FedrecError as e:
-        fail(e)
-    summarise_run(
-        run, rc, num_rounds=cfg.num_server_rounds, k=cfg.eval.k, privacy_mode=cfg.privacy.mode,
-        logs=f"full log: {run.flower_log}",
-    )
+        unwind_on_sigterm()
+        try:
+            with superlink(run.flower_dir, simulation=True) as link:
+                rc = flwr_run(
+                    link.flwr_home,
+                    run_config=run_config,
+                    federation_config=(
+                        f"num-supernodes={num_clients} client-resources-num-cpus={cpus_per_client}"
+                    ),
+                    log=run.flower_log,
+                    append=False,
+                    on_line=show,
+                )
+        except FedrecError as e:
+            fail(e)
+        summarise_run(
+            run, rc, num_rounds=cfg.num_server_rounds, k=cfg.eval.k, privacy_mode=cfg.privacy.mode,
+            logs=f"full log: {run.flower_log}",
+        )
 
 
-def _original_settings(run: RunDir, *, new_rounds: bool) -> tuple[Path, int | None]:
-    """Write the original run's settings (its ``config.json``) as an override file.
+def _original_settings(run: RunDir, *, new_rounds: bool) -> tuple[dict[str, Scalar], int | None]:
+    """The original run's settings (its ``config.json``) and its number of clients.
 
-    Returns the file (it goes first, so the user's ``-c`` overrides win) and the
-    number of clients the run had. ``num-server-rounds`` is left out when
-    ``--rounds`` is given.
+    The settings go under the user's ``-c`` overrides (which win); ``num-server-rounds``
+    is left out when ``--rounds`` is given. Nothing is written here: the directory is
+    not locked yet.
     """
-    from deployment.launcher import write_run_config
-
     try:
         original = run.read_config().run_config
         clients = run.read_simulation_clients()
     except RunDirError as e:
         raise ConfigError(f"--resume: {e}") from None
     drop = {"resume", "run-dir", *(["num-server-rounds"] if new_rounds else [])}
-    keep = {k: v for k, v in sorted(original.items()) if k not in drop}
-    return write_run_config(run.resume_overrides, keep), clients
+    return {k: v for k, v in sorted(original.items()) if k not in drop}, clients

@@ -20,12 +20,16 @@ other module spells a run-directory file name.
     logs/ deployment/       (fedrec deploy local)
     credentials/ superlink/ supernodes/node-<k>/ logs/<process>.log   (fedrec deploy local)
     summary.json            (fedrec centralized)
+    fedrec.lock             held by the fedrec command writing here (its pid)
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
+import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -360,6 +364,46 @@ class RunDir:
     def summary(self) -> Path:
         """``fedrec centralized``: the best validation epoch's metrics."""
         return self.path / "summary.json"
+
+    @property
+    def lock(self) -> Path:
+        """Held (``flock``) by the fedrec command running in this directory; holds its pid."""
+        return self.path / "fedrec.lock"
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold this directory's exclusive lock (creating the directory) while inside.
+
+        One fedrec command at a time writes a run directory: a second ``simulate``,
+        ``deploy local`` or ``centralized`` on it fails at once instead of sharing its
+        SuperLink database and files. The lock is an ``flock`` on :attr:`lock`, so the
+        kernel releases it when the holder exits, even by SIGKILL; the file stays.
+
+        Raises
+        ------
+        RunDirError
+            If another process holds the lock (naming its pid), or the directory or
+            lock file cannot be created (naming the path and the system's reason).
+        """
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise RunDirError(f"{exc.filename or self.path}: cannot write ({exc.strerror})") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                raise RunDirError(f"{self.path} is in use by another fedrec process (pid {holder})") from None
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            except OSError as exc:
+                raise RunDirError(f"{self.lock}: cannot write ({exc.strerror})") from None
+            yield
+        finally:
+            os.close(fd)
 
     # ------------------------------------------------------------ readers
     def holds_run(self) -> bool:

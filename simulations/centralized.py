@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from common.config import AppConfig
 from common.data.pipeline import load_interactions, split_interactions
 from common.data.silo import SiloData
+from common.errors import ConfigError
 from common.evaluation import EvalProtocol, evaluation_sums, summarize
 from common.models import build_model
 from common.seeding import derive_seed, numpy_rng
@@ -57,7 +58,15 @@ def run_centralized(
     model_name: str | None = None,
     on_epoch: Callable[[EpochResult], None] | None = None,
 ) -> list[EpochResult]:
-    """Train ``cfg.model`` (or ``popularity``) on all users pooled; evaluate each epoch."""
+    """Train ``cfg.model`` (or ``popularity``) on all users pooled; evaluate each epoch.
+
+    Raises
+    ------
+    ConfigError
+        If ``epochs`` is below 1 (before any data is loaded).
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"epochs must be an integer >= 1, got {epochs!r}")
     data: SiloData = split_interactions(cfg.data, cfg.seed, load_interactions(cfg.data, cfg.seed))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     protocol = EvalProtocol(cfg.eval.k, cfg.eval.full_ranking, cfg.eval.full_ranking_k)
