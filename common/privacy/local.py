@@ -6,9 +6,13 @@ and masked; the per-sample loss is the sum over those positives. Users' own rows
 are trained without noise (they never leave the silo; joint DP).
 
 Unit ``interaction``: one DP sample is one training interaction (a positive and
-its negatives). A user's row then depends on all of their interactions, and every
-other interaction's item gradient depends on that row, so un-noised user rows would
-leak across records: in this mode user rows are clipped and noised like item rows.
+its negatives); neighbouring silos differ in one interaction. A user's row then
+depends on all of their interactions, and every other interaction's item gradient
+depends on that row, so un-noised user rows would leak across records: in this mode
+user rows are clipped and noised like item rows, and no rows are refit. Each
+interaction's negatives exclude only its own positive and are keyed by the
+interaction itself (:func:`step_items`), so no other sample of a step changes when
+one interaction is removed.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from common.privacy.dpsgd import SparseDPSGD
 from common.training import (
     TrainStats,
     interaction_loss,
+    interaction_negatives,
     sample_train_negatives,
     train_epochs,
     train_item_keys,
@@ -90,6 +95,41 @@ class UnitSampler:
             positives[row, : len(picks)] = picks
             mask[row, : len(picks)] = True
         return users, positives, mask
+
+
+def step_items(
+    unit: Unit,
+    train_keys: NDArray[np.int64] | None,
+    users: NDArray[np.int64],
+    positives: NDArray[np.int64],
+    k: int,
+    num_items: int,
+    rng: np.random.Generator,
+    *,
+    high: int | None = None,
+) -> NDArray[np.int64]:
+    """Items (B, P·(1+k)) one DP step reads: each positive followed by its ``k`` negatives.
+
+    Unit ``user``: negatives uniform among the user's non-training items
+    (``train_keys``, :func:`~common.training.train_item_keys`), a function of that
+    user's data, which is the unit. Unit ``interaction``: negatives uniform over the
+    catalogue except the interaction's own positive, keyed by one fresh key from
+    ``rng`` per step (:func:`~common.training.interaction_negatives`), so they are a
+    function of that interaction alone: removing another interaction of the same
+    user changes nothing else in the step. Negatives are drawn below ``high``
+    (canary items sit above it).
+    """
+    batch, width = positives.shape
+    if unit == "interaction":
+        key = int(rng.integers(0, 2**63))
+        negatives = interaction_negatives(key, users, positives[:, 0], k, num_items, high)[:, None, :]
+    else:
+        if train_keys is None:
+            raise ValueError("unit 'user' draws negatives against the training keys: pass them")
+        negatives = sample_train_negatives(
+            train_keys, np.repeat(users, width), k, num_items, rng, high=high
+        ).reshape(batch, width, -1)
+    return np.concatenate([positives[..., None], negatives], axis=-1).reshape(batch, -1)
 
 
 def steps_per_round(sample_rate: float, local_epochs: int) -> int:
@@ -191,7 +231,7 @@ def dp_train(
     """
     start = time.perf_counter()
     sampler = UnitSampler(split, dp.unit, dp.expected_batch_size, dp.max_positives)
-    keys = train_item_keys(split)
+    keys = train_item_keys(split) if dp.unit == "user" else None
     model.to(device).train()
     engine = SparseDPSGD(
         model,
@@ -209,16 +249,9 @@ def dp_train(
     try:
         for _ in range(steps):
             users, positives, mask = sampler.sample(rng)
-            batch, width = positives.shape
-            negatives = sample_train_negatives(
-                keys,
-                np.repeat(users, width),
-                settings.num_negatives,
-                split.num_items,
-                rng,
-                high=dp.negative_items,
-            ).reshape(batch, width, -1)
-            items = np.concatenate([positives[..., None], negatives], axis=-1).reshape(batch, -1)
+            items = step_items(
+                dp.unit, keys, users, positives, settings.num_negatives, split.num_items, rng, high=dp.negative_items
+            )
             users_t = torch.from_numpy(users).to(device)
             items_t = torch.from_numpy(items).to(device)
             mask_t = torch.from_numpy(mask).to(device)

@@ -1,0 +1,142 @@
+"""Local DP training of a silo: what one unit's data can and cannot change."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from common.config import AppConfig, TrainSettings
+from common.data.split import NO_ITEM, UserSplit
+from common.models import Recommender, build_model
+from common.privacy.dpsgd import SparseDPSGD
+from common.privacy.local import per_sample_losses, step_items
+from common.run_config import load_default_run_config
+from common.training import interaction_negatives, keyed_integers
+
+NUM_USERS, NUM_ITEMS, DIM = 6, 40, 8
+
+
+@pytest.fixture(scope="module")
+def settings() -> TrainSettings:
+    return AppConfig.from_run_config(load_default_run_config()).train
+
+
+def _split(users: np.ndarray, items: np.ndarray, num_users: int = NUM_USERS) -> UserSplit:
+    return UserSplit(
+        num_items=NUM_ITEMS,
+        train_user=users.astype(np.int64),
+        train_item=items.astype(np.int64),
+        val_item=np.full(num_users, NO_ITEM, dtype=np.int64),
+        test_item=np.full(num_users, NO_ITEM, dtype=np.int64),
+        val_negatives=np.zeros((num_users, 0), dtype=np.int64),
+        test_negatives=np.zeros((num_users, 0), dtype=np.int64),
+        user_global_idx=np.arange(num_users, dtype=np.int64),
+    )
+
+
+def _interactions(seed: int = 1, per_user: int = 7) -> tuple[np.ndarray, np.ndarray]:
+    rs = np.random.default_rng(seed)
+    users = np.repeat(np.arange(NUM_USERS), per_user)
+    items = np.concatenate([rs.choice(NUM_ITEMS, per_user, replace=False) for _ in range(NUM_USERS)])
+    return users, items
+
+
+def _model(name: str) -> Recommender:
+    torch.manual_seed(0)
+    return build_model(name, NUM_USERS, NUM_ITEMS, DIM, (16, 8))
+
+
+def _interaction_step(name: str, split: UserSplit, settings: TrainSettings, step_seed: int):
+    """One interaction-unit step on every interaction of ``split``: per-sample gradients and norms.
+
+    The batch is every training interaction (what a Poisson batch with q = 1 holds);
+    its negatives come from :func:`step_items`, as in ``dp_train``. Returns the item
+    ids read (B, 1 + k), each sample's gradient of each table's rows (from the
+    gathered rows, as the engine computes them) and the engine's per-sample norms over
+    every released parameter (tables, and NeuMF's MLP and output layer).
+    """
+    users, positives = split.train_user, split.train_item[:, None]
+    items = step_items(
+        "interaction", None, users, positives, settings.num_negatives, NUM_ITEMS, np.random.default_rng(step_seed)
+    )
+    users_t, items_t = torch.from_numpy(users), torch.from_numpy(items)
+    mask = torch.ones((len(users), 1), dtype=torch.bool)
+    # Per-sample row gradients of every table (user rows are released in this unit).
+    model = _model(name)
+    rows = {n: getattr(model, n).weight.detach()[users_t].requires_grad_(True) for n in model.user_tables}
+    rows.update({n: getattr(model, n).weight.detach()[items_t].requires_grad_(True) for n in model.item_tables})
+    per_sample_losses(model, rows, mask, settings).sum().backward()
+    grads = {n: r.grad for n, r in rows.items()}
+    # Per-sample norms over all released parameters, from the engine itself.
+    model = _model(name)
+    engine = SparseDPSGD(model, noise_multiplier=0.0, clip=math.inf, lr=0.1, expected_batch_size=10.0)
+    engine.step(users_t, items_t, lambda r: per_sample_losses(model, r, mask, settings))
+    engine.close()
+    return items, grads, engine.last_norms
+
+
+@pytest.mark.parametrize("name", ["mf", "neumf"])
+@pytest.mark.parametrize("removed", [0, 17, 41])  # the first, a middle and the last interaction
+def test_removing_an_interaction_changes_no_other_samples_gradient(settings, name: str, removed: int):
+    # Arrange: the same silo with and without one interaction (u, j); same seeds
+    users, items = _interactions()
+    with_j = _split(users, items)
+    without_j = _split(np.delete(users, removed), np.delete(items, removed))
+    others = np.delete(np.arange(len(users)), removed)
+    # Act
+    items_a, grads_a, norms_a = _interaction_step(name, with_j, settings, step_seed=3)
+    items_b, grads_b, norms_b = _interaction_step(name, without_j, settings, step_seed=3)
+    # Assert: every other sample reads the same negatives and has a bit-identical gradient ...
+    np.testing.assert_array_equal(items_a[others], items_b)
+    for table, grad in grads_a.items():
+        assert torch.equal(grad[others], grads_b[table]), table
+    assert torch.equal(norms_a[others], norms_b)
+    # ... and exactly one sample (the removed interaction's) is gone.
+    assert len(norms_a) == len(norms_b) + 1
+    assert norms_a[removed] > 0
+
+
+def test_interaction_negatives_exclude_only_their_own_positive():
+    # Arrange: many users, each with positives 0..8 of a 10-item catalogue
+    n = 9 * 20_000
+    users = np.arange(n, dtype=np.int64) // 9
+    positives = np.arange(n, dtype=np.int64) % 9
+    # Act
+    negatives = interaction_negatives(11, users, positives, 4, 10)
+    # Assert: never the interaction's own positive, but the user's other positives do occur
+    assert negatives.shape == (n, 4)
+    assert not (negatives == positives[:, None]).any()
+    for p in range(9):
+        drawn = negatives[positives == p].ravel()
+        counts = np.bincount(drawn, minlength=10)
+        assert counts[p] == 0
+        assert stats.chisquare(np.delete(counts, p)).pvalue > 1e-3, p  # uniform over the other 9
+
+
+def test_interaction_negatives_respect_high_and_canary_positives():
+    # Arrange: items 8 and 9 are canaries (high = 8); one canary positive
+    users = np.arange(5000, dtype=np.int64)
+    positives = np.where(users % 2 == 0, 3, 9)
+    # Act
+    negatives = interaction_negatives(5, users, positives, 3, 10, high=8)
+    # Assert
+    assert negatives.max() < 8 and negatives.min() >= 0
+    assert not (negatives[positives == 3] == 3).any()
+    assert set(np.unique(negatives[positives == 9]).tolist()) == set(range(8))
+
+
+def test_keyed_integers_depend_only_on_the_key_and_their_own_parts():
+    # Arrange
+    ids = np.arange(1000)
+    # Act
+    all_draws = keyed_integers(42, (ids, 7), 97)
+    some_draws = keyed_integers(42, (ids[500:], 7), 97)
+    other_key = keyed_integers(43, (ids, 7), 97)
+    # Assert
+    np.testing.assert_array_equal(all_draws[500:], some_draws)
+    assert (all_draws != other_key).mean() > 0.9
+    assert all_draws.min() >= 0 and all_draws.max() < 97
