@@ -53,13 +53,18 @@ def simulate(
             run_dir = resume
         named: dict[str, Scalar | None] = {
             "data.dataset": dataset,
-            "data.path": str(data_dir) if data_dir else None,
+            "data.path": str(data_dir.expanduser().resolve()) if data_dir else None,
             "num-server-rounds": rounds,
             "data.partition": partition,
             "model.name": model,
-            **original,  # the resumed run's settings win over named options; -c over both
         }
-        values = collect_overrides(config, named)
+        for key, value in named.items():
+            if value is not None and key in original and original[key] != value:
+                raise ConfigError(
+                    f"--resume: {key} was {original[key]!r}, not {value!r}; a resumed run keeps its "
+                    "settings (only --rounds may change)"
+                )
+        values = collect_overrides(config, {**named, **original})  # -c overrides win over both
         defaults = load_default_run_config()
         given = {**defaults, **values}  # not yet validated: only picks what depends on it
         if given["data.partition"] == "by-user" and given["data.dataset"] == "synthetic" and silos:

@@ -379,3 +379,15 @@ def test_the_centralized_baseline_refuses_fewer_than_one_epoch(epochs: int):
     cfg = AppConfig.from_run_config(load_default_run_config())
     with pytest.raises(ConfigError, match=rf"epochs must be an integer >= 1, got {epochs}"):
         run_centralized(cfg, epochs)
+
+
+def test_resume_with_another_model_is_refused_before_anything_starts(tmp_path: Path):
+    # Arrange: the saved run trained the default model (mf)
+    run_dir = tmp_path / "run"
+    before = _resumable_run(run_dir)
+    # Act
+    result = runner.invoke(app, ["simulate", "--resume", str(run_dir), "--model", "neumf"])
+    # Assert
+    assert result.exit_code == 2, result.output
+    assert "--resume: model.name was 'mf', not 'neumf'" in _error_line(result)
+    assert _files(run_dir) == before
