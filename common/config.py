@@ -6,6 +6,7 @@ requires every key, rejects unknown ones and names the key in every error.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -101,7 +102,7 @@ class StrategySettings:
     fraction_evaluate: float
     min_nodes: int
     timeout: float
-    aggregator: Literal["fedavg", "median", "trimmed-mean", "krum"]
+    aggregator: Literal["fedavg", "median", "trimmed-mean", "krum"]  # "auto" resolved at parse time
     trim_fraction: float
     krum_malicious: int
     krum_selected: int  # 0 = n - krum_malicious (multi-Krum); 1 = Krum
@@ -110,6 +111,8 @@ class StrategySettings:
     norm_bound_factor: float
     max_weight: int
     cap_weights: bool
+    reject_opposed: bool
+    min_cosine: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,7 +275,7 @@ class AppConfig:
                 fraction_evaluate=r.float("strategy.fraction-evaluate", lo=0.0, hi=1.0),
                 min_nodes=r.int("strategy.min-nodes", lo=1),
                 timeout=r.float("strategy.timeout", lo=0.0, lo_open=True),
-                aggregator=r.choice("strategy.aggregator", ("fedavg", "median", "trimmed-mean", "krum")),
+                aggregator=r.choice("strategy.aggregator", ("auto", "fedavg", "median", "trimmed-mean", "krum")),
                 trim_fraction=r.float("strategy.trim-fraction", lo=0.0, hi=0.49),
                 krum_malicious=r.int("strategy.krum-malicious", lo=0),
                 krum_selected=r.int("strategy.krum-selected", lo=0),
@@ -281,6 +284,8 @@ class AppConfig:
                 norm_bound_factor=r.float("strategy.norm-bound-factor", lo=1.0),
                 max_weight=r.int("strategy.max-weight", lo=0),
                 cap_weights=r.bool("strategy.cap-weights"),
+                reject_opposed=r.bool("strategy.reject-opposed"),
+                min_cosine=r.float("strategy.min-cosine", lo=-1.0, hi=1.0),
             ),
             privacy=PrivacySettings(
                 mode=r.choice("privacy.mode", ("none", "local", "central", "local+central")),
@@ -316,6 +321,11 @@ class AppConfig:
             ),
         )
         r.reject_unknown()
+        if cfg.strategy.aggregator == "auto":
+            # Coordinate-wise trimmed mean bounds one silo's pull on every parameter; under
+            # central DP the plain sum has by far the smallest sensitivity (S / (q·N)).
+            auto = "fedavg" if cfg.privacy.is_central else "trimmed-mean"
+            cfg = dataclasses.replace(cfg, strategy=dataclasses.replace(cfg.strategy, aggregator=auto))
         if cfg.resume and not cfg.run_dir:
             raise ConfigError("resume: name the run to continue with run-dir")
         if cfg.data.dataset != "synthetic" and not cfg.data.path:
@@ -361,12 +371,10 @@ class AppConfig:
                 "DP-SGD inside a client has a population of one; use privacy.mode = central "
                 "(client-level DP is then user-level)"
             )
-        if p.is_central and cfg.strategy.aggregator != "fedavg":
+        if p.is_central and cfg.strategy.aggregator != "fedavg" and cfg.audit.central_canaries:
             raise ConfigError(
-                f"strategy.aggregator: {cfg.strategy.aggregator!r} cannot be combined with central DP yet: "
-                "client-level DP-FedAvg adds noise calibrated to the clipped *sum* of updates, and the "
-                "sensitivity of a median/trimmed mean/Krum aggregate is not bounded in that form; use "
-                "strategy.aggregator = \"fedavg\" (with the default norm bound) under central DP"
+                "audit.central-canaries: canary clients audit the summed form of central DP; "
+                f"strategy.aggregator must be \"fedavg\", got {cfg.strategy.aggregator!r}"
             )
         if p.is_central and cfg.strategy.fraction_train != 1.0:
             raise ConfigError(

@@ -21,6 +21,7 @@ the pure functions of :mod:`common.privacy.clipping`.
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Iterable
 from logging import INFO, WARNING
@@ -75,6 +76,8 @@ class ClientLevelDP:
         canaries: CanaryClients | None = None,
         disable_noise: bool = False,
         accountant: Accountant | None = None,
+        aggregator: str = "fedavg",
+        trim_fraction: float = 0.0,
     ) -> None:
         self.inner = inner
         self.settings = settings
@@ -83,6 +86,10 @@ class ClientLevelDP:
         self.canaries = canaries
         self.disable_noise = disable_noise
         self.accountant = accountant
+        self.aggregator = aggregator
+        self.trim_fraction = trim_fraction
+        if aggregator != "fedavg" and canaries is not None:
+            raise ValueError("canary clients audit the summed form of central DP: use aggregator 'fedavg'")
         self._stop_reason: str | None = None
         self._sent: ArrayRecord | None = None
         self._sampled = 0
@@ -127,8 +134,15 @@ class ClientLevelDP:
             target_epsilon=c.target_epsilon,
             released=RELEASED,
         )
-        log(INFO, "central DP: %d silos, q=%.3f, z=%.4f, S=%g, δ=%.3g (unit: silo)",
-            population, c.sample_rate, sigma, c.clip, delta)
+        log(
+            INFO,
+            "central DP: %d silos, q=%.3f, z=%.4f, S=%g, δ=%.3g (unit: silo)",
+            population,
+            c.sample_rate,
+            sigma,
+            c.clip,
+            delta,
+        )
         return self.accountant
 
     # ---------------------------------------------------------------- train
@@ -167,18 +181,24 @@ class ClientLevelDP:
             clipped, norm = clip_update({k: got[k].numpy().astype(np.float64) - base[k] for k in base}, acc.clip)
             clipped_count += norm > acc.clip
             clipped_replies.append(_equally_weighted(sent, base, clipped))
-        mean = self.inner.aggregate_updates(clipped_replies)
-        if mean is not None:  # the inner's mean of the clipped updates, back to their sum
+        aggregate = self.inner.aggregate_updates(clipped_replies)
+        if aggregate is not None:
             for k in base:
-                total[k] = len(clipped_replies) * (mean[k].numpy().astype(np.float64) - base[k])
-        if self.canaries is not None:
-            self.canaries.add_sampled(total, acc.clip, acc.sample_rate, self.rng)
-        std = 0.0 if self.disable_noise else acc.noise_multiplier * acc.clip
+                total[k] = aggregate[k].numpy().astype(np.float64) - base[k]
+        if self.aggregator == "fedavg":
+            # The inner's mean of the clipped updates, back to their sum, divided by q·N:
+            # sensitivity S / (q·N) under add/remove of one silo.
+            total = {k: len(clipped_replies) * v for k, v in total.items()}
+            if self.canaries is not None:
+                self.canaries.add_sampled(total, acc.clip, acc.sample_rate, self.rng)
+            scale, sensitivity = 1.0 / (acc.sample_rate * acc.population), acc.clip
+        else:  # a robust aggregate of the clipped updates, released as it is
+            scale, sensitivity = 1.0, robust_sensitivity(self.aggregator, acc.clip, self.trim_fraction)
+        std = 0.0 if self.disable_noise else acc.noise_multiplier * sensitivity
         noise = gaussian_noise({k: v.shape for k, v in total.items()}, std, self.rng)
-        expected = acc.sample_rate * acc.population
         new = ArrayRecord()
         for k, ref in sent.items():
-            new[k] = Array((base[k] + (total[k] + noise[k]) / expected).astype(ref.numpy().dtype))
+            new[k] = Array((base[k] + scale * (total[k] + noise[k])).astype(ref.numpy().dtype))
         acc.record(server_round, acc.planned())
         self._central.central = acc.release(server_round)
         self._central.central_counts = CentralCounts(self._sampled, len(accepted), int(clipped_count))
@@ -195,6 +215,28 @@ class ClientLevelDP:
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Delegated to the inner strategy."""
         return self.inner.aggregate_evaluate(server_round, replies)
+
+
+def robust_sensitivity(aggregator: str, clip: float, trim_fraction: float) -> float:
+    """L2 sensitivity (add/remove one silo) of a robust aggregate of updates clipped to ``clip``.
+
+    Notes
+    -----
+    Proofs in :func:`server.aggregators.sensitivity`: the coordinate-wise median moves
+    by at most C (and exactly C in the worst case, whatever the number of silos); the
+    trimmed mean with fraction β by at most 2C / √(1 − 2β); a (multi-)Krum selection's
+    mean by at most 2C (it stays inside the ball of radius C). None of them shrinks
+    with the number of silos as the mean's C / (q·N) does: central DP over a robust
+    aggregate needs q·N times more noise for the same ε. Poisson subsampling still
+    amplifies, as for any function of the sampled set with this sensitivity.
+    """
+    if aggregator == "median":
+        return clip
+    if aggregator == "trimmed-mean":
+        return 2.0 * clip / math.sqrt(1.0 - 2.0 * trim_fraction)
+    if aggregator == "krum":
+        return 2.0 * clip
+    raise ValueError(f"no robust sensitivity for aggregator {aggregator!r}")
 
 
 def _equally_weighted(

@@ -119,6 +119,32 @@ def bound_norms(candidates: list[Candidate], bound: float | None, action: str) -
                 c.clipped = True
 
 
+def reject_opposed(candidates: list[Candidate], min_cosine: float) -> None:
+    """Reject updates pointing against the others: cosine with the mean of the rest below ``min_cosine``.
+
+    Each candidate is compared with the plain mean of the *other* candidates' (bounded)
+    updates, so an attacker cannot drag the reference it is judged by. At most
+    ⌊(n − 1) / 2⌋ updates are rejected, the most opposed first: the honest majority
+    the aggregate relies on is never voted out. Needs at least 3 candidates.
+    """
+    kept = [c for c in candidates if c.rejected is None]
+    n = len(kept)
+    if n < 3:
+        return
+    total = {k: np.sum([c.update[k] for c in kept], axis=0) for k in kept[0].update}
+    scores = []
+    for c in kept:
+        rest = {k: (total[k] - c.update[k]) / (n - 1) for k in total}
+        norm, rest_norm = l2_norm(c.update), l2_norm(rest)
+        if norm == 0 or rest_norm == 0:
+            continue
+        cosine = sum(float((c.update[k] * rest[k]).sum()) for k in rest) / (norm * rest_norm)
+        if cosine < min_cosine:
+            scores.append((cosine, c))
+    for cosine, c in sorted(scores, key=lambda x: x[0])[: (n - 1) // 2]:
+        c.rejected = f"update points against the other silos' (cosine {cosine:.3f} < {min_cosine:g})"
+
+
 def aggregate(updates: list[Update], weights: list[float], settings: StrategySettings) -> Update | None:
     """The aggregate of the accepted updates (None when there are none)."""
     if not updates:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from logging import INFO
 from pathlib import Path
@@ -56,8 +57,15 @@ def catalogue_size(cfg: AppConfig) -> int:
 def build_strategy(cfg: AppConfig, ledgers: RunLedgers, resumed: bool) -> FedrecStrategy:
     """FedAvg (or a robust aggregator) of the shared model, wrapped in client-level DP when central DP is on."""
     protocol = EvalProtocol(k=cfg.eval.k, full_ranking=cfg.eval.full_ranking, full_ranking_k=cfg.eval.full_ranking_k)
+    inner_settings = cfg.strategy
+    if cfg.privacy.is_central:
+        # Central DP's bound on each silo's influence is its clip S, the same for every
+        # silo; defences that look at the other silos (an adaptive norm bound, rejecting
+        # opposed updates, weights) would make one silo's presence change another's
+        # contribution, beyond the sensitivity the noise is calibrated to.
+        inner_settings = dataclasses.replace(cfg.strategy, norm_action="none", reject_opposed=False, cap_weights=False)
     strategy = SharedModelFedAvg(
-        cfg.strategy,
+        inner_settings,
         cfg.eval.k,
         ledgers=ledgers,
         registry=lambda nodes: registered_weights(cfg, nodes),
@@ -77,6 +85,8 @@ def build_strategy(cfg: AppConfig, ledgers: RunLedgers, resumed: bool) -> Fedrec
         canaries=CanaryClients(canaries, derive_seed(cfg.audit.seed, "central-canaries")) if canaries else None,
         disable_noise=cfg.audit.unsafe_disable_noise,
         accountant=accountant,
+        aggregator=cfg.strategy.aggregator,
+        trim_fraction=cfg.strategy.trim_fraction,
     )
 
 

@@ -173,6 +173,8 @@ class SharedModelFedAvg(FedAvg):
         self._candidates = candidates
         self._bound = defences.norm_bound([c.norm for c in candidates], self.settings)
         defences.bound_norms(candidates, self._bound, self.settings.norm_action)
+        if self.settings.reject_opposed:
+            defences.reject_opposed(candidates, self.settings.min_cosine)
         accepted = []
         for c in candidates:
             if c.rejected is not None:

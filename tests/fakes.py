@@ -15,9 +15,10 @@ from common.run_config import load_default_run_config
 from server.federation import run_federation
 from simulations.inprocess import InProcessGrid, Scalar
 
-# The defaults of pyproject.toml (defences included), with one node enough and a short timeout.
+# The defaults of pyproject.toml (defences included) but plain FedAvg as the aggregator, so
+# strategy tests can check FedAvg arithmetic by hand; one node is enough, the timeout short.
 STRATEGY_SETTINGS = dataclasses.replace(
-    AppConfig.from_run_config(load_default_run_config()).strategy, min_nodes=1, timeout=10.0
+    AppConfig.from_run_config(load_default_run_config()).strategy, aggregator="fedavg", min_nodes=1, timeout=10.0
 )
 
 

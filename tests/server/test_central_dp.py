@@ -71,3 +71,22 @@ def test_budget_stops_before_the_round_that_would_exceed():
     assert dp.stop_reason is not None and f"round {released + 1}" in dp.stop_reason
     assert dp.accountant is not None and dp.accountant.epsilon() <= 5.0
     assert released >= 1
+
+
+@pytest.mark.parametrize(
+    ("aggregator", "sensitivity"),
+    [("median", 0.5), ("trimmed-mean", 2 * 0.5 / (1 - 2 * 0.2) ** 0.5), ("krum", 1.0)],
+)
+def test_noise_on_a_robust_aggregate_is_z_times_that_aggregators_sensitivity(aggregator, sensitivity):
+    # Arrange: no silo answers, so the release is noise alone, not divided by q·N.
+    settings = _privacy(noise_multiplier=2.0, clip=0.5, sample_rate=1.0, delta=1e-5)
+    dp = ClientLevelDP(
+        SharedModelFedAvg(STRATEGY_SETTINGS, k=10), settings, num_rounds=5, rng=np.random.default_rng(4),
+        aggregator=aggregator, trim_fraction=0.2,
+    )
+    big = ArrayRecord({NAME: Array(np.zeros((200, 50), dtype=np.float32))})
+    dp.configure_train(1, big, ConfigRecord(), FourNodeGrid())
+    # Act
+    arrays, _ = dp.aggregate_train(1, [])
+    # Assert: std z·Δ = 2 x (0.5 | 1.29 | 1.0), within 3 %
+    assert arrays[NAME].numpy().std() == pytest.approx(2.0 * sensitivity, rel=0.03)

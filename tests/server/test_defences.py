@@ -180,3 +180,28 @@ def test_robust_aggregators_ignore_one_outlier(aggregator):
     expected = {"median": 1.0, "trimmed-mean": (1.0 + 1.1 + 1.0) / 3, "krum": 1.0}[aggregator]
     assert arrays is not None
     np.testing.assert_allclose(arrays[NAME].numpy(), expected, rtol=1e-5)
+
+
+def test_an_update_opposed_to_the_others_is_rejected_but_never_the_majority():
+    # Arrange: three silos push +1, one pushes -1 (cosine with the mean of the others = -1).
+    strategy, instructions = _round()
+    flipped = train_reply(instructions[3], _arrays(-1.0), 10.0)
+    # Act
+    arrays, _ = strategy.aggregate_train(1, [*_honest(instructions), flipped])
+    # Assert: the flipped update is rejected; the aggregate is the honest mean 1.
+    (rejected,) = strategy.take_events().rejected
+    assert rejected[0] == instructions[3].metadata.dst_node_id
+    assert "points against the other silos' (cosine -1.000 < 0)" in rejected[1]
+    assert arrays is not None
+    np.testing.assert_allclose(arrays[NAME].numpy(), 1.0)
+
+
+def test_opposed_halves_reject_at_most_a_minority():
+    # Arrange: two silos push +1 and two push -1: every update is opposed to the others' mean
+    # (for +1: others mean (1 - 2) / 3 = -1/3, cosine -1). At most (4 - 1) // 2 = 1 is rejected.
+    strategy, instructions = _round()
+    replies = [train_reply(m, _arrays(v), 10.0) for m, v in zip(instructions, (1.0, 1.0, -1.0, -1.0), strict=True)]
+    # Act
+    strategy.aggregate_train(1, replies)
+    # Assert
+    assert len(strategy.take_events().rejected) == 1
