@@ -114,7 +114,7 @@ def run_cell(
         cfg = {**base_config(data_dir, rounds, run_dir), **defence}
         settings = AttackSettings.from_overrides({"attack.silo": 0, **attack, "attack.item": item}) if attack else None
         start = time.process_time()
-        grid = run_attacked(cfg, SILOS, settings)
+        grid, _ = run_attacked(cfg, SILOS, settings)
         rounds_done = RunDir(run_dir).read_rounds()
         final = rounds_done[-1]
         parsed = AppConfig.from_run_config(cfg)

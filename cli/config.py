@@ -7,31 +7,9 @@ data, so bad input fails before anything starts.
 
 from __future__ import annotations
 
-import tomllib
-from collections.abc import Mapping
-from pathlib import Path
-
 from common.config import AppConfig
 from common.errors import ConfigError
-from common.run_config import Scalar, flatten, load_default_run_config, merge_overrides, parse_override
-
-
-def collect_overrides(overrides: list[str] | None, named: Mapping[str, Scalar | None]) -> dict[str, Scalar]:
-    """Named options, then ``-c`` overrides in order (a later one wins); ``data.path`` made absolute.
-
-    Each ``-c`` is ``key=value`` or a TOML file of overrides. Named options that are
-    ``None`` (not given) are left out.
-    """
-    values: dict[str, Scalar] = {k: v for k, v in named.items() if v is not None}
-    for text in overrides or []:
-        if text.endswith(".toml") and "=" not in text:
-            values.update(load_override_file(Path(text)))
-        else:
-            key, value = parse_override(text)
-            values[key] = value
-    if isinstance(values.get("data.path"), str) and values["data.path"]:
-        values["data.path"] = str(Path(str(values["data.path"])).expanduser().resolve())
-    return values
+from common.run_config import Scalar, collect_overrides, load_default_run_config, merge_overrides
 
 
 def resolve_config(
@@ -40,17 +18,6 @@ def resolve_config(
     """Defaults + named options + ``-c`` overrides, parsed and validated."""
     run_config = merge_overrides(load_default_run_config(), collect_overrides(overrides, named))
     return run_config, AppConfig.from_run_config(run_config)
-
-
-def load_override_file(path: Path) -> dict[str, Scalar]:
-    """Overrides from a TOML file (nested tables or dotted keys), as ``flwr run -c`` takes."""
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        table = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    return flatten(table)
 
 
 def preflight(cfg: AppConfig, silos: int | None) -> int:

@@ -9,13 +9,13 @@ from typing import Annotated
 
 import typer
 
-from cli.config import collect_overrides, preflight
+from cli.config import preflight
 from cli.options import ConfigOpt, RoundsOpt
 from cli.output import console, err, fail, is_progress, os_errors
 from cli.runs import choose_run_dir, refuse_existing_run, run_dir_session, summarise_run, unwind_on_sigterm
 from common.config import AppConfig
 from common.errors import ConfigError, FedrecError
-from common.run_config import Scalar, load_default_run_config, merge_overrides
+from common.run_config import Scalar, collect_overrides, load_default_run_config, merge_overrides
 from common.rundir import RunDir
 from deployment.pki import SERVER_HOSTS
 from deployment.tuning import FLOWER_DEFAULTS, TUNED, Tuning

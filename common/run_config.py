@@ -85,3 +85,32 @@ def unknown_key_error(key: str, known: Iterable[str] = ()) -> ConfigError:
         return ConfigError(f"config key {key!r} was renamed: use {RENAMED_KEYS[key]!r}")
     listing = f"; known keys: {', '.join(sorted(known))}" if known else ""
     return ConfigError(f"unknown config key {key!r}{listing}")
+
+
+def collect_overrides(overrides: list[str] | None, named: Mapping[str, Scalar | None]) -> dict[str, Scalar]:
+    """Named options, then ``-c`` overrides in order (a later one wins); ``data.path`` made absolute.
+
+    Each ``-c`` is ``key=value`` or a TOML file of overrides. Named options that are
+    ``None`` (not given) are left out.
+    """
+    values: dict[str, Scalar] = {k: v for k, v in named.items() if v is not None}
+    for text in overrides or []:
+        if text.endswith(".toml") and "=" not in text:
+            values.update(load_override_file(Path(text)))
+        else:
+            key, value = parse_override(text)
+            values[key] = value
+    if isinstance(values.get("data.path"), str) and values["data.path"]:
+        values["data.path"] = str(Path(str(values["data.path"])).expanduser().resolve())
+    return values
+
+
+def load_override_file(path: Path) -> dict[str, Scalar]:
+    """Overrides from a TOML file (nested tables or dotted keys), as ``flwr run -c`` takes."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        table = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return flatten(table)

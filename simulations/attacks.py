@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -121,11 +122,58 @@ def attacked_app(attack: AttackSettings) -> ClientApp:
     return app
 
 
-def run_attacked(run_config: Mapping[str, Scalar], num_nodes: int, attack: AttackSettings | None) -> InProcessGrid:
-    """Run a federation in-process, with ``attack`` (if any) in one silo; return the grid."""
+def run_attacked(
+    run_config: Mapping[str, Scalar], num_nodes: int, attack: AttackSettings | None
+) -> tuple[InProcessGrid, Path]:
+    """Run a federation in-process, with ``attack`` (if any) in one silo; return the grid and run directory."""
     from server.federation import run_federation
 
     app = fedrec_client.app if attack is None else attacked_app(attack)
     grid = InProcessGrid(app, run_config, num_nodes)
-    run_federation(grid, run_config)
-    return grid
+    return grid, run_federation(grid, run_config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m simulations.attacks --silos 5 -c attack.kind=boost-item -c attack.strength=25 [-c key=value ...]``.
+
+    One in-process federation with one hostile silo; every other ``-c`` is a run-config
+    override as for ``fedrec simulate``. Prints the run directory and the silos the
+    anomaly report flagged. Exit code 2 on bad settings.
+    """
+    import argparse
+
+    from common.config import AppConfig
+    from common.errors import FedrecError
+    from common.run_config import collect_overrides, load_default_run_config, merge_overrides
+    from common.rundir import RunDir
+
+    parser = argparse.ArgumentParser(prog="python -m simulations.attacks", description=main.__doc__)
+    parser.add_argument("--silos", type=int, default=5)
+    parser.add_argument("-c", "--config", action="append", default=[], help="key=value (attack.* or run config)")
+    args = parser.parse_args(argv)
+    try:
+        if args.silos < 1:
+            raise ConfigError(f"--silos must be >= 1, got {args.silos}")
+        values = collect_overrides(args.config, {})
+        attack = AttackSettings.from_overrides({k: v for k, v in values.items() if k.startswith("attack.")})
+        if attack is not None and attack.silo >= args.silos:
+            raise ConfigError(f"attack.silo: {attack.silo} is not one of the {args.silos} silos")
+        run_config = merge_overrides(
+            load_default_run_config(), {k: v for k, v in values.items() if not k.startswith("attack.")}
+        )
+        AppConfig.from_run_config(run_config)
+        _, path = run_attacked(run_config, args.silos, attack)
+    except FedrecError as exc:
+        print(f"error: {exc}")
+        return 2
+    run = RunDir(path)
+    flagged = sorted(
+        {(s.partition_id, s.node) for r in run.read_rounds() for s in r.silos if s.outlier or s.rejected}, key=str
+    )
+    print(f"run directory: {run.path}")
+    print("flagged silos (partition, node): " + (", ".join(map(str, flagged)) or "none"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

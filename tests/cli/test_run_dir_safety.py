@@ -130,23 +130,28 @@ def test_resume_of_a_run_directory_in_use_writes_nothing(held: Path):
 # ------------------------------------------------------------------ read-only and full disks
 
 
-def test_a_read_only_parent_directory_is_a_clear_error(tmp_path: Path):
-    # Arrange
+def test_a_read_only_file_system_is_a_clear_error(tmp_path: Path, monkeypatch):
+    # Arrange: the run directory's parent is on a read-only file system (EROFS). A real
+    # chmod 0555 directory does not stop root, who runs CI here, so the error is injected.
     parent = tmp_path / "ro"
     parent.mkdir()
     (parent / "kept.txt").write_text("earlier results\n")
-    parent.chmod(0o555)
-    try:
-        if os.access(parent, os.W_OK):
-            pytest.skip("this user can write a 0555 directory (root): see the ENOSPC tests instead")
-        # Act
-        result = runner.invoke(app, ["simulate", "--silos", "2", *SMALL, "--run-dir", str(parent / "run")])
-        # Assert
-        assert result.exit_code == 2, result.output
-        assert f"{parent / 'run'}: cannot write (Permission denied)" in _error_line(result)
-        assert (parent / "kept.txt").read_text() == "earlier results\n"
-    finally:
-        parent.chmod(0o755)
+    run_dir = parent / "run"
+    real_mkdir = Path.mkdir
+    message = os.strerror(errno.EROFS)
+
+    def mkdir(self: Path, *args: object, **kwargs: object) -> None:
+        if self == run_dir:
+            raise OSError(errno.EROFS, message, str(self))
+        real_mkdir(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    # Act
+    result = runner.invoke(app, ["simulate", "--silos", "2", *SMALL, "--run-dir", str(run_dir)])
+    # Assert
+    assert result.exit_code == 2, result.output
+    assert f"{run_dir}: cannot write ({message})" in _error_line(result)
+    assert (parent / "kept.txt").read_text() == "earlier results\n"
 
 
 def test_a_full_disk_when_creating_the_run_directory_is_a_clear_error(tmp_path: Path, monkeypatch):
