@@ -4,8 +4,9 @@
 
 5 IID silos (biased MF, ``simulations/configs/ml100k-mf.toml``), silo 0 attacks every
 round (:mod:`simulations.attacks`), fedrec's in-process runtime. For every defence
-(undefended FedAvg; fedrec's default defences = FedAvg with weight caps and the
-norm bound; coordinate median; trimmed mean; multi-Krum — the last three alone) and
+(undefended FedAvg; fedrec's default defences = trimmed mean with weight caps, the
+norm bound and opposed-update rejection; coordinate median; trimmed mean; multi-Krum —
+the last three alone) and
 every attack (plus the honest run) it reports the final round's test HR@10
 (sampled protocol) and the *exposure* of the boosted item: the share of users whose
 full-ranking top-10 (items they trained on excluded) holds it. Results go to
@@ -44,12 +45,15 @@ ATTACKS: dict[str, dict[str, Scalar]] = {
     "inflate-examples": {"attack.kind": "inflate-examples", "attack.strength": 1e4},
     "boost-item": {"attack.kind": "boost-item", "attack.strength": 25.0},
 }
+# Each robust aggregator alone (no norm bound, no weight cap, no opposed-update rejection),
+# against plain FedAvg with nothing and fedrec's default defences (all of them together).
+_ALONE: dict[str, Scalar] = {"strategy.norm-action": "none", "strategy.cap-weights": False, "strategy.reject-opposed": False}
 DEFENCES: dict[str, dict[str, Scalar]] = {
-    "fedavg (undefended)": {"strategy.norm-action": "none", "strategy.cap-weights": False},
+    "fedavg (undefended)": {**_ALONE, "strategy.aggregator": "fedavg"},
     "default defences": {},
-    "median": {"strategy.aggregator": "median", "strategy.norm-action": "none", "strategy.cap-weights": False},
-    "trimmed mean": {"strategy.aggregator": "trimmed-mean", "strategy.norm-action": "none", "strategy.cap-weights": False},
-    "krum": {"strategy.aggregator": "krum", "strategy.norm-action": "none", "strategy.cap-weights": False},
+    "median": {**_ALONE, "strategy.aggregator": "median"},
+    "trimmed mean": {**_ALONE, "strategy.aggregator": "trimmed-mean"},
+    "krum": {**_ALONE, "strategy.aggregator": "krum"},
 }
 
 
