@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from common.data.loaders import NUMBER, data_line, integer_column, read_text_table, require_pattern, resolve_file
 from common.data.schema import Interactions
+from common.data.text_table import NUMBER, data_line, integer_column, read_text_table, require_pattern, resolve_file
 from common.errors import DataError
 
 #: MovieLens genres in the order of ML-100K's ``u.genre``; a category is an index here.
