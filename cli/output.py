@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from common.rundir import RoundRecord
+    from common.round_record import RoundRecord
 
 console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)

@@ -7,13 +7,12 @@ requires every key, rejects unknown ones and names the key in every error.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from common.errors import ConfigError
-from common.run_config import Scalar, unknown_key_error
+from common.run_config import ConfigReader, Scalar
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +221,7 @@ class AppConfig:
         ConfigError
             Naming the key, for an unknown, missing, ill-typed or out-of-range value.
         """
-        r = _Reader(run_config)
+        r = ConfigReader(run_config)
         cfg = cls(
             num_server_rounds=r.int("num-server-rounds", lo=1),
             seed=r.int("seed", lo=0),
@@ -423,88 +422,9 @@ class NodeConfig:
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Scalar]) -> NodeConfig:
         """Parse the node config; ``data-path`` is optional (default: run config's)."""
-        r = _Reader(node_config)
+        r = ConfigReader(node_config)
         num_partitions = r.int("num-partitions", lo=1)
         partition_id = r.int("partition-id", lo=0, hi=num_partitions - 1)
         data_path = r.str("data-path") if "data-path" in node_config else ""
         state_dir = r.str("state-dir") if "state-dir" in node_config else ""
         return cls(partition_id, num_partitions, data_path, state_dir)
-
-
-class _Reader:
-    """Typed access to a flat config mapping that remembers which keys were read."""
-
-    def __init__(self, values: Mapping[str, Scalar]) -> None:
-        self._values = values
-        self._read: set[str] = set()
-
-    def _get(self, key: str) -> Scalar:
-        if key not in self._values:
-            raise ConfigError(f"{key}: missing setting (see [tool.flwr.app.config])")
-        self._read.add(key)
-        return self._values[key]
-
-    def int(self, key: str, *, lo: int | None = None, hi: int | None = None) -> int:
-        value = self._get(key)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-            raise ConfigError(f"{key}: must be {bounds}, got {value}")
-        return value
-
-    def float(
-        self,
-        key: str,
-        *,
-        lo: float | None = None,
-        hi: float | None = None,
-        lo_open: bool = False,
-    ) -> float:
-        value = self._get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        number = float(value)
-        if not math.isfinite(number):
-            raise ConfigError(f"{key}: must be finite, got {value!r}")
-        too_low = lo is not None and (number <= lo if lo_open else number < lo)
-        if too_low or (hi is not None and number > hi):
-            low = f"> {lo}" if lo_open else f">= {lo}"
-            bounds = low if hi is None else f"{low} and <= {hi}"
-            raise ConfigError(f"{key}: must be {bounds}, got {value}")
-        return number
-
-    def bool(self, key: str) -> bool:
-        value = self._get(key)
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-
-    def str(self, key: str) -> str:
-        value = self._get(key)
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-
-    def choice(self, key: str, choices: tuple[str, ...]) -> Any:  # type: ignore[valid-type]
-        value = self.str(key)
-        if value not in choices:
-            raise ConfigError(f"{key}: expected one of {', '.join(choices)}; got {value!r}")
-        return value
-
-    def int_list(self, key: str) -> tuple[int, ...]:  # type: ignore[valid-type]
-        text = self.str(key)
-        try:
-            widths = tuple(int(part) for part in text.split(","))
-        except ValueError:
-            raise ConfigError(
-                f"{key}: expected comma-separated integers, got {text!r}"
-            ) from None
-        if not widths or min(widths) < 1:
-            raise ConfigError(f"{key}: widths must be positive, got {text!r}")
-        return widths
-
-    def reject_unknown(self) -> None:
-        unknown = sorted(set(self._values) - self._read)
-        if unknown:
-            raise unknown_key_error(unknown[0])

@@ -6,6 +6,7 @@ final flat mapping into typed settings, once.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -114,3 +115,86 @@ def load_override_file(path: Path) -> dict[str, Scalar]:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     return flatten(table)
+
+
+class ConfigReader:
+    """Typed access to a flat config mapping that remembers which keys were read.
+
+    Every accessor names the key in its :class:`ConfigError`; :meth:`reject_unknown`
+    refuses the keys nobody read (naming a renamed key's new name).
+    """
+
+    def __init__(self, values: Mapping[str, Scalar]) -> None:
+        self._values = values
+        self._read: set[str] = set()
+
+    def _get(self, key: str) -> Scalar:
+        if key not in self._values:
+            raise ConfigError(f"{key}: missing setting (see [tool.flwr.app.config])")
+        self._read.add(key)
+        return self._values[key]
+
+    def int(self, key: str, *, lo: int | None = None, hi: int | None = None) -> int:
+        value = self._get(key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise ConfigError(f"{key}: must be {bounds}, got {value}")
+        return value
+
+    def float(
+        self,
+        key: str,
+        *,
+        lo: float | None = None,
+        hi: float | None = None,
+        lo_open: bool = False,
+    ) -> float:
+        value = self._get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        number = float(value)
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: must be finite, got {value!r}")
+        too_low = lo is not None and (number <= lo if lo_open else number < lo)
+        if too_low or (hi is not None and number > hi):
+            low = f"> {lo}" if lo_open else f">= {lo}"
+            bounds = low if hi is None else f"{low} and <= {hi}"
+            raise ConfigError(f"{key}: must be {bounds}, got {value}")
+        return number
+
+    def bool(self, key: str) -> bool:
+        value = self._get(key)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+
+    def str(self, key: str) -> str:
+        value = self._get(key)
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+
+    def choice(self, key: str, choices: tuple[str, ...]) -> Any:  # type: ignore[valid-type]
+        value = self.str(key)
+        if value not in choices:
+            raise ConfigError(f"{key}: expected one of {', '.join(choices)}; got {value!r}")
+        return value
+
+    def int_list(self, key: str) -> tuple[int, ...]:  # type: ignore[valid-type]
+        text = self.str(key)
+        try:
+            widths = tuple(int(part) for part in text.split(","))
+        except ValueError:
+            raise ConfigError(
+                f"{key}: expected comma-separated integers, got {text!r}"
+            ) from None
+        if not widths or min(widths) < 1:
+            raise ConfigError(f"{key}: widths must be positive, got {text!r}")
+        return widths
+
+    def reject_unknown(self) -> None:
+        unknown = sorted(set(self._values) - self._read)
+        if unknown:
+            raise unknown_key_error(unknown[0])

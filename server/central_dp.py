@@ -37,7 +37,7 @@ from common.config import PrivacySettings
 from common.privacy.accounting import Accountant, calibrate_noise, choose_delta
 from common.privacy.clipping import clip_update, gaussian_noise
 from common.privacy.events import SERVER_OWNER
-from common.rundir import CentralCounts
+from common.round_record import CentralCounts
 from server.central_canaries import CanaryClients
 from server.protocol import RoundEvents, UpdateAggregator
 

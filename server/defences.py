@@ -22,7 +22,7 @@ from numpy.typing import NDArray
 from common import records
 from common.config import StrategySettings
 from common.privacy.clipping import clip_update, l2_norm
-from common.rundir import SiloRoundStats
+from common.round_record import SiloRoundStats
 from server import aggregators
 
 Update = dict[str, NDArray[np.float64]]

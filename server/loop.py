@@ -17,7 +17,7 @@ from flwr.supercore import log
 
 from common import records
 from common.privacy.events import PrivacyRelease
-from common.rundir import RoundRecord
+from common.round_record import RoundRecord
 from server.metered_grid import MeteredGrid
 from server.protocol import FedrecStrategy
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from common import records
-from common.rundir import RoundRecord
+from common.round_record import RoundRecord
 from server.report import silo_epsilons
 
 

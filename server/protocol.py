@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 
 from common.privacy.events import PrivacyRelease
-from common.rundir import CentralCounts, SiloRoundStats
+from common.round_record import CentralCounts, SiloRoundStats
 
 
 @dataclass(slots=True)

@@ -15,7 +15,8 @@ from flwr.app import ArrayRecord
 
 from common.errors import ConfigError
 from common.privacy.events import PrivacyRelease
-from common.rundir import RoundRecord, RunDir, RunDirError
+from common.round_record import RoundRecord
+from common.rundir import RunDir, RunDirError
 from common.storage import atomic_write_bytes, atomic_write_json, load_arrays, save_arrays
 from common.versions import library_versions
 from server import plots, validation

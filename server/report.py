@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from common import records
-from common.rundir import RoundRecord
+from common.round_record import RoundRecord
 
 
 def best_round(rounds: list[RoundRecord], k: int) -> RoundRecord | None:

@@ -26,7 +26,8 @@ from common.privacy.audit_canaries import empirical_audit
 from common.privacy.events import SERVER_OWNER, partition_of, silo_owner
 from common.privacy.ledger import Chain, LedgerError, read_ledger
 from common.privacy.replay import LedgerAudit, Problem, replay
-from common.rundir import RoundRecord, RunDir, RunDirError, RunState
+from common.round_record import RoundRecord
+from common.rundir import RunDir, RunDirError, RunState
 
 # PRV and PLD are both tight; a larger gap is reported as a warning.
 PRV_WARN_GAP = 0.05

@@ -13,7 +13,8 @@ import pytest
 from client.durable import fingerprint
 from common.privacy.accounting import MechanismUse, epsilon
 from common.privacy.audit import audit_run
-from common.rundir import RoundRecord, RunDir
+from common.round_record import RoundRecord
+from common.rundir import RunDir
 from common.storage import load_arrays
 from deployment.launcher import flower_bin
 from deployment.local import LocalDeployment

@@ -13,8 +13,9 @@ from cli.main import app
 from common.privacy.accounting import Accountant, MechanismUse, epsilon
 from common.privacy.audit import audit_run
 from common.privacy.ledger import Chain, encode
+from common.round_record import RoundRecord
 from common.run_config import load_default_run_config
-from common.rundir import RoundRecord, RunDir
+from common.rundir import RunDir
 from simulations.inprocess import run_inprocess
 
 SIGMA = 1.2

@@ -12,7 +12,8 @@ from common import records
 from common.models import is_private
 from common.privacy.accounting import Accountant, MechanismUse, epsilon
 from common.privacy.events import PrivacyRelease
-from common.rundir import RoundRecord, RunDir
+from common.round_record import RoundRecord
+from common.rundir import RunDir
 from simulations.inprocess import run_inprocess
 from tests.fakes import LocalGrid, run_local
 
