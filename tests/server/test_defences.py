@@ -67,9 +67,12 @@ def test_a_malformed_metrics_record_is_rejected_and_the_round_goes_on(changes, r
     assert rejected[0] == instructions[3].metadata.dst_node_id and reason in rejected[1]
 
 
+CLIP = dataclasses.replace(STRATEGY_SETTINGS, norm_action="clip")
+
+
 def test_an_inflated_weight_is_capped_at_the_registered_weight():
     # Arrange: silo 3 claims 1e9 examples; every silo registered 10.
-    strategy, instructions = _round(registry=lambda nodes: dict.fromkeys(range(nodes), 10))
+    strategy, instructions = _round(CLIP, registry=lambda nodes: dict.fromkeys(range(nodes), 10))
     replies = [_with_metrics(r, **{records.PARTITION_ID: i}) for i, r in enumerate(_honest(instructions))]
     attacker = _with_metrics(train_reply(instructions[3], _arrays(5.0), 1e9), **{records.PARTITION_ID: 3})
     # Act
@@ -83,9 +86,23 @@ def test_an_inflated_weight_is_capped_at_the_registered_weight():
     np.testing.assert_allclose(arrays[NAME].numpy(), 1.5, rtol=1e-5)
 
 
-def test_an_update_of_norm_1e30_is_clipped_and_flagged():
+def test_an_update_of_norm_1e30_is_rejected_by_default():
     # Arrange
     strategy, instructions = _round()
+    huge = train_reply(instructions[3], _arrays(1e30), 10.0)
+    # Act
+    arrays, _ = strategy.aggregate_train(1, [*_honest(instructions), huge])
+    # Assert: norm sqrt(6) x 1e30 is far above the bound 3 x sqrt(6): rejected, the rest averaged.
+    (rejected,) = strategy.take_events().rejected
+    assert rejected[0] == instructions[3].metadata.dst_node_id
+    assert "update norm 2.449e+30 exceeds the bound 7.348" in rejected[1]
+    assert arrays is not None
+    np.testing.assert_allclose(arrays[NAME].numpy(), 1.0)
+
+
+def test_an_update_of_norm_1e30_is_clipped_and_flagged_with_norm_action_clip():
+    # Arrange
+    strategy, instructions = _round(CLIP)
     huge = train_reply(instructions[3], _arrays(1e30), 10.0)
     # Act
     arrays, _ = strategy.aggregate_train(1, [*_honest(instructions), huge])
