@@ -119,8 +119,8 @@ class DPOptimizerSettings:
     """The optimiser of local DP-SGD (``[privacy.local.optimizer]``)."""
 
     lr: float  # SGD learning rate of the released (shared) parameters
-    user_lr: float  # SGD learning rate of users' own rows during DP steps
-    user_epochs: int  # unit = user: epochs fitting users' own rows before the DP steps
+    user_lr: float  # SGD learning rate of users' own rows (refit and DP steps)
+    user_epochs: int  # unit = user: epochs refitting users' own rows before the DP steps
 
 
 @dataclass(frozen=True, slots=True)

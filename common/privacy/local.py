@@ -36,8 +36,8 @@ from common.training import (
     TrainStats,
     interaction_loss,
     interaction_negatives,
+    keyed_integers,
     sample_train_negatives,
-    train_epochs,
     train_item_keys,
 )
 
@@ -142,12 +142,15 @@ def per_sample_losses(
     rows: dict[str, Tensor],
     mask: Tensor,
     settings: TrainSettings,
+    *,
+    item_l2: bool = True,
 ) -> Tensor:
     """Loss (B,) of each sample: sum over its (unmasked) positives of BCE/BPR + L2.
 
     ``rows`` hold item rows for (B, P·(1+k)) reads laid out positive-major. A sum
     (not a mean) keeps each read's gradient at full size; clipping to C is what
-    bounds a user's total contribution.
+    bounds a user's total contribution. ``item_l2=False`` leaves out the item rows'
+    L2 term (a constant when only user rows are trained).
     """
     batch, width = mask.shape
     logits = model.score_rows(rows).reshape(batch, width, -1)  # (B, P, 1+k)
@@ -158,11 +161,19 @@ def per_sample_losses(
     user_l2 = sum(
         (r.pow(2).sum(-1) for n, r in user_rows.items() if n in model.l2_tables), torch.zeros(batch, device=mask.device)
     )
-    item_l2 = sum(
-        (r.pow(2).sum((-2, -1)) for n, r in item_rows.items() if n in model.l2_tables),
-        torch.zeros(batch, width, device=mask.device),
-    )
-    return (weights * (loss + settings.l2 * item_l2)).sum(1) + settings.l2 * user_l2
+    if item_l2:
+        loss = loss + settings.l2 * sum(
+            (r.pow(2).sum((-2, -1)) for n, r in item_rows.items() if n in model.l2_tables),
+            torch.zeros(batch, width, device=mask.device),
+        )
+    return (weights * loss).sum(1) + settings.l2 * user_l2
+
+
+# The refit's item reads per block of users: small blocks waste less on users who
+# have no step left, and keep elementwise kernels on one thread (grain 32768).
+_REFIT_READS = 1 << 13
+# Tags that keep the refit's permutation and negative draws apart.
+_PERMUTE, _NEGATIVE = 0, 1
 
 
 def fit_user_rows(
@@ -171,32 +182,131 @@ def fit_user_rows(
     settings: TrainSettings,
     *,
     epochs: int,
-    rng: np.random.Generator,
+    lr: float,
+    width: int,
+    key: int,
+    device: torch.device,
+    high: int | None = None,
+) -> None:
+    """Fit users' own rows to the current shared model, each user on their own data alone.
+
+    Each epoch, user u makes ⌈n_u / ``width``⌉ plain SGD steps (learning rate
+    ``lr``) over a permutation of their n_u training positives: step s follows the
+    gradient of the *sum* of the losses (BCE/BPR and L2, as in the DP steps) of
+    positives s·width … (s+1)·width − 1, each with ``settings.num_negatives``
+    negatives among u's non-training items below ``high``. The permutation and the
+    negatives are drawn by :func:`~common.training.keyed_integers` keyed by
+    (``key``, epoch, u, position), never from a shared stream. The shared parameters
+    are read, never changed.
+
+    Notes
+    -----
+    Joint DP (Kearns et al., ITCS 2014, https://arxiv.org/abs/1207.4084; the
+    billboard lemma of Hsu et al., STOC 2014): user u's row must be a function of
+    u's data and of released parameters only. Nothing here couples users: losses
+    are per-user sums (no batch mean), SGD keeps no state (``torch.optim.Adam``
+    moves every row with its momentum at every step, and ``SparseAdam`` keeps one
+    step count per table for its bias correction, so in both a row's update depends
+    on how many steps other users take), and draws are keyed by the user. Users are
+    processed in fixed blocks of user indices, all of a block's rows in every step
+    (those without a positive left are masked and do not move), so a row's place in
+    every tensor is fixed by its index: vectorised kernels round a value differently
+    in a SIMD body and a scalar tail, and with moving rows another user's data could
+    still change a row's last bits. Under user-level DP the refit needs no noise:
+    the row never leaves the silo, and the user's later contribution to shared
+    updates is clipped.
+    """
+    if lr == 0.0 or epochs == 0 or split.num_train == 0:
+        return
+    order = np.argsort(split.train_user, kind="stable")
+    users_sorted, items_sorted = split.train_user[order], split.train_item[order]
+    counts = np.bincount(users_sorted, minlength=split.num_users)  # (U,) by user index
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.arange(len(users_sorted)) - starts[users_sorted]  # position within its user
+    slot, col = rank // width, rank % width
+    steps_of = -(-counts // width)  # (U,) steps of each user per epoch
+    train_keys = train_item_keys(split)
+    k = settings.num_negatives
+    chunk = max(1, _REFIT_READS // (width * (1 + k)))
+    for epoch in range(epochs):
+        noise = keyed_integers(key, (_PERMUTE, epoch, users_sorted, rank), 2**63)
+        items = items_sorted[np.lexsort((noise, users_sorted))]  # a random order within each user
+        for lo in range(0, split.num_users, chunk):
+            # A fixed block of user indices: each row's position in every tensor is its
+            # index mod chunk, whatever the other users' data.
+            hi = min(lo + chunk, split.num_users)
+            users = np.arange(lo, hi, dtype=np.int64)
+            block = slice(starts[lo], starts[hi - 1] + counts[hi - 1])
+            for s in range(int(steps_of[lo:hi].max())):
+                here = slot[block] == s
+                positives = np.zeros((hi - lo, width), dtype=np.int64)
+                mask = np.zeros((hi - lo, width), dtype=bool)
+                positives[users_sorted[block][here] - lo, col[block][here]] = items[block][here]
+                mask[users_sorted[block][here] - lo, col[block][here]] = True
+                negatives = _user_negatives(train_keys, users, width, k, split.num_items, key, (epoch, s), high)
+                _refit_step(model, lr, settings, users, positives, mask, negatives, device)
+
+
+def _user_negatives(
+    train_keys: NDArray[np.int64],
+    users: NDArray[np.int64],
+    width: int,
+    k: int,
+    num_items: int,
+    key: int,
+    step: tuple[int, int],
+    high: int | None,
+) -> NDArray[np.int64]:
+    """Refit negatives (C, width, k): uniform among each user's non-training items below ``high``.
+
+    Draw (u, position, j) of refit step ``step`` = (epoch, slot) is keyed by those
+    alone, with one more attempt for each rejection, so it is a function of u's
+    training items and the key.
+    """
+    high = num_items if high is None else high
+    shape = (len(users), width, k)
+    u = np.broadcast_to(users[:, None, None], shape)
+    col = np.broadcast_to(np.arange(width)[None, :, None], shape)
+    j = np.broadcast_to(np.arange(k)[None, None, :], shape)
+    attempt = np.zeros(shape, dtype=np.int64)
+    negatives = keyed_integers(key, (_NEGATIVE, *step, u, col, j, attempt), high)
+    while True:
+        query = u * num_items + negatives
+        found = np.searchsorted(train_keys, query).clip(max=len(train_keys) - 1)
+        bad = train_keys[found] == query
+        if not bad.any():
+            return negatives
+        attempt[bad] += 1
+        negatives[bad] = keyed_integers(
+            key, (_NEGATIVE, *step, u[bad], col[bad], j[bad], attempt[bad]), high
+        )
+
+
+def _refit_step(
+    model: Recommender,
+    lr: float,
+    settings: TrainSettings,
+    users: NDArray[np.int64],
+    positives: NDArray[np.int64],
+    mask: NDArray[np.bool_],
+    negatives: NDArray[np.int64],
     device: torch.device,
 ) -> None:
-    """Fit users' own rows to the current shared model (Adam, shared part frozen).
-
-    Under user-level DP this needs no noise: a user's row is a function of that
-    user's data and of already-released shared parameters, it never leaves the silo,
-    and whatever it is, the user's later contribution to shared updates is clipped.
-    """
-    user_params = [getattr(model, name).weight for name in model.user_tables]
-    frozen = [p for p in model.parameters() if all(p is not u for u in user_params)]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        train_epochs(
-            model,
-            split,
-            settings,
-            epochs=epochs,
-            rng=rng,
-            device=device,
-            optimizer=torch.optim.Adam(user_params, lr=settings.lr),
-        )
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
+    """One SGD step of the rows of ``users`` (C, unique) that have positives (C, W) in ``mask``."""
+    items = np.concatenate([positives[..., None], negatives], axis=-1).reshape(len(users), -1)
+    users_t = torch.from_numpy(users).to(device)
+    items_t = torch.from_numpy(items).to(device)
+    mask_t = torch.from_numpy(mask).to(device)
+    leaves = [getattr(model, n).weight.detach()[users_t].requires_grad_(True) for n in model.user_tables]
+    rows = dict(zip(model.user_tables, leaves, strict=True))
+    rows.update({n: getattr(model, n).weight.detach()[items_t] for n in model.item_tables})
+    # The sum's gradient for row b is that of user b's own loss sum: no batch mean.
+    losses = per_sample_losses(model, rows, mask_t, settings, item_l2=False)  # (C,)
+    grads = torch.autograd.grad(losses.sum(), leaves)
+    stepping = mask_t.any(1)  # a user without positives in this slot does not move
+    with torch.no_grad():
+        for name, grad in zip(model.user_tables, grads, strict=True):
+            getattr(model, name).weight.index_add_(0, users_t[stepping], grad[stepping], alpha=-lr)
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,7 +354,17 @@ def dp_train(
         generator=generator,
     )
     if dp.user_epochs and dp.unit == "user":
-        fit_user_rows(model, split, settings, epochs=dp.user_epochs, rng=rng, device=device)
+        fit_user_rows(
+            model,
+            split,
+            settings,
+            epochs=dp.user_epochs,
+            lr=dp.user_lr,
+            width=dp.max_positives,
+            key=int(rng.integers(0, 2**63)),
+            device=device,
+            high=dp.negative_items,
+        )
     total, counted, seen = 0.0, 0, 0
     try:
         for _ in range(steps):

@@ -13,9 +13,9 @@ from common.config import AppConfig, TrainSettings
 from common.data.split import NO_ITEM, UserSplit
 from common.models import Recommender, build_model
 from common.privacy.dpsgd import SparseDPSGD
-from common.privacy.local import per_sample_losses, step_items
+from common.privacy.local import _user_negatives, fit_user_rows, per_sample_losses, step_items
 from common.run_config import load_default_run_config
-from common.training import interaction_negatives, keyed_integers
+from common.training import interaction_negatives, keyed_integers, train_item_keys
 
 NUM_USERS, NUM_ITEMS, DIM = 6, 40, 8
 
@@ -140,3 +140,101 @@ def test_keyed_integers_depend_only_on_the_key_and_their_own_parts():
     np.testing.assert_array_equal(all_draws[500:], some_draws)
     assert (all_draws != other_key).mean() > 0.9
     assert all_draws.min() >= 0 and all_draws.max() < 97
+
+
+def _refit(name: str, split: UserSplit, settings: TrainSettings, num_users: int, key: int = 99) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = build_model(name, num_users, NUM_ITEMS, DIM, (16, 8))
+    shared = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("user_")}
+    fit_user_rows(model, split, settings, epochs=2, lr=0.05, width=4, key=key, device=torch.device("cpu"))
+    for n, p in model.named_parameters():  # the shared model is read, never changed
+        if n in shared:
+            assert torch.equal(p.detach(), shared[n]), n
+    return {n: getattr(model, n).weight.detach().clone() for n in model.user_tables}
+
+
+def _users_with(counts: list[int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rs = np.random.default_rng(seed)
+    users = np.repeat(np.arange(len(counts)), counts)
+    items = np.concatenate([rs.choice(NUM_ITEMS, c, replace=False) for c in counts])
+    return users, items
+
+
+@pytest.mark.parametrize("name", ["mf", "neumf"])
+@pytest.mark.parametrize("other_count", [3, 9, 21])  # fewer, as many and more refit steps than u
+def test_a_users_refit_row_does_not_depend_on_other_users_data(settings, name: str, other_count: int):
+    # Arrange: 8 users; the two silos differ only in user 3's interactions
+    counts = [5, 9, 3, 12, 7, 4, 6, 10]
+    users, items = _users_with(counts, seed=0)
+    other = 3
+    changed = np.random.default_rng(1).choice(NUM_ITEMS, other_count, replace=False)
+    users_b = np.concatenate([users[users != other], np.full(other_count, other)])
+    items_b = np.concatenate([items[users != other], changed])
+    order = np.argsort(users_b, kind="stable")
+    # Act: the same shared model, the same key
+    rows_a = _refit(name, _split(users, items, 8), settings, 8)
+    rows_b = _refit(name, _split(users_b[order], items_b[order], 8), settings, 8)
+    # Assert: every other user's rows are bit-identical; user 3's differ
+    for table in rows_a:
+        for u in range(8):
+            same = torch.equal(rows_a[table][u], rows_b[table][u])
+            assert same == (u != other), (table, u)
+
+
+def test_a_users_refit_row_does_not_depend_on_which_other_users_exist(settings):
+    # Arrange: the same users 0..4, then the silo without user 2 (user-level neighbours)
+    users, items = _users_with([5, 9, 3, 12, 7], seed=2)
+    keep = users != 2
+    # Act
+    rows_a = _refit("mf", _split(users, items, 5), settings, 5)
+    rows_b = _refit("mf", _split(users[keep], items[keep], 5), settings, 5)
+    # Assert: users 0, 1, 3, 4 unchanged bit for bit; user 2 keeps its initial row
+    for table in rows_a:
+        for u in (0, 1, 3, 4):
+            assert torch.equal(rows_a[table][u], rows_b[table][u]), (table, u)
+    torch.manual_seed(0)
+    initial = build_model("mf", 5, NUM_ITEMS, DIM)
+    assert torch.equal(rows_b["user_embedding"][2], initial.user_embedding.weight.detach()[2])
+
+
+def test_refit_lowers_each_users_own_loss(settings):
+    # Arrange
+    users, items = _users_with([8, 12, 6, 10, 9, 7], seed=3)
+    split = _split(users, items)
+    torch.manual_seed(0)
+    model = build_model("mf", NUM_USERS, NUM_ITEMS, DIM)
+    mask = torch.ones((1, 1), dtype=torch.bool)
+
+    def loss_of(u: int) -> float:
+        # The user's summed BCE over its positives with fixed negatives.
+        mine = items[users == u]
+        others = np.setdiff1d(np.arange(NUM_ITEMS), mine)[:4]
+        total = 0.0
+        for i in mine:
+            reads = torch.from_numpy(np.array([[i, *others]]))
+            rows = {n: getattr(model, n).weight.detach()[torch.tensor([u])] for n in model.user_tables}
+            rows.update({n: getattr(model, n).weight.detach()[reads] for n in model.item_tables})
+            total += float(per_sample_losses(model, rows, mask, settings).detach())
+        return total
+
+    before = [loss_of(u) for u in range(NUM_USERS)]
+    # Act
+    fit_user_rows(model, split, settings, epochs=5, lr=0.05, width=4, key=7, device=torch.device("cpu"))
+    # Assert
+    after = [loss_of(u) for u in range(NUM_USERS)]
+    assert all(a < b for a, b in zip(after, before, strict=True)), (before, after)
+
+
+def test_refit_negatives_avoid_the_users_training_items(settings):
+    # Arrange: user 0 trained on items 0..29 of 40, user 1 on 0..4
+    users = np.concatenate([np.zeros(30, dtype=np.int64), np.ones(5, dtype=np.int64)])
+    items = np.concatenate([np.arange(30), np.arange(5)])
+    split = _split(users, items, 2)
+    # Act
+    negatives = _user_negatives(
+        train_item_keys(split), np.array([0, 1]), 16, 50, NUM_ITEMS, key=3, step=(0, 0), high=None
+    )
+    # Assert
+    assert negatives.shape == (2, 16, 50)
+    assert negatives[0].min() >= 30 and negatives[1].min() >= 5 and negatives.max() < NUM_ITEMS
+    assert set(np.unique(negatives[0]).tolist()) == set(range(30, NUM_ITEMS))
