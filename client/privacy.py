@@ -24,6 +24,7 @@ from common.config import AppConfig
 from common.data.split import UserSplit
 from common.models import Recommender
 from common.privacy.accounting import Accountant, calibrate_noise, choose_delta
+from common.privacy.dpsgd import CsprngNormal, NoiseSource, TorchNormal
 from common.privacy.events import PrivacyRelease, silo_owner
 from common.privacy.ledger import Chain
 from common.privacy.local import LocalDPSettings, UnitSampler, dp_train, steps_per_round
@@ -137,12 +138,17 @@ def private_round(
         negative_items=split.num_items - cfg.audit.canaries,
     )
     # Noise and sampling come from fresh OS entropy: a seed in the run config would
-    # let anyone who knows it subtract the noise.
-    generator = torch.Generator(device=device).manual_seed(secrets.randbits(63))
+    # let anyone who knows it subtract the noise. "csprng" draws the noise itself from
+    # the OS CSPRNG; batches and negatives always come from the numpy generator.
     rng = np.random.default_rng(secrets.randbits(128))
+    noise: NoiseSource
+    if cfg.privacy.noise_generator == "csprng":
+        noise = CsprngNormal()
+    else:
+        noise = TorchNormal(torch.Generator(device=device).manual_seed(secrets.randbits(63)))
     planned = acc.planned()
     stats, use = dp_train(
-        model, split, cfg.train, settings, steps=planned.steps, rng=rng, generator=generator, device=device
+        model, split, cfg.train, settings, steps=planned.steps, rng=rng, noise=noise, device=device
     )
     if cfg.audit.unsafe_disable_noise:
         use = planned  # the broken run's claim: what the accountant and ledger record

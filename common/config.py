@@ -157,10 +157,16 @@ class CentralPrivacySettings:
 
 @dataclass(frozen=True, slots=True)
 class PrivacySettings:
-    """Where noise goes (``mode``), the accountant of record, and each mechanism's settings."""
+    """Where noise goes (``mode``), the accountant of record, and each mechanism's settings.
+
+    ``noise_generator`` is the source of local DP-SGD's Gaussian noise: ``os-seeded``
+    (torch's generator seeded from OS entropy each round) or ``csprng`` (the
+    operating system's CSPRNG, slower); central DP's noise does not use it.
+    """
 
     mode: Literal["none", "local", "central", "local+central"]
     accountant: Literal["pld", "rdp"]
+    noise_generator: Literal["os-seeded", "csprng"]
     local: LocalPrivacySettings
     central: CentralPrivacySettings
 
@@ -289,6 +295,7 @@ class AppConfig:
             privacy=PrivacySettings(
                 mode=r.choice("privacy.mode", ("none", "local", "central", "local+central")),
                 accountant=r.choice("privacy.accountant", ("pld", "rdp")),
+                noise_generator=r.choice("privacy.noise-generator", ("os-seeded", "csprng")),
                 local=LocalPrivacySettings(
                     unit=r.choice("privacy.local.unit", ("user", "interaction")),
                     noise_multiplier=r.float("privacy.local.noise-multiplier", lo=0.0),

@@ -14,7 +14,8 @@ Opacus' per-sample gradients for ``nn.Embedding`` materialise a
    reads (‖Σ_{t: id_t = r} g_t‖², summed over distinct rows r).
 3. Each sample is scaled by ``min(1, C / ‖g_b‖)``; the clipped rows are
    ``index_add``-ed into their tables, dense gradients summed.
-4. Gaussian noise N(0, σ²C²) is added to the sum; the update is
+4. Gaussian noise N(0, σ²C²) (from a :class:`NoiseSource`: torch's generator, or
+   the OS CSPRNG with :class:`CsprngNormal`) is added to the sum; the update is
    ``θ ← θ − η/B̄ · (Σ_b clip(g_b) + noise)`` with B̄ the *expected* batch size
    (Poisson sampling). Embedding tables get their noise lazily (plain SGD only):
    a row not read between steps t₁ and t₂ owes the sum of its noise, one draw of
@@ -31,16 +32,97 @@ leave the silo, and they are updated with their own learning rate.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
+import numpy as np
 import torch
+from numpy.typing import NDArray
 from opacus.grad_sample.linear import compute_linear_grad_sample, compute_linear_norm_sample
 from torch import Tensor, nn
 
 from common.models import GlobalBias, Recommender
 
 PerSampleLoss = Callable[[dict[str, Tensor]], Tensor]
+
+
+class NoiseSource(Protocol):
+    """Where DP-SGD's Gaussian noise comes from."""
+
+    def standard_normal(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        """Independent N(0, 1) draws (float32) of ``shape`` on ``device``."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class TorchNormal:
+    """``torch.randn`` from a torch generator (``privacy.noise-generator = "os-seeded"``).
+
+    torch's CPU generator is a Mersenne Twister (mt19937) and its CUDA generator
+    Philox4x32-10: fast, but not cryptographically secure. fedrec seeds it with 63
+    bits from :func:`secrets.randbits` each round.
+    """
+
+    generator: torch.Generator | None = None
+
+    def standard_normal(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        """``torch.randn(shape)`` from :attr:`generator`."""
+        return torch.randn(shape, generator=self.generator, device=device)
+
+
+@dataclass(frozen=True, slots=True)
+class CsprngNormal:
+    """N(0, 1) from the operating system's CSPRNG (``privacy.noise-generator = "csprng"``).
+
+    Draws come from :func:`csprng_standard_normal` over ``entropy`` (default
+    :func:`os.urandom`, the kernel's CSPRNG), in float64, then rounded to float32
+    and copied to the device.
+    """
+
+    entropy: Callable[[int], bytes] = os.urandom
+
+    def standard_normal(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        """``shape`` draws of N(0, 1) as a float32 tensor on ``device``."""
+        z = csprng_standard_normal(math.prod(shape), entropy=self.entropy)
+        return torch.from_numpy(z.astype(np.float32)).reshape(shape).to(device)
+
+
+# 2**-53: turns the top 53 bits of a uint64 into a float64 in [0, 1) exactly.
+_TWO_POW_MINUS_53 = 2.0**-53
+
+
+def csprng_standard_normal(n: int, *, entropy: Callable[[int], bytes] = os.urandom) -> NDArray[np.float64]:
+    """``n`` independent N(0, 1) draws from the random bytes of ``entropy`` (Box–Muller, float64).
+
+    Each pair of draws takes 16 bytes: two 53-bit uniforms u₁ ∈ (0, 1] and
+    u₂ ∈ [0, 1), and gives √(−2 ln u₁)·(cos 2πu₂, sin 2πu₂) (Box & Muller, 1958).
+    With u₁ ≥ 2⁻⁵³ the draws are bounded by √(106 ln 2) ≈ 8.57, which cuts off a
+    tail of probability about 10⁻¹⁷.
+
+    Notes
+    -----
+    The draws are only as unpredictable as ``entropy``; with :func:`os.urandom` that
+    is the kernel's CSPRNG. They are floating-point numbers: this does nothing
+    against attacks on the floating-point representation of noisy values
+    (Mironov, CCS 2012).
+    """
+    if n < 0:
+        raise ValueError(f"number of draws must be >= 0, got {n}")
+    pairs = (n + 1) // 2
+    raw = entropy(16 * pairs)
+    if len(raw) != 16 * pairs:
+        raise ValueError(f"entropy returned {len(raw)} bytes, {16 * pairs} were asked for")
+    words = np.frombuffer(raw, dtype="<u8").reshape(pairs, 2)
+    u1 = ((words[:, 0] >> np.uint64(11)) + np.uint64(1)).astype(np.float64) * _TWO_POW_MINUS_53  # (0, 1]
+    u2 = (words[:, 1] >> np.uint64(11)).astype(np.float64) * _TWO_POW_MINUS_53  # [0, 1)
+    radius = np.sqrt(-2.0 * np.log(u1))
+    angle = 2.0 * math.pi * u2
+    z = np.empty(2 * pairs, dtype=np.float64)
+    z[0::2] = radius * np.cos(angle)
+    z[1::2] = radius * np.sin(angle)
+    return z[:n]
 
 
 # Layers with a per-sample gradient rule (see SparseDPSGD._dense_part).
@@ -76,7 +158,9 @@ class SparseDPSGD:
     private_lr : float
         Learning rate for the private rows (applied to each user's own gradient).
     generator : torch.Generator, optional
-        Source of the Gaussian noise.
+        Source of the Gaussian noise when ``noise`` is not given (:class:`TorchNormal`).
+    noise : NoiseSource, optional
+        Source of the Gaussian noise, e.g. :class:`CsprngNormal`; not with ``generator``.
     lazy : bool
         Lazy table noise (default). ``False`` adds dense noise to every row of every
         noised table each step: the reference the lazy form is tested against.
@@ -94,7 +178,10 @@ class SparseDPSGD:
         private_lr: float = 0.0,
         generator: torch.Generator | None = None,
         lazy: bool = True,
+        noise: NoiseSource | None = None,
     ) -> None:
+        if noise is not None and generator is not None:
+            raise ValueError("pass a noise source or a torch generator, not both")
         if noise_multiplier < 0 or clip <= 0 or lr <= 0 or expected_batch_size <= 0:
             raise ValueError("noise_multiplier >= 0, clip > 0, lr > 0, expected batch > 0")
         if noise_multiplier > 0 and math.isinf(clip):
@@ -106,7 +193,7 @@ class SparseDPSGD:
         self.expected_batch_size = expected_batch_size
         self.private = tuple(private_tables)
         self.private_lr = private_lr
-        self.generator = generator
+        self.noise = noise if noise is not None else TorchNormal(generator)
         self.lazy = lazy
         self.last_norms = torch.zeros(0)  # per-sample norms of the last step (diagnostics)
         self.user_tables = tuple(model.user_tables)
@@ -181,9 +268,7 @@ class SparseDPSGD:
         with torch.no_grad():
             for name in self._groups[group]:
                 weight = self._table(name).weight
-                noise = torch.randn(
-                    (len(rows), weight.shape[1]), generator=self.generator, device=weight.device
-                )
+                noise = self.noise.standard_normal((len(rows), weight.shape[1]), weight.device)
                 weight.index_add_(0, rows, noise.mul_(std))
         self._noised_up_to[group][rows] = up_to
 
@@ -294,7 +379,7 @@ class SparseDPSGD:
     def _dense_noise(self, param: Tensor) -> Tensor:
         if self.sigma == 0.0:
             return torch.zeros_like(param)
-        noise = torch.randn(param.shape, generator=self.generator, device=param.device)
+        noise = self.noise.standard_normal(tuple(param.shape), param.device)
         return noise * (self.sigma * self.clip)
 
     def _dense_noise_only(self) -> None:

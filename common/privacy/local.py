@@ -31,7 +31,7 @@ from common.config import TrainSettings
 from common.data.split import UserSplit
 from common.models import Recommender
 from common.privacy.accounting import MechanismUse
-from common.privacy.dpsgd import SparseDPSGD
+from common.privacy.dpsgd import NoiseSource, SparseDPSGD
 from common.training import (
     TrainStats,
     interaction_loss,
@@ -332,12 +332,16 @@ def dp_train(
     *,
     steps: int,
     rng: np.random.Generator,
-    generator: torch.Generator,
+    generator: torch.Generator | None = None,
+    noise: NoiseSource | None = None,
     device: torch.device,
 ) -> tuple[TrainStats, MechanismUse]:
     """Run ``steps`` DP-SGD steps; returns training stats and the mechanism use to account.
 
-    All owed lazy noise is added before returning, so the shared tables may be released.
+    ``rng`` draws the Poisson batches and negatives; the Gaussian noise comes from
+    ``noise`` (e.g. :class:`~common.privacy.dpsgd.CsprngNormal`) or else from
+    ``generator``. All owed lazy noise is added before returning, so the shared
+    tables may be released.
     """
     start = time.perf_counter()
     sampler = UnitSampler(split, dp.unit, dp.expected_batch_size, dp.max_positives)
@@ -352,6 +356,7 @@ def dp_train(
         private_tables=model.user_tables if dp.unit == "user" else (),
         private_lr=dp.user_lr,
         generator=generator,
+        noise=noise,
     )
     if dp.user_epochs and dp.unit == "user":
         fit_user_rows(

@@ -5,14 +5,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from client.privacy import new_accountant
+from client import privacy
+from client.privacy import new_accountant, private_round
 from common.config import AppConfig
 from common.data.split import UserSplit, leave_one_out
 from common.data.synthetic import SyntheticSpec, generate_synthetic
 from common.errors import ConfigError
+from common.models import build_model
+from common.privacy.dpsgd import CsprngNormal, TorchNormal
 from common.run_config import load_default_run_config
 from common.rundir import RunDir
+from common.training import TrainStats
 from tests.fakes import run_local
 
 
@@ -106,3 +111,33 @@ def test_a_refused_delta_reaches_the_server_as_each_silos_error_reply(small_run_
         reason = reasons[node]
         assert f"silo {ctx.node_config['partition-id']}: privacy.local.delta = 0.3 is not below 1/N" in reason
         assert "ConfigError" in reason
+
+
+@pytest.mark.parametrize(("generator", "source"), [("os-seeded", TorchNormal), ("csprng", CsprngNormal)])
+def test_the_noise_generator_setting_picks_the_noise_source(
+    split: UserSplit, monkeypatch: pytest.MonkeyPatch, generator: str, source: type
+):
+    # Arrange: record what the silo hands to DP-SGD
+    cfg = _cfg(**{"privacy.noise-generator": generator, "privacy.local.target-epsilon": 0.0})
+    acc = new_accountant(cfg, split, partition_id=0)
+    seen = {}
+
+    def fake_dp_train(model, split, settings, dp, *, steps, rng, noise, device):
+        seen["noise"] = noise
+        return TrainStats(1, steps, 0.5, 0.0), acc.planned()
+
+    monkeypatch.setattr(privacy, "dp_train", fake_dp_train)
+    model = build_model("mf", split.num_users, split.num_items, 4)
+    # Act
+    result = private_round(model, cfg, split, acc, 1, torch.device("cpu"))
+    # Assert
+    assert result.trained and isinstance(seen["noise"], source)
+    if source is TorchNormal:
+        assert seen["noise"].generator is not None
+
+
+def test_the_noise_generator_defaults_to_os_seeded_and_rejects_other_values():
+    # Act / Assert
+    assert _cfg().privacy.noise_generator == "os-seeded"
+    with pytest.raises(ConfigError, match=r"privacy\.noise-generator"):
+        _cfg(**{"privacy.noise-generator": "urandom"})

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 
+import numpy as np
 import pytest
 import torch
 from scipy import stats
 
 from common.models import build_model, lookup_rows
-from common.privacy.dpsgd import SparseDPSGD, _duplicate_aware_sq_norms
+from common.privacy.dpsgd import (
+    CsprngNormal,
+    NoiseSource,
+    SparseDPSGD,
+    TorchNormal,
+    _duplicate_aware_sq_norms,
+    csprng_standard_normal,
+)
 
 NUM_USERS, NUM_ITEMS, DIM = 12, 30, 8
 
@@ -113,11 +122,11 @@ def _zero_loss(rows):
     return sum(r.sum(tuple(range(1, r.dim()))) for r in rows.values()) * 0.0
 
 
-def _noise_run(lazy: bool, seed: int, steps: int = 6):
+def _noise_run(lazy: bool, seed: int, steps: int = 6, noise: NoiseSource | None = None):
     model = _model("mf")
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    g = torch.Generator().manual_seed(seed)
-    engine = SparseDPSGD(model, noise_multiplier=1.3, clip=0.5, lr=2.0, expected_batch_size=4.0, private_tables=(), generator=g, lazy=lazy)
+    g = None if noise is not None else torch.Generator().manual_seed(seed)
+    engine = SparseDPSGD(model, noise_multiplier=1.3, clip=0.5, lr=2.0, expected_batch_size=4.0, private_tables=(), generator=g, lazy=lazy, noise=noise)
     pattern = torch.Generator().manual_seed(99)  # the same batches for every seed
     for step in range(steps):
         batch = 0 if step == 2 else 3  # one empty (noise-only) step
@@ -129,9 +138,14 @@ def _noise_run(lazy: bool, seed: int, steps: int = 6):
     return {n: (p.detach() - start[n]) for n, p in model.named_parameters()}, engine
 
 
-def test_noise_std_matches_sigma_times_clip() -> None:
+@pytest.mark.parametrize("source", ["torch", "csprng"])
+def test_noise_std_matches_sigma_times_clip(source: str) -> None:
     steps = 6
-    runs = [_noise_run(lazy=True, seed=s, steps=steps) for s in range(30)]
+    # "csprng": the OS CSPRNG itself (os.urandom), as privacy.noise-generator = "csprng" uses it.
+    runs = [
+        _noise_run(lazy=True, seed=s, steps=steps, noise=CsprngNormal() if source == "csprng" else None)
+        for s in range(30)
+    ]
     per_step = 1.3 * 0.5 * 2.0 / 4.0  # σ·C·η/B̄, per coordinate and step
     for name in ("item_embedding.weight", "user_embedding.weight", "item_bias.weight"):
         pooled = torch.stack([diffs[name] for diffs, _ in runs])
@@ -170,3 +184,76 @@ def test_empty_batch_is_a_noise_only_step() -> None:
 def test_rejects_noise_without_finite_clip() -> None:
     with pytest.raises(ValueError, match="finite clip"):
         SparseDPSGD(_model("mf"), noise_multiplier=1.0, clip=math.inf, lr=0.1, expected_batch_size=1.0)
+
+
+def _seeded_bytes(seed: int):
+    """A deterministic stand-in for os.urandom (tests the transform, not the entropy)."""
+    rng = np.random.default_rng(seed)
+    return rng.bytes
+
+
+def test_csprng_sampler_mean_and_std_over_a_million_draws() -> None:
+    # Arrange / Act
+    z = csprng_standard_normal(1_000_000, entropy=_seeded_bytes(0))
+    # Assert: standard errors are 1e-3 (mean) and 7e-4 (std); allow ~4 of them
+    assert z.shape == (1_000_000,) and z.dtype == np.float64
+    assert abs(z.mean()) < 4e-3
+    assert abs(z.std() - 1.0) < 3e-3
+    assert np.abs(z).max() < 8.58  # the Box–Muller bound with 53-bit uniforms
+
+
+def test_csprng_sampler_passes_a_ks_test_against_the_standard_normal() -> None:
+    # Arrange / Act: the transform on fixed bytes, and on the OS CSPRNG itself
+    fixed = csprng_standard_normal(200_001, entropy=_seeded_bytes(1))  # odd: the last pair is cut
+    live = csprng_standard_normal(200_000)
+    # Assert
+    assert stats.kstest(fixed, "norm").pvalue > 0.01
+    assert stats.kstest(live, "norm").pvalue > 1e-4
+    # Pairs from Box–Muller are independent: the two halves of each pair are uncorrelated.
+    assert abs(np.corrcoef(fixed[0:-1:2], fixed[1::2])[0, 1]) < 0.01
+
+
+def test_csprng_sampler_uses_os_urandom_and_checks_its_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Arrange: record the requests that reach os.urandom
+    asked: list[int] = []
+    real = os.urandom
+
+    def spy(n: int) -> bytes:
+        asked.append(n)
+        return real(n)
+
+    monkeypatch.setattr(os, "urandom", spy)
+    # Act
+    CsprngNormal(entropy=os.urandom).standard_normal((3, 5), torch.device("cpu"))
+    csprng_standard_normal(3, entropy=os.urandom)
+    # Assert: 16 bytes per pair of draws, and os.urandom is the default entropy
+    assert asked == [16 * 8, 16 * 2]
+    assert CsprngNormal().entropy is real
+    with pytest.raises(ValueError, match="entropy returned 3 bytes"):
+        csprng_standard_normal(2, entropy=lambda n: b"abc")
+    assert csprng_standard_normal(0).shape == (0,)
+
+
+def test_csprng_noise_source_gives_float32_tensors_of_the_shape() -> None:
+    # Act
+    z = CsprngNormal(entropy=_seeded_bytes(2)).standard_normal((4, 7), torch.device("cpu"))
+    # Assert
+    assert z.shape == (4, 7) and z.dtype == torch.float32
+    assert torch.isfinite(z).all() and len(torch.unique(z)) == 28
+
+
+def test_dp_step_with_the_csprng_runs_and_is_not_reproducible() -> None:
+    # Arrange / Act: two runs of the same steps
+    first, _ = _noise_run(lazy=True, seed=0, noise=CsprngNormal())
+    second, _ = _noise_run(lazy=True, seed=0, noise=CsprngNormal())
+    seeded, _ = _noise_run(lazy=True, seed=0, noise=TorchNormal(torch.Generator().manual_seed(0)))
+    again, _ = _noise_run(lazy=True, seed=0)
+    # Assert: OS entropy differs every run; a seeded torch generator repeats
+    assert not torch.equal(first["item_embedding.weight"], second["item_embedding.weight"])
+    assert torch.equal(seeded["item_embedding.weight"], again["item_embedding.weight"])
+
+
+def test_rejects_both_a_noise_source_and_a_generator() -> None:
+    with pytest.raises(ValueError, match="not both"):
+        SparseDPSGD(_model("mf"), noise_multiplier=1.0, clip=1.0, lr=0.1, expected_batch_size=1.0,
+                    generator=torch.Generator(), noise=CsprngNormal())
