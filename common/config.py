@@ -329,8 +329,10 @@ class AppConfig:
         r.reject_unknown()
         if cfg.strategy.aggregator == "auto":
             # Coordinate-wise trimmed mean bounds one silo's pull on every parameter; under
-            # central DP the plain sum has by far the smallest sensitivity (S / (q·N)).
-            auto = "fedavg" if cfg.privacy.is_central else "trimmed-mean"
+            # central DP the plain sum has by far the smallest sensitivity (S / (q·N)); an
+            # audit run's canaries live in one silo's rows, which a robust aggregate drops.
+            plain = cfg.privacy.is_central or cfg.audit.canaries > 0
+            auto = "fedavg" if plain else "trimmed-mean"
             cfg = dataclasses.replace(cfg, strategy=dataclasses.replace(cfg.strategy, aggregator=auto))
         if cfg.resume and not cfg.run_dir:
             raise ConfigError("resume: name the run to continue with run-dir")
@@ -376,6 +378,13 @@ class AppConfig:
                 "privacy.mode: with data.partition = by-user every client is one user, so "
                 "DP-SGD inside a client has a population of one; use privacy.mode = central "
                 "(client-level DP is then user-level)"
+            )
+        if cfg.audit.canaries and cfg.strategy.aggregator != "fedavg":
+            raise ConfigError(
+                "audit.canaries: the one-run audit scores the canary items' rows of the aggregated "
+                "model, which only the canary silo trains; a robust aggregator discards that silo's "
+                f"values there and the audit would see nothing: strategy.aggregator must be \"fedavg\" "
+                f"(or \"auto\") in an audit run, got {cfg.strategy.aggregator!r}"
             )
         if p.is_central and cfg.strategy.aggregator != "fedavg" and cfg.audit.central_canaries:
             raise ConfigError(

@@ -58,11 +58,12 @@ def build_strategy(cfg: AppConfig, ledgers: RunLedgers, resumed: bool) -> Fedrec
     """FedAvg (or a robust aggregator) of the shared model, wrapped in client-level DP when central DP is on."""
     protocol = EvalProtocol(k=cfg.eval.k, full_ranking=cfg.eval.full_ranking, full_ranking_k=cfg.eval.full_ranking_k)
     inner_settings = cfg.strategy
-    if cfg.privacy.is_central:
+    if cfg.privacy.is_central or cfg.audit.canaries:
         # Central DP's bound on each silo's influence is its clip S, the same for every
         # silo; defences that look at the other silos (an adaptive norm bound, rejecting
         # opposed updates, weights) would make one silo's presence change another's
-        # contribution, beyond the sensitivity the noise is calibrated to.
+        # contribution, beyond the sensitivity the noise is calibrated to. An audit run
+        # keeps the canary silo's update whole for the same reason: it is what is measured.
         inner_settings = dataclasses.replace(cfg.strategy, norm_action="none", reject_opposed=False, cap_weights=False)
     strategy = SharedModelFedAvg(
         inner_settings,
