@@ -11,36 +11,17 @@ from client.app import app as client_app
 from common import records
 from common.errors import ConfigError
 from common.privacy.audit import audit_run
-from common.run_config import load_default_run_config
 from common.rundir import RunDir
 from common.storage import load_arrays
 from server.federation import run_federation
 from server.recorder import RunRecorder
-from tests.fakes import LocalGrid
+from tests.fakes import LocalGrid, local_dp_run_config
 
 NODES = 3
 
 
 def _config(run_dir: Path, rounds: int = 4, **extra) -> dict:
-    cfg = load_default_run_config()
-    cfg.update(
-        {
-            "num-server-rounds": rounds,
-            "run-dir": str(run_dir),
-            "state-root": str(run_dir / "silos"),
-            "data.synthetic.num-users": 300,
-            "data.synthetic.num-items": 300,
-            "data.synthetic.mean-interactions": 20,
-            "model.dim": 16,
-            "eval.full-ranking-k": 20,
-            "privacy.mode": "local",
-            "privacy.local.noise-multiplier": 1.2,
-            "privacy.local.target-epsilon": 0.0,
-            "privacy.local.batch-size": 20,
-            **extra,
-        }
-    )
-    return cfg
+    return local_dp_run_config(run_dir, rounds, **extra)
 
 
 def _mechanism_events(run_dir: Path, pid: int) -> list[tuple]:
