@@ -135,6 +135,7 @@ def private_round(
         expected_batch_size=p.batch_size,
         max_positives=p.max_positives,
         user_epochs=p.optimizer.user_epochs,
+        user_refit_positives=p.optimizer.user_refit_positives,
         negative_items=split.num_items - cfg.audit.canaries,
     )
     # Noise and sampling come from fresh OS entropy: a seed in the run config would

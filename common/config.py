@@ -121,6 +121,7 @@ class DPOptimizerSettings:
     lr: float  # SGD learning rate of the released (shared) parameters
     user_lr: float  # SGD learning rate of users' own rows (refit and DP steps)
     user_epochs: int  # unit = user: epochs refitting users' own rows before the DP steps
+    user_refit_positives: int  # unit = user: positives per refit step of one user
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,6 +309,7 @@ class AppConfig:
                         lr=r.float("privacy.local.optimizer.lr", lo=0.0, lo_open=True),
                         user_lr=r.float("privacy.local.optimizer.user-lr", lo=0.0),
                         user_epochs=r.int("privacy.local.optimizer.user-epochs", lo=0),
+                        user_refit_positives=r.int("privacy.local.optimizer.user-refit-positives", lo=1),
                     ),
                 ),
                 central=CentralPrivacySettings(

@@ -321,6 +321,7 @@ class LocalDPSettings:
     expected_batch_size: int
     max_positives: int
     user_epochs: int = 0  # unit = user: epochs fitting users' own rows (items frozen) first
+    user_refit_positives: int | None = None  # positives per refit step of a user (None: max_positives)
     negative_items: int | None = None  # negatives drawn below this item index (None: all)
 
 
@@ -365,7 +366,7 @@ def dp_train(
             settings,
             epochs=dp.user_epochs,
             lr=dp.user_lr,
-            width=dp.max_positives,
+            width=dp.user_refit_positives or dp.max_positives,
             key=int(rng.integers(0, 2**63)),
             device=device,
             high=dp.negative_items,

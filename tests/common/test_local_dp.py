@@ -13,7 +13,14 @@ from common.config import AppConfig, TrainSettings
 from common.data.split import NO_ITEM, UserSplit
 from common.models import Recommender, build_model
 from common.privacy.dpsgd import SparseDPSGD
-from common.privacy.local import _user_negatives, fit_user_rows, per_sample_losses, step_items
+from common.privacy.local import (
+    LocalDPSettings,
+    _user_negatives,
+    dp_train,
+    fit_user_rows,
+    per_sample_losses,
+    step_items,
+)
 from common.run_config import load_default_run_config
 from common.training import interaction_negatives, keyed_integers, train_item_keys
 
@@ -238,3 +245,24 @@ def test_refit_negatives_avoid_the_users_training_items(settings):
     assert negatives.shape == (2, 16, 50)
     assert negatives[0].min() >= 30 and negatives[1].min() >= 5 and negatives.max() < NUM_ITEMS
     assert set(np.unique(negatives[0]).tolist()) == set(range(30, NUM_ITEMS))
+
+
+@pytest.mark.parametrize(("refit_positives", "width"), [(None, 5), (3, 3)])
+def test_dp_train_refits_with_the_configured_width_and_a_fresh_key(settings, monkeypatch, refit_positives, width):
+    # Arrange: record the refit's arguments
+    import common.privacy.local as local
+
+    calls: list[dict] = []
+    monkeypatch.setattr(local, "fit_user_rows", lambda *args, **kwargs: calls.append(kwargs))
+    users, items = _interactions()
+    dp = LocalDPSettings(
+        unit="user", noise_multiplier=1.0, clip=1.0, lr=0.1, user_lr=0.05, expected_batch_size=3,
+        max_positives=5, user_epochs=2, user_refit_positives=refit_positives,
+    )
+    # Act
+    for seed in (0, 1):
+        dp_train(_model("mf"), _split(users, items), settings, dp, steps=1, rng=np.random.default_rng(seed),
+                 generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
+    # Assert
+    assert [(c["epochs"], c["lr"], c["width"]) for c in calls] == [(2, 0.05, width)] * 2
+    assert calls[0]["key"] != calls[1]["key"]
