@@ -22,9 +22,7 @@ def resolve_config(
 
 def preflight(cfg: AppConfig, silos: int | None) -> int:
     """Load and partition the data once before launching; return the client count."""
-    from common.data.partition import partition_users
-    from common.data.pipeline import load_interactions, split_interactions
-    from common.seeding import derive_seed
+    from common.data.pipeline import load_interactions, partition, split_interactions
 
     if silos is not None and silos < 1:
         raise ConfigError(f"--silos must be >= 1, got {silos}")
@@ -36,15 +34,7 @@ def preflight(cfg: AppConfig, silos: int | None) -> int:
         num_clients = data.split.num_users
     else:
         num_clients = 5
-    partition_users(
-        data.split,
-        scheme=cfg.data.partition,
-        num_partitions=num_clients,
-        seed=derive_seed(cfg.seed, "partition"),
-        skew=cfg.data.skew,
-        alpha=cfg.data.dirichlet_alpha,
-        item_category=interactions.item_category,
-    )
+    partition(cfg.data, cfg.seed, data, interactions, num_clients)
     if num_clients < cfg.strategy.min_nodes:
         raise ConfigError(
             f"strategy.min-nodes is {cfg.strategy.min_nodes} but only {num_clients} clients run"

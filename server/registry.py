@@ -19,10 +19,8 @@ from flwr.supercore import log
 
 from common.config import AppConfig
 from common.data import prepared
-from common.data.partition import partition_users
-from common.data.pipeline import load_interactions, split_interactions
+from common.data.pipeline import load_interactions, partition, split_interactions
 from common.errors import DataError
-from common.seeding import derive_seed
 
 
 def registered_weights(cfg: AppConfig, num_partitions: int) -> dict[int, int]:
@@ -44,15 +42,7 @@ def registered_weights(cfg: AppConfig, num_partitions: int) -> dict[int, int]:
         log(WARNING, "silos' weights are capped only by strategy.max-weight: %s", exc)
         return {}
     pooled = split_interactions(cfg.data, cfg.seed, interactions)
-    parts = partition_users(
-        pooled.split,
-        scheme=cfg.data.partition,
-        num_partitions=num_partitions,
-        seed=derive_seed(cfg.seed, "partition"),
-        skew=cfg.data.skew,
-        alpha=cfg.data.dirichlet_alpha,
-        item_category=interactions.item_category,
-    )
+    parts = partition(cfg.data, cfg.seed, pooled, interactions, num_partitions)
     out = {}
     for pid, users in enumerate(parts):
         if unit == "users":

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+from numpy.typing import NDArray
+
 from common.config import DataSettings
 from common.data import prepared
 from common.data.datasets import load_dataset
@@ -76,7 +79,15 @@ def silo_data(
         prepared.reject_prepared_root(Path(where), partition_id)
     interactions = load_interactions(data, seed, path)
     pooled = split_interactions(data, seed, interactions)
-    parts = partition_users(
+    parts = partition(data, seed, pooled, interactions, num_partitions)
+    return SiloData(pooled.split.subset(parts[partition_id]), pooled.item_popularity)
+
+
+def partition(
+    data: DataSettings, seed: int, pooled: SiloData, interactions: Interactions, num_partitions: int
+) -> list[NDArray[np.int64]]:
+    """The users of each of ``num_partitions`` silos: the one partition simulation, the CLI and the server share."""
+    return partition_users(
         pooled.split,
         scheme=data.partition,
         num_partitions=num_partitions,
@@ -85,4 +96,3 @@ def silo_data(
         alpha=data.dirichlet_alpha,
         item_category=interactions.item_category,
     )
-    return SiloData(pooled.split.subset(parts[partition_id]), pooled.item_popularity)
