@@ -55,7 +55,7 @@ def open_session(content: RecordDict, context: Context) -> Session:
     cfg = AppConfig.from_run_config(context.run_config)
     node = NodeConfig.from_node_config(context.node_config)
     config = content.config_records[records.CONFIG]
-    store = SiloStore.open(cfg, node, str(config.get(records.RUN_UID, "")))
+    store = SiloStore.open(cfg, node, str(config.get(records.RUN_UID, "")), str(config.get(records.RUN_DIR, "")))
     if store is not None and store.restore(context.state):
         params = context.state.array_records.get(records.STATE_USER_PARAMS)
         log(
@@ -95,6 +95,13 @@ def train(session: Session) -> RecordDict:
 def evaluate(session: Session) -> RecordDict:
     """Evaluate the silo's own users; the reply holds sums the server can add up."""
     sums = silo.evaluate_users(session.model, session.cfg, session.data)
+    if session.cfg.personalize.enabled:  # a fine-tuned copy kept in the silo (client.personalize)
+        from client import personalize
+
+        where = None if session.store is None else session.store.path
+        state = session.context.state
+        sums.update(personalize.evaluate(session.model, session.cfg, session.data, session.partition_id,
+                                         session.server_round, state, where))
     users = sums["test-users"]
     assert isinstance(users, (int, float))
     metrics = MetricRecord({records.NUM_EXAMPLES: int(users), **sums})

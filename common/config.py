@@ -203,6 +203,24 @@ class AuditSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class PersonalizeSettings:
+    """Each silo's local adaptation of the shared model to its own users (``[personalize]``).
+
+    When ``enabled``, a silo evaluating a round fine-tunes a copy of the model (the
+    parameters ``params`` names) on its own training interactions for up to
+    ``epochs`` epochs of Adam at ``lr``, keeps the epoch (0 = no fine-tune) with the
+    best validation HR@K of its users, and reports that copy's evaluation sums next to
+    the global model's. The copy stays in the silo; the shared model it trains and
+    sends is untouched (:mod:`common.personalization`).
+    """
+
+    enabled: bool
+    params: Literal["item-bias", "items", "all"]
+    epochs: int
+    lr: float
+
+
+@dataclass(frozen=True, slots=True)
 class AppConfig:
     """All settings of one fedrec run."""
 
@@ -218,6 +236,7 @@ class AppConfig:
     strategy: StrategySettings
     privacy: PrivacySettings
     audit: AuditSettings
+    personalize: PersonalizeSettings
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Scalar]) -> AppConfig:
@@ -327,6 +346,12 @@ class AppConfig:
                 central_canaries=r.int("audit.central-canaries", lo=0),
                 unsafe_disable_noise=r.bool("audit.unsafe-disable-noise"),
             ),
+            personalize=PersonalizeSettings(
+                enabled=r.bool("personalize.enabled"),
+                params=r.choice("personalize.params", ("item-bias", "items", "all")),
+                epochs=r.int("personalize.epochs", lo=1),
+                lr=r.float("personalize.lr", lo=0.0, lo_open=True),
+            ),
         )
         r.reject_unknown()
         if cfg.strategy.aggregator == "auto":
@@ -369,6 +394,11 @@ class AppConfig:
             )
         if cfg.model.name == "neumf" and cfg.model.mlp_layers[0] % 2:
             raise ConfigError("model.mlp-layers: the first width must be even")
+        if cfg.personalize.enabled and cfg.personalize.params == "item-bias" and cfg.model.name != "mf":
+            raise ConfigError(
+                f"personalize.params: \"item-bias\" fine-tunes MF's item biases; model.name "
+                f"{cfg.model.name!r} has none (use \"items\" or \"all\")"
+            )
         p = cfg.privacy
         if p.is_local and p.local.noise_multiplier == 0 and p.local.target_epsilon == 0:
             raise ConfigError(

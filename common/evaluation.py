@@ -21,16 +21,23 @@ from common.models import Recommender
 
 MAX_ACTIVITY = 1000  # activity histogram: train counts clipped to this value
 SumValue = float | list[float]
+#: Prefix of the sums (and metrics) of each silo's personalized model (personalize.enabled).
+PERSONALIZED = "personalized-"
 
 
 @dataclass(frozen=True, slots=True)
 class EvalProtocol:
-    """Cutoffs and options of the evaluation protocol."""
+    """Cutoffs and options of the evaluation protocol.
+
+    ``personalized``: every reply also carries the same sums of the silo's
+    personalized model, each key prefixed with :data:`PERSONALIZED`.
+    """
 
     k: int = 10
     full_ranking: bool = True
     full_ranking_k: int = 20
     batch_users: int = 1024
+    personalized: bool = False
 
 
 @torch.no_grad()
@@ -158,6 +165,8 @@ def sum_shapes(protocol: EvalProtocol, num_items: int) -> dict[str, int | None]:
             shapes[f"test-full-ndcg@{c}"] = None
         shapes["exposure"] = num_items
         shapes["arp"] = None
+    if protocol.personalized:
+        shapes.update({PERSONALIZED + key: length for key, length in list(shapes.items())})
     return shapes
 
 
@@ -182,11 +191,12 @@ def sums_problem(sums: Mapping[str, object], protocol: EvalProtocol, num_items: 
         for v in values:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
                 return f"evaluation sum {key!r} holds {v!r}: sums are finite and >= 0"
-    for phase in ("val", "test"):
-        users = float(sums[f"{phase}-users"])  # type: ignore[arg-type]
-        for name in (f"{phase}-hits@{protocol.k}", f"{phase}-ndcg@{protocol.k}"):
-            if float(sums[name]) > users + 1e-6:  # type: ignore[arg-type]
-                return f"evaluation sum {name!r} ({sums[name]}) exceeds the {users:g} users evaluated"
+    for prefix in ("", PERSONALIZED) if protocol.personalized else ("",):
+        for phase in ("val", "test"):
+            users = float(sums[f"{prefix}{phase}-users"])  # type: ignore[arg-type]
+            for name in (f"{prefix}{phase}-hits@{protocol.k}", f"{prefix}{phase}-ndcg@{protocol.k}"):
+                if float(sums[name]) > users + 1e-6:  # type: ignore[arg-type]
+                    return f"evaluation sum {name!r} ({sums[name]}) exceeds the {users:g} users evaluated"
     return None
 
 
@@ -207,8 +217,16 @@ def add_sums(parts: Sequence[Mapping[str, SumValue]]) -> dict[str, SumValue]:
 
 
 def summarize(sums: Mapping[str, SumValue], k: int) -> dict[str, float]:
-    """Turn pooled sums into metrics: means over users, coverage, ARP, quintile gap."""
+    """Turn pooled sums into metrics: means over users, coverage, ARP, quintile gap.
+
+    Sums keyed ``personalized-…`` (silos' personalized models) give the same metrics
+    under the same prefix.
+    """
+    personal = {key[len(PERSONALIZED) :]: v for key, v in sums.items() if key.startswith(PERSONALIZED)}
     out: dict[str, float] = {}
+    if personal:
+        out.update({PERSONALIZED + key: v for key, v in summarize(personal, k).items()})
+        sums = {key: v for key, v in sums.items() if not key.startswith(PERSONALIZED)}
     for phase in ("val", "test"):
         n = float(sums[f"{phase}-users"])  # type: ignore[arg-type]
         for name in (f"hits@{k}", f"ndcg@{k}"):

@@ -11,6 +11,7 @@ LEDGER_COUNTS = "ledger-counts"  # train config: ledger lines the server holds, 
 NUM_EXAMPLES = "num-examples"  # FedAvg weight: training positives in the silo
 SERVER_ROUND = "server-round"  # set by Flower's strategies in every instruction
 RUN_UID = "run-uid"  # train/evaluate config: identifies the run (silos key durable state by it)
+RUN_DIR = "run-dir"  # train/evaluate config: the server's run directory (default home of silos' state)
 TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"
 PARTITION_ID = "partition-id"  # train metrics: the silo the reply claims to be
@@ -21,6 +22,7 @@ STATE_USER_PARAMS = "fedrec.user-params"
 STATE_SILO_DATA = "fedrec.silo-data"
 STATE_PRIVACY = "fedrec.privacy"
 STATE_LEDGER = "fedrec.ledger"
+STATE_PERSONALIZED = "fedrec.personalized"  # the silo's personalized model (personalize.enabled)
 
 # Fields of the LEDGER record.
 LEDGER_PARTITION = "partition-id"

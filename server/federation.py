@@ -56,7 +56,12 @@ def catalogue_size(cfg: AppConfig) -> int:
 
 def build_strategy(cfg: AppConfig, ledgers: RunLedgers, resumed: bool) -> FedrecStrategy:
     """FedAvg (or a robust aggregator) of the shared model, wrapped in client-level DP when central DP is on."""
-    protocol = EvalProtocol(k=cfg.eval.k, full_ranking=cfg.eval.full_ranking, full_ranking_k=cfg.eval.full_ranking_k)
+    protocol = EvalProtocol(
+        k=cfg.eval.k,
+        full_ranking=cfg.eval.full_ranking,
+        full_ranking_k=cfg.eval.full_ranking_k,
+        personalized=cfg.personalize.enabled,
+    )
     inner_settings = cfg.strategy
     if cfg.privacy.is_central or cfg.audit.canaries:
         # Central DP's bound on each silo's influence is its clip S, the same for every
@@ -129,7 +134,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Scalar]) -> Path:
             evaluate_every=cfg.eval.every,
             on_round_end=recorder.record_round,
             on_release=recorder.record_release,
-            config=ConfigRecord({records.RUN_UID: recorder.run_uid}),
+            config=ConfigRecord({records.RUN_UID: recorder.run_uid, records.RUN_DIR: str(run_dir.path)}),
         )
     if isinstance(strategy, ClientLevelDP) and strategy.canaries is not None:
         atomic_write_json(run_dir.central_canaries, strategy.canaries.cosines(initial, final))
