@@ -134,7 +134,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Scalar]) -> Path:
             evaluate_every=cfg.eval.every,
             on_round_end=recorder.record_round,
             on_release=recorder.record_release,
-            config=ConfigRecord({records.RUN_UID: recorder.run_uid, records.RUN_DIR: str(run_dir.path)}),
+            config=ConfigRecord({records.RUN_UID: recorder.run_uid}),
         )
     if isinstance(strategy, ClientLevelDP) and strategy.canaries is not None:
         atomic_write_json(run_dir.central_canaries, strategy.canaries.cosines(initial, final))
