@@ -16,7 +16,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Literal, cast
+from typing import Any, Final, Literal, cast
 
 import dp_accounting
 from dp_accounting import pld, rdp
@@ -33,6 +33,8 @@ _PLD_INTERVAL = 1e-4
 PLD_MIN_NOISE = 0.3
 # Integer orders: dp-accounting's fractional-order series fails to converge (and
 # warns) at the large sampling rates of small silos; integer orders are exact.
+# events.RELATION ("zero-out"): one unit's data replaced by none, the roster N public.
+NEIGHBOURING_RELATION: Final = dp_accounting.NeighboringRelation.REPLACE_SPECIAL
 _RDP_ORDERS = list(range(2, 64)) + [80, 96, 128, 192, 256, 512, 1024]
 
 
@@ -84,9 +86,9 @@ def _epsilon_cached(
 def _fresh(accountant: AccountantName) -> dp_accounting.PrivacyAccountant:
     """A new dp-accounting accountant (the one PLD interval, the one RDP order list)."""
     if accountant == "pld":
-        return pld.PLDAccountant(value_discretization_interval=_PLD_INTERVAL)
+        return pld.PLDAccountant(NEIGHBOURING_RELATION, value_discretization_interval=_PLD_INTERVAL)
     if accountant == "rdp":
-        return rdp.RdpAccountant(_RDP_ORDERS)
+        return rdp.RdpAccountant(_RDP_ORDERS, NEIGHBOURING_RELATION)
     raise ValueError(f"unknown accountant {accountant!r}; use 'pld' or 'rdp'")
 
 

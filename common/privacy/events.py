@@ -28,15 +28,22 @@ RELEASE_KINDS: Final = (DP_SGD, BUDGET_DECLINE, DP_FEDAVG)
 
 SERVER_OWNER: Final = "server"
 
+# The neighbouring relation: "zero-out" (dp-accounting's REPLACE_SPECIAL). A neighbouring
+# data set replaces one unit's data with nothing; the roster of N units stays, so N is
+# public and the same for both. For the Poisson-subsampled Gaussian its ε equals that
+# of add/remove; replace-one (any data for any data) is two zero-outs.
+RELATION: Final = "zero-out"
 # What one neighbouring data set differs by, per privacy unit.
 NEIGHBOURING: Final = {
-    "user": "add or remove one user together with all of their interactions (in one silo)",
-    "interaction": "add or remove one interaction (user, item) of one silo",
-    "client": "add or remove one silo's (client's) entire contribution",
+    "user": "replace one user's interactions (in one silo) with none; the silo's roster of N users is public",
+    "interaction": "replace one interaction (user, item) of one silo with a null record; its N slots are public",
+    "client": "replace one silo's entire contribution with none (a zero update); the roster of N silos is public",
 }
 
 # Ledger envelope keys and constant descriptors that are not fields of a release.
-_NOT_FIELDS = frozenset({"format", "seq", "prev", "time", "versions", "mechanism", "sampling", "neighbouring"})
+_NOT_FIELDS = frozenset(
+    {"format", "seq", "prev", "time", "versions", "mechanism", "sampling", "relation", "neighbouring"}
+)
 
 
 class ReleaseError(ValueError):
@@ -156,6 +163,7 @@ class PrivacyRelease:
             "round": self.server_round,
             "kind": self.kind,
             "unit": self.unit,
+            "relation": RELATION,
             "neighbouring": self.neighbouring,
             "accountant": self.accountant,
             "delta": self.delta,

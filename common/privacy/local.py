@@ -6,7 +6,7 @@ and masked; the per-sample loss is the sum over those positives. Users' own rows
 are trained without noise (they never leave the silo; joint DP).
 
 Unit ``interaction``: one DP sample is one training interaction (a positive and
-its negatives); neighbouring silos differ in one interaction. A user's row then
+its negatives); a neighbouring silo has one interaction replaced by a null record. A user's row then
 depends on all of their interactions, and every other interaction's item gradient
 depends on that row, so un-noised user rows would leak across records: in this mode
 user rows are clipped and noised like item rows, and no rows are refit. Each
@@ -29,7 +29,7 @@ from torch import Tensor
 
 from common.config import TrainSettings
 from common.data.split import UserSplit
-from common.models import Recommender
+from common.models import Recommender, feature_rows
 from common.privacy.accounting import MechanismUse
 from common.privacy.dpsgd import NoiseSource, SparseDPSGD
 from common.training import (
@@ -66,13 +66,16 @@ class UnitSampler:
         self.unit = unit
         self.max_positives = max_positives if unit == "user" else 1
         if unit == "user":
-            self.units, starts = np.unique(self.users_sorted, return_index=True)
-            self.starts = starts
-            self.counts = np.diff(np.append(starts, len(self.users_sorted)))
+            # The roster: every user of the silo, also one without training interactions
+            # (sampled like any other, contributing exactly zero). Under the zero-out
+            # relation N is public: it must not depend on anyone's interactions.
+            self.units = np.arange(split.num_users, dtype=np.int64)
+            self.starts = np.searchsorted(self.users_sorted, self.units, side="left")
+            self.counts = np.bincount(self.users_sorted, minlength=split.num_users).astype(np.int64)
         else:
             self.units = np.arange(len(self.users_sorted))
         self.population = len(self.units)
-        if self.population == 0:
+        if self.population == 0 or not len(self.users_sorted):
             raise ValueError("the silo has no training interactions")
         self.sample_rate = min(1.0, expected_batch_size / self.population)
         self.expected_batch_size = self.sample_rate * self.population
@@ -85,7 +88,7 @@ class UnitSampler:
             return users, self.items_sorted[chosen, None], np.ones((len(chosen), 1), bool)
         users = self.units[chosen]
         counts = self.counts[chosen]
-        width = int(min(self.max_positives, counts.max())) if len(chosen) else 1
+        width = int(max(1, min(self.max_positives, counts.max()))) if len(chosen) else 1
         positives = np.zeros((len(chosen), width), dtype=np.int64)
         mask = np.zeros((len(chosen), width), dtype=bool)
         for row, (start, count) in enumerate(zip(self.starts[chosen], counts, strict=True)):
@@ -300,6 +303,7 @@ def _refit_step(
     leaves = [getattr(model, n).weight.detach()[users_t].requires_grad_(True) for n in model.user_tables]
     rows = dict(zip(model.user_tables, leaves, strict=True))
     rows.update({n: getattr(model, n).weight.detach()[items_t] for n in model.item_tables})
+    rows.update(feature_rows(model, items_t))
     # The sum's gradient for row b is that of user b's own loss sum: no batch mean.
     losses = per_sample_losses(model, rows, mask_t, settings, item_l2=False)  # (C,)
     grads = torch.autograd.grad(losses.sum(), leaves)

@@ -11,7 +11,7 @@ from scipy import stats
 
 from common.config import AppConfig, TrainSettings
 from common.data.split import NO_ITEM, UserSplit
-from common.models import Recommender, build_model
+from common.models import Recommender, build_model, lookup_rows
 from common.privacy.dpsgd import SparseDPSGD
 from common.privacy.local import (
     LocalDPSettings,
@@ -266,3 +266,51 @@ def test_dp_train_refits_with_the_configured_width_and_a_fresh_key(settings, mon
     # Assert
     assert [(c["epochs"], c["lr"], c["width"]) for c in calls] == [(2, 0.05, width)] * 2
     assert calls[0]["key"] != calls[1]["key"]
+
+
+# ---------------------------------------------------------------- zero-out relation
+def test_user_roster_is_public_zeroing_a_users_interactions_keeps_n_and_q():
+    """Zero-out neighbours: N and q come from the roster, not from anyone's interactions."""
+    from common.privacy.local import UnitSampler
+
+    users, items = _interactions()
+    full = UnitSampler(_split(users, items), "user", 3, 4)
+    keep = users != 2  # user 2's interactions replaced by none
+    zeroed = UnitSampler(_split(users[keep], items[keep]), "user", 3, 4)
+    assert full.population == zeroed.population == NUM_USERS
+    assert full.sample_rate == zeroed.sample_rate == 0.5
+    assert zeroed.counts[2] == 0
+
+
+def test_a_user_without_interactions_is_sampled_but_contributes_exactly_zero(settings):
+    """A sampled user with no interactions: all positives masked, zero per-sample gradient."""
+    from common.privacy.local import UnitSampler
+
+    users, items = _interactions()
+    keep = users != 2
+    split = _split(users[keep], items[keep])
+    sampler = UnitSampler(split, "user", NUM_USERS, 4)  # q = 1: every user is sampled
+    batch_users, positives, mask = sampler.sample(np.random.default_rng(0))
+    assert batch_users.tolist() == list(range(NUM_USERS))
+    assert not mask[2].any() and mask[[0, 1, 3, 4, 5]].all()
+    model = _model("mf")
+    rng = np.random.default_rng(1)
+    step = step_items("user", train_item_keys(split), batch_users, positives, 2, NUM_ITEMS, rng)
+    rows = lookup_rows(model, torch.from_numpy(batch_users), torch.from_numpy(step))
+    shared = {n: r.detach().requires_grad_(True) for n, r in rows.items() if n in model.item_tables}
+    rows.update(shared)
+    loss = per_sample_losses(model, rows, torch.from_numpy(mask), settings)[2]
+    grads = torch.autograd.grad(loss, list(shared.values()), allow_unused=True)
+    assert all(g is None or torch.count_nonzero(g) == 0 for g in grads)
+
+
+def test_accountants_use_the_zero_out_relation():
+    import dp_accounting
+
+    from common.privacy.accounting import NEIGHBOURING_RELATION, _fresh
+    from common.privacy.events import RELATION
+
+    assert RELATION == "zero-out"
+    assert NEIGHBOURING_RELATION is dp_accounting.NeighboringRelation.REPLACE_SPECIAL
+    assert _fresh("pld").neighboring_relation is NEIGHBOURING_RELATION
+    assert _fresh("rdp").neighboring_relation is NEIGHBOURING_RELATION
