@@ -3,7 +3,7 @@
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from client import rounds
+from client import rounds, secagg
 
 app = ClientApp()
 
@@ -21,3 +21,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the silo's own users; reply with sums the server can add up."""
     session = rounds.open_session(msg.content, context)
     return Message(content=rounds.evaluate(session), reply_to=msg)
+
+
+@app.query(secagg.ACTION)
+def secure_aggregation(msg: Message, context: Context) -> Message:
+    """One stage of a secure sum (``query.secagg``) over the vector this silo staged for the round."""
+    return secagg.handle(msg, context)
