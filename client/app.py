@@ -4,6 +4,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client import rounds, secagg
+from common.run_config import with_defaults
 
 app = ClientApp()
 
@@ -12,6 +13,7 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the silo's users on the received shared model; reply with shared params only."""
+    context.run_config = with_defaults(context.run_config)
     session = rounds.open_session(msg.content, context)
     return Message(content=rounds.train(session), reply_to=msg)
 
@@ -19,6 +21,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the silo's own users; reply with sums the server can add up."""
+    context.run_config = with_defaults(context.run_config)
     session = rounds.open_session(msg.content, context)
     return Message(content=rounds.evaluate(session), reply_to=msg)
 

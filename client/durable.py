@@ -8,6 +8,8 @@ inherits an old run's budget or embeddings):
 ``ledger.jsonl``      the silo's privacy ledger (append-only, hash-chained)
 ``last-reply.npz`` / ``last-reply.json``  the last training reply and its round
 ``progress.json``     the last round this silo trained
+``silo.json``         which silo this is and the data/model settings it ran with
+                      (so ``fedrec recommend`` / ``fedrec export`` can serve its rows)
 
 Each file is replaced atomically (synced temp file + rename); the ledger is only
 appended. Order of writes after a round: reply, parameters, accountant, ledger,
@@ -19,14 +21,17 @@ training: the budget is spent once.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.supercore import log
 
 from common import records
 from common.config import AppConfig, NodeConfig
@@ -41,6 +46,7 @@ LEDGER = "ledger.jsonl"
 LAST_REPLY_ARRAYS = "last-reply.npz"
 LAST_REPLY_META = "last-reply.json"
 PROGRESS = "progress.json"
+SILO_INFO = "silo.json"
 
 
 def fingerprint(arrays: ArrayRecord) -> str:
@@ -57,12 +63,19 @@ class StateError(FedrecError):
     """A silo's durable state is unreadable or inconsistent."""
 
 
-def state_dir(cfg: AppConfig, node: NodeConfig) -> Path | None:
-    """Where silo ``node`` keeps durable state: node ``state-dir``, else ``<state-root>/silo-<id>``."""
+def state_dir(cfg: AppConfig, node: NodeConfig, run_dir: str = "") -> Path | None:
+    """Where silo ``node`` keeps durable state.
+
+    Node ``state-dir``, else ``<state-root>/silo-<id>``, else (neither set, e.g. a plain
+    ``flwr run`` on the simulation runtime) ``<run-dir>/silos/silo-<id>`` with the
+    server's run directory, so every completed run keeps its users' rows.
+    """
     if node.state_dir:
         return Path(node.state_dir)
     if cfg.state_root:
         return Path(cfg.state_root) / f"silo-{node.partition_id}"
+    if run_dir:
+        return Path(run_dir) / "silos" / f"silo-{node.partition_id}"
     return None
 
 
@@ -74,17 +87,47 @@ class SiloStore:
     partition_id: int
 
     @classmethod
-    def open(cls, cfg: AppConfig, node: NodeConfig, run_uid: str) -> SiloStore | None:
-        """The store of this run, or None when the silo has no state directory."""
-        root = state_dir(cfg, node)
+    def open(cls, cfg: AppConfig, node: NodeConfig, run_uid: str, run_dir: str = "") -> SiloStore | None:
+        """The store of this run, or None when the silo has no state directory.
+
+        With neither ``state-dir`` nor ``state-root`` the store lies under the server's
+        ``run_dir``; if that cannot be created on this node (a remote silo), the silo
+        runs without durable state and says so.
+        """
+        fallback = not node.state_dir and not cfg.state_root
+        root = state_dir(cfg, node, run_dir)
         if root is None or not run_uid:
             return None
         path = root / run_uid
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
+            if fallback:
+                log(WARNING, "silo %d keeps no durable state: cannot create %s (%s); set state-dir",
+                    node.partition_id, path, exc.strerror)
+                return None
             raise StateError(f"state-dir {root}: cannot create {path} ({exc.strerror})") from None
-        return cls(path, node.partition_id)
+        store = cls(path, node.partition_id)
+        store.write_info(cfg, node, run_uid)
+        return store
+
+    def write_info(self, cfg: AppConfig, node: NodeConfig, run_uid: str) -> None:
+        """``silo.json`` (once per run): partition, data path, data and model settings."""
+        if (self.path / SILO_INFO).exists():
+            return
+        atomic_write_json(
+            self.path / SILO_INFO,
+            {
+                "partition-id": node.partition_id,
+                "num-partitions": node.num_partitions,
+                "data-path": node.data_path,
+                "run-uid": run_uid,
+                "seed": cfg.seed,
+                "data": dataclasses.asdict(cfg.data),
+                "model": dataclasses.asdict(cfg.model),
+                "privacy-mode": cfg.privacy.mode,
+            },
+        )
 
     # ------------------------------------------------------------ reading
     def last_round(self) -> int:

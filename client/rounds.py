@@ -55,7 +55,7 @@ def open_session(content: RecordDict, context: Context) -> Session:
     cfg = AppConfig.from_run_config(context.run_config)
     node = NodeConfig.from_node_config(context.node_config)
     config = content.config_records[records.CONFIG]
-    store = SiloStore.open(cfg, node, str(config.get(records.RUN_UID, "")))
+    store = SiloStore.open(cfg, node, str(config.get(records.RUN_UID, "")), str(config.get(records.RUN_DIR, "")))
     if store is not None and store.restore(context.state):
         params = context.state.array_records.get(records.STATE_USER_PARAMS)
         log(

@@ -11,6 +11,7 @@ LEDGER_COUNTS = "ledger-counts"  # train config: ledger lines the server holds, 
 NUM_EXAMPLES = "num-examples"  # FedAvg weight: training positives in the silo
 SERVER_ROUND = "server-round"  # set by Flower's strategies in every instruction
 RUN_UID = "run-uid"  # train/evaluate config: identifies the run (silos key durable state by it)
+RUN_DIR = "run-dir"  # train/evaluate config: the server's run directory (default home of silos' state)
 TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"
 PARTITION_ID = "partition-id"  # train metrics: the silo the reply claims to be

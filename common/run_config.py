@@ -6,6 +6,7 @@ final flat mapping into typed settings, once.
 
 from __future__ import annotations
 
+import functools
 import math
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -23,6 +24,20 @@ def load_default_run_config(pyproject: Path = PYPROJECT) -> dict[str, Scalar]:
     with pyproject.open("rb") as f:
         table = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
     return flatten(table)
+
+
+def with_defaults(run_config: Mapping[str, Scalar]) -> dict[str, Scalar]:
+    """``run_config`` completed with the ``pyproject.toml`` defaults of the keys it lacks.
+
+    An app given an empty or partial run config (as some Flower tooling passes) runs
+    with the defaults; a key the defaults do not know is still refused.
+    """
+    return merge_overrides(_cached_defaults(), run_config)
+
+
+@functools.cache
+def _cached_defaults() -> dict[str, Scalar]:
+    return load_default_run_config()
 
 
 def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Scalar]:

@@ -3,6 +3,7 @@
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from common.run_config import with_defaults
 from server.federation import run_federation
 
 app = ServerApp()
@@ -11,5 +12,5 @@ app = ServerApp()
 # ---------------------------------------------------------------- main
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run the federated training described by the run config."""
-    run_federation(grid, context.run_config)
+    """Run the federated training described by the run config (missing keys: the defaults)."""
+    run_federation(grid, with_defaults(context.run_config))

@@ -14,10 +14,11 @@ from flwr.supercore import log
 
 from common import records
 from common.config import AppConfig
+from common.content import apply_item_init, model_for
 from common.data import prepared
 from common.data.pipeline import load_interactions
 from common.evaluation import EvalProtocol
-from common.models import build_model, shared_state
+from common.models import shared_state
 from common.privacy.accounting import Accountant
 from common.privacy.events import DP_FEDAVG
 from common.privacy.ledger import releases
@@ -39,7 +40,8 @@ from server.strategy import SharedModelFedAvg
 def initial_shared_arrays(cfg: AppConfig, num_items: int) -> ArrayRecord:
     """Shared parameters of a freshly initialised model (seeded by the run seed)."""
     torch.manual_seed(derive_seed(cfg.seed, "server-init"))
-    model = build_model(cfg.model.name, 1, num_items, cfg.model.dim, cfg.model.mlp_layers)
+    model = model_for(cfg, 1, num_items)
+    apply_item_init(cfg, model)  # model.item-init: pretrained item embeddings as the initial table
     return ArrayRecord(torch_state_dict=shared_state(model))
 
 
@@ -134,7 +136,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Scalar]) -> Path:
             evaluate_every=cfg.eval.every,
             on_round_end=recorder.record_round,
             on_release=recorder.record_release,
-            config=ConfigRecord({records.RUN_UID: recorder.run_uid}),
+            config=ConfigRecord({records.RUN_UID: recorder.run_uid, records.RUN_DIR: str(run_dir.path)}),
         )
     if isinstance(strategy, ClientLevelDP) and strategy.canaries is not None:
         atomic_write_json(run_dir.central_canaries, strategy.canaries.cosines(initial, final))
