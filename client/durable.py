@@ -125,6 +125,7 @@ class SiloStore:
                 "seed": cfg.seed,
                 "data": dataclasses.asdict(cfg.data),
                 "model": dataclasses.asdict(cfg.model),
+                "train": {"loss": cfg.train.loss, "l2": cfg.train.l2, "num-negatives": cfg.train.num_negatives},
                 "privacy-mode": cfg.privacy.mode,
             },
         )
