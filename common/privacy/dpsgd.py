@@ -269,7 +269,7 @@ class SparseDPSGD:
             for name in self._groups[group]:
                 weight = self._table(name).weight
                 noise = self.noise.standard_normal((len(rows), weight.shape[1]), weight.device)
-                weight.index_add_(0, rows, noise.mul_(std))
+                _scatter_add_rows(weight, rows, noise, std)
         self._noised_up_to[group][rows] = up_to
 
     def _all_rows(self, group: str) -> Tensor:
@@ -297,7 +297,7 @@ class SparseDPSGD:
         #    step's noise stays owed until the row is next read or flushed.
         for group in self._groups:
             if self.lazy:
-                rows_read = torch.unique(users if group == "user" else items)
+                rows_read = self._distinct_rows(group, users if group == "user" else items)
             else:
                 rows_read = self._all_rows(group)
             self._add_owed_noise(group, rows_read, self.step_count - 1)
@@ -305,27 +305,28 @@ class SparseDPSGD:
             self._dense_noise_only()
             return StepStats(0, math.nan, math.nan)
 
-        # 2. forward/backward with gathered rows as leaves
-        rows = {
-            name: self._table(name).weight.detach()[ids].requires_grad_(True)
-            for name, ids in ids_of.items()
-        }
+        # 2. forward/backward with gathered rows as leaves; autograd.grad returns
+        #    their gradients without accumulating into .grad (no copies) and skips
+        #    the dense parameters' own gradients (their clipped sum comes from the
+        #    captured activations).
+        names = (*self.noised, *self.private)
+        rows = {name: _gather(self._table(name).weight, ids).requires_grad_(True) for name, ids in ids_of.items()}
         self._captured.clear()
         self._capturing = True
         try:
             losses = per_sample_loss(rows)
             if losses.shape != (batch,):
                 raise ValueError(f"per-sample loss must have shape ({batch},), got {tuple(losses.shape)}")
-            losses.sum().backward()
+            found = torch.autograd.grad(losses.sum(), [rows[n] for n in names], allow_unused=True)
         finally:
             self._capturing = False
+        grads = {name: _grad(grad) for name, grad in zip(names, found, strict=True)}
 
         # 3. exact per-sample norms over released parameters, clip factors
         sq = torch.zeros(batch, device=users.device)
-        grads = {name: _grad(rows[name]) for name in (*self.noised, *self.private)}
         for name in self.user_tables:
             if name in self.noised:
-                sq += (grads[name] * grads[name]).sum(1)
+                sq += _sq_norms(grads[name])
         item_noised = [n for n in self.item_tables if n in self.noised]
         if item_noised:
             sq += _duplicate_aware_sq_norms(
@@ -335,29 +336,36 @@ class SparseDPSGD:
         for part_sq, _ in dense:
             sq += part_sq
         norms = sq.sqrt()
-        self.last_norms = norms.detach()
+        self.last_norms = norms
         factor = (self.clip / (norms + 1e-6)).clamp(max=1.0) if math.isfinite(self.clip) else torch.ones_like(norms)
 
         # 4. update: clipped sum + noise, scaled by η / B̄
         scale = self.lr / self.expected_batch_size
         with torch.no_grad():
+            step_factor = factor * -scale
             for name in self.noised:
-                grad = grads[name]
-                flat_ids = ids_of[name].reshape(-1)
-                weighted = (grad * factor.view(-1, *([1] * (grad.dim() - 1)))).reshape(len(flat_ids), -1)
-                self._table(name).weight.index_add_(0, flat_ids, weighted, alpha=-scale)
+                _scatter_add_rows(self._table(name).weight, ids_of[name], grads[name], step_factor)
             for name in self.private:
-                grad = grads[name]
-                flat_ids = ids_of[name].reshape(-1)
-                self._table(name).weight.index_add_(
-                    0, flat_ids, grad.reshape(len(flat_ids), -1), alpha=-self.private_lr
-                )
+                _scatter_add_rows(self._table(name).weight, ids_of[name], grads[name], -self.private_lr)
             for _, clipped_sum in dense:
                 for param, total in clipped_sum(factor).items():
                     param.sub_(scale * (total + self._dense_noise(param)))
         self._captured.clear()
         clipped = float((norms > self.clip).float().mean()) if math.isfinite(self.clip) else 0.0
         return StepStats(batch, float(losses.detach().mean()), clipped)
+
+    def _distinct_rows(self, group: str, ids: Tensor) -> Tensor:
+        """The distinct ids in ``ids``, ascending (as ``torch.unique``).
+
+        For a catalogue not much larger than the batch's reads, marking the read rows
+        in a boolean table and listing the marks is cheaper than sorting the reads.
+        """
+        vocab = len(self._noised_up_to[group])
+        if vocab > _MARK_MAX_RATIO * ids.numel():
+            return torch.unique(ids)
+        marks = torch.zeros(vocab, dtype=torch.bool, device=ids.device)
+        marks[ids.reshape(-1)] = True
+        return marks.nonzero().squeeze(1)
 
     def _dense_part(
         self, module: nn.Module, batch: int
@@ -390,11 +398,39 @@ class SparseDPSGD:
                     p.sub_(scale * self._dense_noise(p))
 
 
-def _grad(row: Tensor) -> Tensor:
-    """The gradient a backward pass left on a gathered row (it must have one)."""
-    if row.grad is None:
+def _grad(grad: Tensor | None) -> Tensor:
+    """The gradient of a gathered row (it must have one)."""
+    if grad is None:
         raise RuntimeError("a gathered row got no gradient: the loss does not use it")
-    return row.grad
+    return grad
+
+
+def _sq_norms(grads: Tensor) -> Tensor:
+    """Per-sample squared L2 norms (B,) of ``grads`` (B, ...) of any layout, in one pass."""
+    return torch.linalg.vector_norm(grads, dim=tuple(range(1, grads.dim()))).square_()
+
+
+def _gather(weight: Tensor, ids: Tensor) -> Tensor:
+    """Rows ``weight[ids]`` (ids of any shape) as a new tensor, by ``index_select``."""
+    return weight.detach().index_select(0, ids.reshape(-1)).view(*ids.shape, weight.shape[1])
+
+
+def _scatter_add_rows(weight: Tensor, ids: Tensor, rows: Tensor, factor: Tensor | float) -> None:
+    """``weight[ids[k]] += factor[b] · rows[k]`` for every read k (b its sample), in place.
+
+    ``rows`` (*ids.shape, D) may have any layout (autograd's gradients are often
+    transposed or broadcast views): the product is written once, contiguously, and
+    added with one ``scatter_add_`` (torch's CPU ``index_add_`` loops per row, which
+    is several times slower for these shapes). ``factor`` is a scalar or one value
+    per sample (ids.shape[0],). Rows with the same id are added in read order.
+    """
+    width = weight.shape[1]
+    flat_ids = ids.reshape(-1)
+    out = torch.empty((len(flat_ids), width), dtype=weight.dtype, device=weight.device)
+    if isinstance(factor, Tensor):
+        factor = factor.view(-1, *([1] * (rows.dim() - 1)))
+    torch.mul(rows.detach(), factor, out=out.view(rows.shape))
+    weight.detach().scatter_add_(0, flat_ids[:, None].expand(-1, width), out)
 
 
 def _linear_part(
@@ -428,6 +464,10 @@ def _linear_part(
     return sq, clipped_sum
 
 
+# Rows read are listed by marking them in a table of the catalogue's size when the
+# catalogue has at most this many rows per read (else by sorting the reads).
+_MARK_MAX_RATIO = 16
+
 # Up to this many reads per sample, pairwise comparison is cheaper than sorting.
 _GRAM_MAX_READS = 32
 
@@ -435,6 +475,9 @@ _GRAM_MAX_READS = 32
 def _repeated_read_pairs(ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(sample, t, s) with t < s for every two reads of the same row within a sample."""
     same = ids[:, :, None] == ids[:, None, :]
+    if int(same.sum()) == ids.numel():  # only the diagonal: no repeated read anywhere
+        empty = torch.zeros(0, dtype=torch.long, device=ids.device)
+        return empty, empty, empty
     return torch.triu(same, diagonal=1).nonzero(as_tuple=True)  # type: ignore[return-value]
 
 
@@ -443,7 +486,7 @@ def _pairwise_sq_norms(pairs: tuple[Tensor, Tensor, Tensor], grads: Tensor) -> T
 
     Exact; the cross terms are computed only for the (rare) repeated reads.
     """
-    sq = (grads * grads).sum((1, 2))
+    sq = _sq_norms(grads)
     b, t, s = pairs
     if len(b):
         sq = sq.index_add(0, b, 2 * (grads[b, t] * grads[b, s]).sum(-1))

@@ -18,4 +18,4 @@ def test_tiny_benchmark_prints_a_timed_row_for_every_method(capsys):
         assert float(cells[3]) > 0 and float(cells[4]) > 0, method  # median and min ms
         assert re.fullmatch(r"\d+\.\d\d×( \(best\))?", cells[5]), cells
     assert [r.result["status"] for r in rows] == ["ok"] * len(METHODS)
-    assert "MF @ 500 items: fedrec" in out and "target ≤ 1.5×" in out
+    assert "MF @ 500 items: fedrec" in out and "target ≤ 1.3×" in out

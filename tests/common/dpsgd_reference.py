@@ -1,0 +1,449 @@
+"""Frozen copy of common/privacy/dpsgd.py before the fast path (issue 15): the reference the fast step is tested against.
+
+Do not edit; it is test data.
+"""
+# ruff: noqa
+# mypy: ignore-errors
+
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from opacus.grad_sample.linear import compute_linear_grad_sample, compute_linear_norm_sample
+from torch import Tensor, nn
+
+from common.models import GlobalBias, Recommender
+
+PerSampleLoss = Callable[[dict[str, Tensor]], Tensor]
+
+
+class NoiseSource(Protocol):
+    """Where DP-SGD's Gaussian noise comes from."""
+
+    def standard_normal(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        """Independent N(0, 1) draws (float32) of ``shape`` on ``device``."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class TorchNormal:
+    """``torch.randn`` from a torch generator (``privacy.noise-generator = "os-seeded"``).
+
+    torch's CPU generator is a Mersenne Twister (mt19937) and its CUDA generator
+    Philox4x32-10: fast, but not cryptographically secure. fedrec seeds it with 63
+    bits from :func:`secrets.randbits` each round.
+    """
+
+    generator: torch.Generator | None = None
+
+    def standard_normal(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        """``torch.randn(shape)`` from :attr:`generator`."""
+        return torch.randn(shape, generator=self.generator, device=device)
+
+
+@dataclass(frozen=True, slots=True)
+class CsprngNormal:
+    """N(0, 1) from the operating system's CSPRNG (``privacy.noise-generator = "csprng"``).
+
+    Draws come from :func:`csprng_standard_normal` over ``entropy`` (default
+    :func:`os.urandom`, the kernel's CSPRNG), in float64, then rounded to float32
+    and copied to the device.
+    """
+
+    entropy: Callable[[int], bytes] = os.urandom
+
+    def standard_normal(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        """``shape`` draws of N(0, 1) as a float32 tensor on ``device``."""
+        z = csprng_standard_normal(math.prod(shape), entropy=self.entropy)
+        return torch.from_numpy(z.astype(np.float32)).reshape(shape).to(device)
+
+
+# 2**-53: turns the top 53 bits of a uint64 into a float64 in [0, 1) exactly.
+_TWO_POW_MINUS_53 = 2.0**-53
+
+
+def csprng_standard_normal(n: int, *, entropy: Callable[[int], bytes] = os.urandom) -> NDArray[np.float64]:
+    """``n`` independent N(0, 1) draws from the random bytes of ``entropy`` (Box–Muller, float64).
+
+    Each pair of draws takes 16 bytes: two 53-bit uniforms u₁ ∈ (0, 1] and
+    u₂ ∈ [0, 1), and gives √(−2 ln u₁)·(cos 2πu₂, sin 2πu₂) (Box & Muller, 1958).
+    With u₁ ≥ 2⁻⁵³ the draws are bounded by √(106 ln 2) ≈ 8.57, which cuts off a
+    tail of probability about 10⁻¹⁷.
+
+    Notes
+    -----
+    The draws are only as unpredictable as ``entropy``; with :func:`os.urandom` that
+    is the kernel's CSPRNG. They are floating-point numbers: this does nothing
+    against attacks on the floating-point representation of noisy values
+    (Mironov, CCS 2012).
+    """
+    if n < 0:
+        raise ValueError(f"number of draws must be >= 0, got {n}")
+    pairs = (n + 1) // 2
+    raw = entropy(16 * pairs)
+    if len(raw) != 16 * pairs:
+        raise ValueError(f"entropy returned {len(raw)} bytes, {16 * pairs} were asked for")
+    words = np.frombuffer(raw, dtype="<u8").reshape(pairs, 2)
+    u1 = ((words[:, 0] >> np.uint64(11)) + np.uint64(1)).astype(np.float64) * _TWO_POW_MINUS_53  # (0, 1]
+    u2 = (words[:, 1] >> np.uint64(11)).astype(np.float64) * _TWO_POW_MINUS_53  # [0, 1)
+    radius = np.sqrt(-2.0 * np.log(u1))
+    angle = 2.0 * math.pi * u2
+    z = np.empty(2 * pairs, dtype=np.float64)
+    z[0::2] = radius * np.cos(angle)
+    z[1::2] = radius * np.sin(angle)
+    return z[:n]
+
+
+# Layers with a per-sample gradient rule (see SparseDPSGD._dense_part).
+DENSE_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, GlobalBias)
+
+
+@dataclass(frozen=True, slots=True)
+class StepStats:
+    """What one DP-SGD step did."""
+
+    batch_size: int
+    loss: float  # mean per-sample loss (nan for an empty batch)
+    clipped_fraction: float  # samples whose norm exceeded C (nan for an empty batch)
+
+
+class SparseDPSGD:
+    """DP-SGD with plain SGD on one recommender (see module docstring).
+
+    Parameters
+    ----------
+    model : Recommender
+        Trained in place. Its hooks are removed by :meth:`close`.
+    noise_multiplier : float
+        σ: noise std per coordinate is σ·C on the sum of clipped gradients.
+    clip : float
+        C, the per-sample L2 norm bound over all released parameters (``inf`` = none).
+    lr : float
+        η for the released parameters; the update divides by ``expected_batch_size``.
+    expected_batch_size : float
+        B̄ = q·N under Poisson sampling (never the realised batch size, which leaks).
+    private_tables : iterable of str
+        Embedding tables trained without clipping or noise (users' own rows).
+    private_lr : float
+        Learning rate for the private rows (applied to each user's own gradient).
+    generator : torch.Generator, optional
+        Source of the Gaussian noise when ``noise`` is not given (:class:`TorchNormal`).
+    noise : NoiseSource, optional
+        Source of the Gaussian noise, e.g. :class:`CsprngNormal`; not with ``generator``.
+    lazy : bool
+        Lazy table noise (default). ``False`` adds dense noise to every row of every
+        noised table each step: the reference the lazy form is tested against.
+    """
+
+    def __init__(
+        self,
+        model: Recommender,
+        *,
+        noise_multiplier: float,
+        clip: float,
+        lr: float,
+        expected_batch_size: float,
+        private_tables: Iterable[str] = (),
+        private_lr: float = 0.0,
+        generator: torch.Generator | None = None,
+        lazy: bool = True,
+        noise: NoiseSource | None = None,
+    ) -> None:
+        if noise is not None and generator is not None:
+            raise ValueError("pass a noise source or a torch generator, not both")
+        if noise_multiplier < 0 or clip <= 0 or lr <= 0 or expected_batch_size <= 0:
+            raise ValueError("noise_multiplier >= 0, clip > 0, lr > 0, expected batch > 0")
+        if noise_multiplier > 0 and math.isinf(clip):
+            raise ValueError("noise needs a finite clip norm")
+        self.model = model
+        self.sigma = noise_multiplier
+        self.clip = clip
+        self.lr = lr
+        self.expected_batch_size = expected_batch_size
+        self.private = tuple(private_tables)
+        self.private_lr = private_lr
+        self.noise = noise if noise is not None else TorchNormal(generator)
+        self.lazy = lazy
+        self.last_norms = torch.zeros(0)  # per-sample norms of the last step (diagnostics)
+        self.user_tables = tuple(model.user_tables)
+        self.item_tables = tuple(model.item_tables)
+        unknown = set(self.private) - set(self.user_tables) - set(self.item_tables)
+        if unknown:
+            raise ValueError(f"private tables {sorted(unknown)} are not tables of the model")
+        self.noised = tuple(t for t in (*self.user_tables, *self.item_tables) if t not in self.private)
+        self.step_count = 0
+        device = next(model.parameters()).device
+        # Noised tables indexed by the same ids (user tables; item tables) share one
+        # record of the step up to which each row has received its noise.
+        self._groups = {
+            group: tuple(t for t in tables if t in self.noised)
+            for group, tables in (("user", self.user_tables), ("item", self.item_tables))
+        }
+        self._groups = {g: tables for g, tables in self._groups.items() if tables}
+        self._noised_up_to = {
+            group: torch.zeros(self._table(tables[0]).num_embeddings, dtype=torch.long, device=device)
+            for group, tables in self._groups.items()
+        }
+        self._dense_layers = self._find_dense_layers()
+        self._captured: dict[nn.Module, tuple[Tensor, Tensor | None]] = {}
+        self._capturing = False
+        self._handles = [m.register_forward_hook(self._capture) for m in self._dense_layers]
+
+    # ------------------------------------------------------------------ setup
+    def _table(self, name: str) -> nn.Embedding:
+        return getattr(self.model, name)
+
+    def _find_dense_layers(self) -> list[nn.Module]:
+        tables = {id(self._table(t).weight) for t in (*self.user_tables, *self.item_tables)}
+        covered = set(tables)
+        layers = []
+        for module in self.model.modules():
+            if isinstance(module, DENSE_LAYERS):
+                layers.append(module)
+                covered |= {id(p) for p in module.parameters(recurse=False)}
+        uncovered = [n for n, p in self.model.named_parameters() if id(p) not in covered]
+        if uncovered:
+            raise ValueError(f"no per-sample gradient rule for parameters {uncovered}")
+        return layers
+
+    def _capture(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        if not (self._capturing and output.requires_grad):
+            return
+        activation = inputs[0].detach()
+        self._captured[module] = (activation, None)
+
+        def keep_backprop(grad: Tensor) -> None:
+            self._captured[module] = (activation, grad.detach())
+
+        output.register_hook(keep_backprop)
+
+    def close(self) -> None:
+        """Remove the hooks from the model (flush first if the tables are released)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # ------------------------------------------------------------------ noise
+    def _row_noise_std(self) -> float:
+        return self.sigma * self.clip * self.lr / self.expected_batch_size
+
+    def _add_owed_noise(self, group: str, rows: Tensor, up_to: int) -> None:
+        """Bring ``rows`` (unique ids) of a table group up to date through step ``up_to``."""
+        if self.sigma == 0.0 or rows.numel() == 0:
+            self._noised_up_to[group][rows] = up_to
+            return
+        owed = (up_to - self._noised_up_to[group][rows]).clamp(min=0)
+        std = owed.to(torch.float32).sqrt_().mul_(self._row_noise_std())[:, None]
+        with torch.no_grad():
+            for name in self._groups[group]:
+                weight = self._table(name).weight
+                noise = self.noise.standard_normal((len(rows), weight.shape[1]), weight.device)
+                weight.index_add_(0, rows, noise.mul_(std))
+        self._noised_up_to[group][rows] = up_to
+
+    def _all_rows(self, group: str) -> Tensor:
+        last = self._noised_up_to[group]
+        return torch.arange(len(last), device=last.device)
+
+    def flush(self) -> None:
+        """Add all owed noise to every row (call before releasing the tables)."""
+        for group in self._groups:
+            self._add_owed_noise(group, self._all_rows(group), self.step_count)
+
+    # ------------------------------------------------------------------ step
+    def step(self, users: Tensor, items: Tensor, per_sample_loss: PerSampleLoss) -> StepStats:
+        """One DP-SGD step on the Poisson batch ``users`` (B,), ``items`` (B, T).
+
+        ``per_sample_loss(rows)`` gets the looked-up rows (see
+        :func:`common.models.lookup_rows`) and returns each sample's loss (B,).
+        An empty batch is a noise-only step.
+        """
+        self.step_count += 1
+        batch = len(users)
+        ids_of = dict.fromkeys(self.user_tables, users)
+        ids_of.update(dict.fromkeys(self.item_tables, items))
+        # 1. rows read this step must hold the noise of every earlier step; this
+        #    step's noise stays owed until the row is next read or flushed.
+        for group in self._groups:
+            if self.lazy:
+                rows_read = torch.unique(users if group == "user" else items)
+            else:
+                rows_read = self._all_rows(group)
+            self._add_owed_noise(group, rows_read, self.step_count - 1)
+        if batch == 0:
+            self._dense_noise_only()
+            return StepStats(0, math.nan, math.nan)
+
+        # 2. forward/backward with gathered rows as leaves
+        rows = {
+            name: self._table(name).weight.detach()[ids].requires_grad_(True)
+            for name, ids in ids_of.items()
+        }
+        self._captured.clear()
+        self._capturing = True
+        try:
+            losses = per_sample_loss(rows)
+            if losses.shape != (batch,):
+                raise ValueError(f"per-sample loss must have shape ({batch},), got {tuple(losses.shape)}")
+            losses.sum().backward()
+        finally:
+            self._capturing = False
+
+        # 3. exact per-sample norms over released parameters, clip factors
+        sq = torch.zeros(batch, device=users.device)
+        grads = {name: _grad(rows[name]) for name in (*self.noised, *self.private)}
+        for name in self.user_tables:
+            if name in self.noised:
+                sq += (grads[name] * grads[name]).sum(1)
+        item_noised = [n for n in self.item_tables if n in self.noised]
+        if item_noised:
+            sq += _duplicate_aware_sq_norms(
+                items, [grads[n] for n in item_noised], self._table(item_noised[0]).num_embeddings
+            )
+        dense = [self._dense_part(module, batch) for module in self._dense_layers]
+        for part_sq, _ in dense:
+            sq += part_sq
+        norms = sq.sqrt()
+        self.last_norms = norms.detach()
+        factor = (self.clip / (norms + 1e-6)).clamp(max=1.0) if math.isfinite(self.clip) else torch.ones_like(norms)
+
+        # 4. update: clipped sum + noise, scaled by η / B̄
+        scale = self.lr / self.expected_batch_size
+        with torch.no_grad():
+            for name in self.noised:
+                grad = grads[name]
+                flat_ids = ids_of[name].reshape(-1)
+                weighted = (grad * factor.view(-1, *([1] * (grad.dim() - 1)))).reshape(len(flat_ids), -1)
+                self._table(name).weight.index_add_(0, flat_ids, weighted, alpha=-scale)
+            for name in self.private:
+                grad = grads[name]
+                flat_ids = ids_of[name].reshape(-1)
+                self._table(name).weight.index_add_(
+                    0, flat_ids, grad.reshape(len(flat_ids), -1), alpha=-self.private_lr
+                )
+            for _, clipped_sum in dense:
+                for param, total in clipped_sum(factor).items():
+                    param.sub_(scale * (total + self._dense_noise(param)))
+        self._captured.clear()
+        clipped = float((norms > self.clip).float().mean()) if math.isfinite(self.clip) else 0.0
+        return StepStats(batch, float(losses.detach().mean()), clipped)
+
+    def _dense_part(
+        self, module: nn.Module, batch: int
+    ) -> tuple[Tensor, Callable[[Tensor], dict[nn.Parameter, Tensor]]]:
+        """Per-sample squared norms (B,) of a dense layer and its clipped-sum function."""
+        activation, backprop = self._captured.get(module, (None, None))
+        params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if activation is None or backprop is None:
+            # The layer did not take part: its per-sample gradients are zero.
+            zero = torch.zeros(batch, device=params[0].device)
+            return zero, lambda factor: {p: torch.zeros_like(p) for p in params}
+        if isinstance(module, nn.Linear):
+            return _linear_part(module, activation, backprop)
+        if isinstance(module, GlobalBias):
+            per_sample = backprop.reshape(batch, -1).sum(1)  # (B,)
+            return per_sample.pow(2), lambda factor: {module.value: (factor @ per_sample).reshape(1)}
+        raise TypeError(f"no per-sample rule for {type(module).__name__}")
+
+    def _dense_noise(self, param: Tensor) -> Tensor:
+        if self.sigma == 0.0:
+            return torch.zeros_like(param)
+        noise = self.noise.standard_normal(tuple(param.shape), param.device)
+        return noise * (self.sigma * self.clip)
+
+    def _dense_noise_only(self) -> None:
+        scale = self.lr / self.expected_batch_size
+        with torch.no_grad():
+            for module in self._dense_layers:
+                for p in module.parameters(recurse=False):
+                    p.sub_(scale * self._dense_noise(p))
+
+
+def _grad(row: Tensor) -> Tensor:
+    """The gradient a backward pass left on a gathered row (it must have one)."""
+    if row.grad is None:
+        raise RuntimeError("a gathered row got no gradient: the loss does not use it")
+    return row.grad
+
+
+def _linear_part(
+    layer: nn.Linear, activation: Tensor, backprop: Tensor
+) -> tuple[Tensor, Callable[[Tensor], dict[nn.Parameter, Tensor]]]:
+    """Per-sample norms of a Linear layer's gradient, without materialising it when cheaper.
+
+    With T reads per sample, the ghost norm (Opacus' ``compute_linear_norm_sample``:
+    Σ_{t,s} (a_t·a_s)(g_t·g_s)) costs B·T²·(in+out); materialising per-sample
+    gradients (Opacus' ``compute_linear_grad_sample``) costs B·T·in·out. The cheaper
+    one is used. The clipped sum is then one matmul over all reads:
+    Σ_b f_b Σ_t g_bt a_btᵀ = (f ⊙ G)ᵀ A.
+    """
+    a = activation.reshape(len(activation), -1, activation.shape[-1])  # (B, T, in)
+    g = backprop.reshape(len(backprop), -1, backprop.shape[-1])  # (B, T, out)
+    reads = a.shape[1]
+    if reads * (a.shape[-1] + g.shape[-1]) <= a.shape[-1] * g.shape[-1]:
+        norms = compute_linear_norm_sample(layer, [a], g)
+        sq = sum(n.pow(2) for n in norms.values())
+    else:
+        samples = compute_linear_grad_sample(layer, [a], g)
+        sq = sum(x.reshape(len(x), -1).pow(2).sum(1) for x in samples.values())
+
+    def clipped_sum(factor: Tensor) -> dict[nn.Parameter, Tensor]:
+        weighted = (g * factor[:, None, None]).reshape(-1, g.shape[-1])
+        out: dict[nn.Parameter, Tensor] = {layer.weight: weighted.T @ a.reshape(-1, a.shape[-1])}  # type: ignore[dict-item]
+        if layer.bias is not None:
+            out[layer.bias] = weighted.sum(0)
+        return out
+
+    return sq, clipped_sum
+
+
+# Up to this many reads per sample, pairwise comparison is cheaper than sorting.
+_GRAM_MAX_READS = 32
+
+
+def _repeated_read_pairs(ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(sample, t, s) with t < s for every two reads of the same row within a sample."""
+    same = ids[:, :, None] == ids[:, None, :]
+    return torch.triu(same, diagonal=1).nonzero(as_tuple=True)  # type: ignore[return-value]
+
+
+def _pairwise_sq_norms(pairs: tuple[Tensor, Tensor, Tensor], grads: Tensor) -> Tensor:
+    """Σ_{t,s} [id_t = id_s] ⟨g_t, g_s⟩ per sample = Σ_t ‖g_t‖² + 2 Σ_{t<s, same row} ⟨g_t, g_s⟩.
+
+    Exact; the cross terms are computed only for the (rare) repeated reads.
+    """
+    sq = (grads * grads).sum((1, 2))
+    b, t, s = pairs
+    if len(b):
+        sq = sq.index_add(0, b, 2 * (grads[b, t] * grads[b, s]).sum(-1))
+    return sq
+
+
+def _duplicate_aware_sq_norms(ids: Tensor, grads: list[Tensor], vocab: int) -> Tensor:
+    """Per-sample ‖g_b‖² where reads of the same row within a sample are summed first.
+
+    ``ids`` (B, T) row ids shared by the tables whose read gradients ``grads`` (each
+    (B, T, D)) are given. Returns (B,). For small T: Σ_{t,s} [id_t = id_s] ⟨g_t, g_s⟩
+    (exact, pairs found once for all tables); otherwise the reads are grouped by
+    (sample, row) with one sort.
+    """
+    batch, reads = ids.shape
+    if reads <= _GRAM_MAX_READS:
+        pairs = _repeated_read_pairs(ids)
+        return sum((_pairwise_sq_norms(pairs, g) for g in grads), torch.zeros(batch, device=ids.device))
+    flat = torch.cat(grads, dim=-1) if len(grads) > 1 else grads[0]
+    sample = torch.arange(batch, device=ids.device).repeat_interleave(reads)
+    keys = sample * vocab + ids.reshape(-1)
+    unique, inverse = torch.unique(keys, return_inverse=True)
+    summed = torch.zeros((len(unique), flat.shape[-1]), dtype=flat.dtype, device=flat.device)
+    summed.index_add_(0, inverse, flat.reshape(batch * reads, -1))
+    out = torch.zeros(batch, dtype=flat.dtype, device=flat.device)
+    return out.index_add_(0, unique // vocab, summed.pow(2).sum(1))
