@@ -1,0 +1,76 @@
+"""Secure sums over fedrec's in-process Grid, through the real ClientApp's ``query.secagg`` handler."""
+
+import numpy as np
+import pytest
+from flwr.app import Message
+
+from client.app import app as client_app
+from client.secagg import STATE_INPUT, STATE_PROTOCOL, stage_input
+from common.run_config import load_default_run_config
+from common.secagg import wire
+from common.secagg.protocol import COLLECT, SHARE_KEYS, SecAggError
+from common.secagg.quantize import QuantSpec
+from server.secagg import secure_sum
+from tests.fakes import LocalGrid
+
+
+def _grid(num_nodes, d, rng, server_round=1, drop=None, on_reply=None):
+    grid = LocalGrid(client_app, load_default_run_config(), num_nodes, on_reply=on_reply, drop=drop)
+    vectors = {n: rng.uniform(-1, 1, d) for n in grid.contexts}
+    for n, context in grid.contexts.items():
+        stage_input(context, server_round, vectors[n])
+    return grid, vectors
+
+
+def _stage(msg: Message) -> str:
+    return wire.decode(msg.content, "test")[0]
+
+
+@pytest.mark.parametrize("num_nodes", [3, 5])
+def test_secure_sum_equals_the_plain_sum_within_the_bound(rng, num_nodes):
+    grid, vectors = _grid(num_nodes, 2000, rng)
+    out = secure_sum(grid, list(grid.contexts), quant=QuantSpec(1.0, 32, num_nodes), vector_length=2000, server_round=1)
+    assert out.survivors == tuple(range(1, num_nodes + 1)) and out.dropped == {}
+    assert np.abs(out.total - sum(vectors.values())).max() < out.error_bound
+    for context in grid.contexts.values():  # keys, shares and the vector are gone once the sum is done
+        assert STATE_PROTOCOL not in context.state.config_records and STATE_INPUT not in context.state.array_records
+
+
+def test_the_masked_vector_on_the_wire_is_uncorrelated_with_the_silos_vector(rng):
+    d = 20_000
+    replies = []
+    grid, vectors = _grid(4, d, rng, on_reply=replies.append)
+    secure_sum(grid, [1, 2, 3, 4], quant=QuantSpec(1.0, 32, 4), vector_length=d, server_round=1)
+    (masked,) = [
+        wire.decode(r.content, "test")[1]["masked"] for r in replies if _stage(r) == COLLECT and r.metadata.src_node_id == 3
+    ]
+    assert masked.dtype == np.uint32 and masked.size == d
+    assert abs(np.corrcoef(masked.astype(np.float64), vectors[3])[0, 1]) < 5 / np.sqrt(d)  # N(0, 1/d) under independence
+
+
+def test_a_silo_dropping_mid_round_after_sharing_keys_leaves_the_sum_of_the_others(rng):
+    grid, vectors = _grid(5, 1000, rng, drop=lambda node, msg: node == 2 and _stage(msg) == COLLECT)
+    out = secure_sum(grid, [1, 2, 3, 4, 5], quant=QuantSpec(1.0, 32, 5), vector_length=1000, server_round=1)
+    assert out.survivors == (1, 3, 4, 5) and out.dropped == {COLLECT: (2,)}
+    assert np.abs(out.total - sum(vectors[n] for n in (1, 3, 4, 5))).max() < out.error_bound
+
+
+def test_too_few_survivors_is_an_error_and_no_sum(rng):
+    grid, _ = _grid(5, 100, rng, drop=lambda node, msg: node in (1, 2, 3) and _stage(msg) == SHARE_KEYS)
+    with pytest.raises(SecAggError, match="share-keys: 2 of 5 nodes answered, fewer than the threshold 3"):
+        secure_sum(grid, [1, 2, 3, 4, 5], quant=QuantSpec(1.0, 32, 5), vector_length=100, server_round=1)
+
+
+def test_a_silo_without_a_vector_for_the_round_is_dropped_not_summed(rng):
+    grid, vectors = _grid(4, 100, rng, server_round=7)
+    stage_input(grid.contexts[4], 6, vectors[4])  # stale: staged for another round
+    out = secure_sum(grid, [1, 2, 3, 4], quant=QuantSpec(1.0, 32, 4), vector_length=100, server_round=7)
+    assert out.survivors == (1, 2, 3) and out.dropped == {COLLECT: (4,)}
+    assert np.abs(out.total - vectors[1] - vectors[2] - vectors[3]).max() < out.error_bound
+
+
+def test_a_wrong_length_vector_makes_that_silo_drop(rng):
+    grid, vectors = _grid(3, 50, rng)
+    stage_input(grid.contexts[1], 1, np.zeros(49))
+    out = secure_sum(grid, [1, 2, 3], quant=QuantSpec(1.0, 32, 3), vector_length=50, server_round=1)
+    assert out.survivors == (2, 3)
