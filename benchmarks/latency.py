@@ -11,6 +11,9 @@ poll (flwr 1.41) at 0.1 s, one puts back the 3 s reply poll of Flower's
 what those waits cost. ``deploy local`` never uses them.
 
     python -m benchmarks.latency --silos 3 --rounds 4
+
+Every row here runs Flower's ``flwr-clientapp`` per message; ``benchmarks.deploy_rounds``
+measures ``deploy local``'s persistent ClientApps against a bare ClientApp's floor.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import typer
 
 from deployment.launcher import REPO
 from deployment.local import LocalDeployment
-from deployment.tuning import FLOWER_DEFAULTS, TUNED, Tuning
+from deployment.tuning import FLOWER_DEFAULTS, Tuning
 
 # Cap the sleeps of one Flower module at 0.1 s (measurement only).
 _CAP_SLEEP = (
@@ -106,7 +109,7 @@ def settings(rounds: int) -> list[Setting]:
     return [
         Setting("Flower defaults (subprocess isolation, SuperExec poll 1 s)", FLOWER_DEFAULTS),
         Setting("SuperExec poll 0.1 s (FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1)", Tuning(0.1)),
-        Setting("telemetry off (FLWR_TELEMETRY_ENABLED=0) = `deploy local` default", TUNED),
+        Setting("telemetry off (FLWR_TELEMETRY_ENABLED=0)", Tuning(telemetry=False)),
         Setting(
             "SuperNode --isolation process (own flower-superexec per node)",
             Tuning(supernode_isolation="process"),

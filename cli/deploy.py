@@ -54,13 +54,17 @@ def local(
         str, typer.Option(help="--print-commands: the SuperLink's name or IP address.")
     ] = "SUPERLINK_HOST",
     flower_defaults: Annotated[
-        bool, typer.Option("--flower-defaults", help="Flower's latency settings instead of fedrec's tuned ones.")
+        bool,
+        typer.Option(
+            "--flower-defaults",
+            help="Flower's settings (a fresh flwr-clientapp per message) instead of fedrec's persistent ClientApps.",
+        ),
     ] = False,
     superexec_poll: Annotated[
         float | None,
         typer.Option(
             min=0.01, max=60.0,
-            help="Seconds between SuperExec polls for ClientApp tasks (Flower's default: 1).",
+            help="Seconds between polls for ClientApp tasks (fedrec's ClientApp host: 0.1; Flower's SuperExec: 1).",
         ),
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Flower's full log stream.")] = False,
@@ -184,11 +188,7 @@ def _print_commands(
 
 
 def _describe(tuning: Tuning) -> str:
-    poll = tuning.superexec_poll_interval
-    return (
-        f"SuperExec poll {'1' if poll is None else f'{poll:g}'} s, "
-        f"telemetry {'on' if tuning.telemetry else 'off'}"
-    )
+    return tuning.describe()
 
 
 @deploy_app.command()

@@ -18,8 +18,10 @@ Layout of a run directory (names from :class:`common.rundir.RunDir`)::
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -323,13 +325,27 @@ class LocalDeployment:
         self.supernodes[index] = node
         if self.tuning.supernode_isolation == "process":
             node.superexec = spawn(
-                [flower_bin("flower-superexec"), "--insecure",
-                 "--runtime-api-address", node.runtime_address],
+                self.task_runner_command(node.runtime_address),
                 self.files.superexec_log(index), env, cwd=home.parent, append=True,
             )
         if wait:
             self._wait_supernode(node)
         return node
+
+    def task_runner_command(self, runtime_address: str) -> list[str]:
+        """What takes a SuperNode's ClientApp tasks under ``--isolation process``.
+
+        fedrec's persistent ClientApp host (:mod:`deployment.clientapp_host`) with the
+        ``persistent`` tuning, else Flower's ``flower-superexec`` (a fresh
+        ``flwr-clientapp`` per message). Both speak plain HTTP to the SuperNode's
+        Runtime API, which listens on 127.0.0.1 only.
+        """
+        if self.tuning.persistent:
+            return [
+                sys.executable, "-m", "deployment.clientapp_host",
+                "--runtime-api-address", runtime_address, *self.tuning.host_args(),
+            ]
+        return [flower_bin("flower-superexec"), "--insecure", "--runtime-api-address", runtime_address]
 
     def probe_supernode(
         self,
@@ -473,6 +489,9 @@ class LocalDeployment:
         tuning = self.tuning.env()
         if superlink:  # one ServerApp launch per run: the poll interval does not matter there
             tuning.pop("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", None)
+        else:  # the user's own setting wins
+            threads = self.tuning.thread_env(self.num_supernodes, os.cpu_count())
+            tuning.update({k: v for k, v in threads.items() if k not in env})
         return {**env, **tuning}
 
     def _wait_supernode(self, node: SuperNodeProcess) -> None:

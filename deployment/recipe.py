@@ -90,6 +90,11 @@ def multi_machine_commands(
         out.append("#    register each silo's public key (the node ID it prints is the silo's identity)")
         out += [f"flwr supernode register supernode-{i}.pub {CONNECTION}" for i in range(num_silos)]
     out += ["", "## 5. Silo host i: start its SuperNode (one per silo)"]
+    if tuning.persistent:
+        out.append(
+            "#    and beside it, in the fedrec checkout, the long-lived process that runs its"
+            " ClientApp messages"
+        )
     for i in range(num_silos):
         node_config = f"partition-id={i} num-partitions={num_silos}"
         if data_root is not None:
@@ -102,9 +107,13 @@ def multi_machine_commands(
         args += ["--node-config", node_config]
         out.append(f"{env}{shlex.join(args)}{isolation} --host 127.0.0.1 --port 9094   # silo {i}")
         if isolation:
-            out.append(
-                f"{env}flower-superexec --insecure --runtime-api-address 127.0.0.1:9094   # silo {i}"
+            runner = (
+                shlex.join(["python", "-m", "deployment.clientapp_host",
+                            "--runtime-api-address", "127.0.0.1:9094", *tuning.host_args()])
+                if tuning.persistent
+                else "flower-superexec --insecure --runtime-api-address 127.0.0.1:9094"
             )
+            out.append(f"{env}{runner}   # silo {i}")
     out += ["", "## 6. Workstation: run the app (run-dir is a path on the SuperLink host)"]
     overrides = dict(run_overrides or {})
     if overrides:
