@@ -1,12 +1,136 @@
-"""The run report (``report.md``): headline metrics, per-round table, privacy section."""
+"""The run report (``report.md``): the run's name, privacy statement, metrics, cost, privacy section."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from common import records
+from common.privacy.events import SERVER_OWNER, PrivacyRelease
+from common.privacy.statement import DP_EVALUATION, run_releases, statements
 from common.round_record import RoundRecord
+from common.rundir import RunDir, RunDirError
+
+#: Prefix of a popularity baseline's metrics in a round's evaluation, when it has one.
+POPULARITY = "popularity-"
+WITHHELD = "withheld"
+
+
+@dataclass(frozen=True, slots=True)
+class RunFacts:
+    """What names a run in its report: data set, model, silos, seed, privacy mode, run uid."""
+
+    dataset: str | None
+    model: str | None
+    silos: int | None
+    seed: int | None
+    mode: str
+    mode_inferred: bool  # no config.json: the mode is read off the rounds
+    evaluation_release: str | None  # privacy.release.evaluation
+    noise_generator: str | None
+    rounds_planned: int | None
+    run_uid: str | None
+
+    def line(self) -> str:
+        """``**Run:** ml-100k · model mf (d = 32) · 5 silos · seed 42 · privacy `local` · ...``."""
+        parts = [
+            f"data set `{self.dataset}`" if self.dataset else "data set not recorded",
+            f"model `{self.model}`" if self.model else "model not recorded",
+            f"{self.silos} silos" if self.silos is not None else "silos not recorded",
+            f"seed {self.seed}" if self.seed is not None else "seed not recorded",
+            f"privacy mode `{self.mode}`" + (" (read off the rounds: no config.json)" if self.mode_inferred else ""),
+        ]
+        if self.rounds_planned is not None:
+            parts.append(f"{self.rounds_planned} rounds planned")
+        parts.append(f"run uid `{self.run_uid}`" if self.run_uid else "run uid not recorded")
+        return "**Run:** " + " · ".join(parts) + "."
+
+
+def run_facts(rounds: Sequence[RoundRecord], run_dir: RunDir | None) -> RunFacts:
+    """The run's facts from ``config.json`` (when ``run_dir`` has one) and its rounds."""
+    cfg: Mapping[str, Any] = {}
+    uid = None
+    silos = None
+    if run_dir is not None:
+        try:
+            saved = run_dir.read_config()
+            cfg, uid = saved.run_config, saved.run_uid or None
+        except RunDirError:
+            pass
+        try:
+            silos = run_dir.read_simulation_clients()
+        except (RunDirError, ValueError, TypeError):
+            silos = None
+    if silos is None:
+        silos = _silos_seen(rounds, run_dir)
+    mode = cfg.get("privacy.mode")
+    inferred = mode is None
+    if mode is None:
+        local, central = any(r.privacy for r in rounds), any(r.central for r in rounds)
+        mode = "local+central" if local and central else "local" if local else "central" if central else "none"
+    model = cfg.get("model.name")
+    if model is not None and cfg.get("model.dim") is not None:
+        model = f"{model}, d = {cfg['model.dim']}"
+    seed = cfg.get("seed")
+    planned = cfg.get("num-server-rounds")
+    return RunFacts(
+        dataset=_text(cfg.get("data.dataset")),
+        model=None if model is None else str(model),
+        silos=silos,
+        seed=None if seed is None else int(seed),
+        mode=str(mode),
+        mode_inferred=inferred,
+        evaluation_release=_text(cfg.get("privacy.release.evaluation")),
+        noise_generator=_text(cfg.get("privacy.noise-generator")),
+        rounds_planned=None if planned is None else int(planned),
+        run_uid=uid,
+    )
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _silos_seen(rounds: Sequence[RoundRecord], run_dir: RunDir | None) -> int | None:
+    """Silos without ``simulation.json``: ledgers, the central roster, releases or replies seen."""
+    if run_dir is not None:
+        ledgers = len(list(run_dir.silo_ledgers()))
+        if ledgers:
+            return ledgers
+    central = [r.central.population for r in rounds if r.central is not None]
+    if central:
+        return max(central)
+    seen = {e.partition_id for r in rounds for e in r.privacy} | {s.partition_id for r in rounds for s in r.silos}
+    seen.discard(None)
+    if seen:
+        return len(seen)
+    counts = [r.train.get(records.TRAIN_SILOS) for r in rounds]
+    numbers = [int(c) for c in counts if isinstance(c, (int, float)) and not math.isnan(c)]
+    return max(numbers) if numbers else None
+
+
+def releases_by_owner(rounds: Sequence[RoundRecord]) -> dict[str, list[PrivacyRelease]]:
+    """Each owner's releases as ``metrics.jsonl`` holds them, in round order."""
+    out: dict[str, list[PrivacyRelease]] = {}
+    for r in rounds:
+        for e in r.privacy:
+            out.setdefault(e.owner, []).append(e)
+        if r.central is not None:
+            out.setdefault(SERVER_OWNER, []).append(r.central)
+    return out
+
+
+def statement_sentences(rounds: Sequence[RoundRecord], facts: RunFacts, run_dir: RunDir | None) -> list[str]:
+    """One sentence per owner, from the run's ledgers (or, without them, the rounds' releases)."""
+    found: dict[str, list[PrivacyRelease]] = {}
+    problems: dict[str, str] = {}
+    if run_dir is not None:
+        found, problems = run_releases(run_dir)
+    if not found and not problems:
+        found = releases_by_owner(rounds)
+    return statements(found, facts.mode, problems=problems)
 
 
 def best_round(rounds: list[RoundRecord], k: int) -> RoundRecord | None:
@@ -15,68 +139,123 @@ def best_round(rounds: list[RoundRecord], k: int) -> RoundRecord | None:
     return max(scored, key=lambda r: r.evaluate[f"val-hr@{k}"]) if scored else None
 
 
-def render_report(rounds: list[RoundRecord], k: int, plot_name: str) -> str:
-    """Markdown report: headline metrics, per-round table, traffic."""
-    lines = ["# fedrec run report", ""]
+def render_report(rounds: list[RoundRecord], k: int, plot_name: str, *, run_dir: RunDir | None = None) -> str:
+    """Markdown report: the run's name and privacy statement, headline metrics, rounds, cost.
+
+    ``run_dir``: the run directory, whose ``config.json`` names the run and whose
+    ledgers the statement is generated from; without it the report names what the
+    rounds show and takes the releases from them.
+    """
+    facts = run_facts(rounds, run_dir)
+    lines = ["# fedrec run report", "", facts.line(), "", "## Privacy statement", ""]
+    lines += [f"- {s}" for s in statement_sentences(rounds, facts, run_dir)]
+    lines += ["", "Threat model per mode, the release policy and what no statement covers: `docs/privacy.md`.", ""]
+    private = facts.mode != "none"
     final = next((r for r in reversed(rounds) if r.evaluate), None)
     best = best_round(rounds, k)
     if final is not None and best is not None:
-        lines += [
-            f"| | round | test HR@{k} | test NDCG@{k} | val HR@{k} |",
-            "|---|---|---|---|---|",
-        ]
+        pop = any(key.startswith(POPULARITY) for r in rounds for key in r.evaluate)
+        header = ["", "round", f"test HR@{k}", f"test NDCG@{k}", f"val HR@{k}"]
+        if pop:
+            header += [f"popularity test HR@{k}", f"popularity test NDCG@{k}"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for label, r in (("final round", final), ("best validation round", best)):
             e = r.evaluate
-            lines.append(
-                f"| {label} | {r.server_round} | {_fmt(e.get(f'test-hr@{k}'))} | "
-                f"{_fmt(e.get(f'test-ndcg@{k}'))} | {_fmt(e.get(f'val-hr@{k}'))} |"
-            )
+            cells = [label, str(r.server_round), _fmt(e.get(f"test-hr@{k}")), _fmt(e.get(f"test-ndcg@{k}")),
+                     _fmt(e.get(f"val-hr@{k}"))]
+            if pop:
+                cells += [_fmt(e.get(f"{POPULARITY}test-hr@{k}")), _fmt(e.get(f"{POPULARITY}test-ndcg@{k}"))]
+            lines.append("| " + " | ".join(cells) + " |")
         lines += [
             "",
             "Sampled protocol: the held-out item ranked among 99 sampled items the user "
             "never interacted with; ties count against it. Hyperparameters (including "
             "the round) are chosen on validation; test is reported.",
+        ]
+        if not pop:
+            lines += [
+                "",
+                "Popularity baseline: not part of a federated run's evaluation. The same split "
+                "ranked by popularity: `fedrec centralized --model popularity` with this run's "
+                "data settings.",
+            ]
+        lines.append("")
+    elif private and facts.evaluation_release != "noisy":
+        lines += [
+            "**Evaluation withheld:** under differential privacy the silos send no evaluation sums "
+            "(`privacy.release.evaluation = withheld`); each silo's own report holds its metrics. "
+            "`privacy.release.evaluation = noisy` (local DP) releases noisy, accounted sums instead.",
             "",
         ]
     lines += [f"![metrics]({plot_name})", "", "## Rounds", ""]
     keys = [f"val-hr@{k}", f"test-hr@{k}", f"test-ndcg@{k}"]
     full = sorted({key for r in rounds for key in r.evaluate if key.startswith("test-full-")})
-    extra = [f"coverage@{k}", f"arp@{k}", f"test-hr@{k}-gap-least-most-active"]
-    header = [
-        "round",
-        "train loss",
-        *keys,
-        *full,
-        *extra,
-        "seconds",
-        "bytes sent",
-        "bytes received",
-        "missing",
-        "rejected",
-    ]
+    extra = [key for key in (f"coverage@{k}", f"arp@{k}", f"test-hr@{k}-gap-least-most-active")
+             if any(key in r.evaluate for r in rounds)]
+    header = ["round", "train loss", *keys, *full, *extra, "missing", "rejected"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rounds:
         e = r.evaluate
         cells = [
             str(r.server_round),
-            _fmt(r.train.get(records.TRAIN_LOSS)),
+            _released(r.train.get(records.TRAIN_LOSS), private),
             *(_fmt(e.get(key)) for key in [*keys, *full, *extra]),
-            f"{r.seconds:.2f}",
-            f"{r.bytes_sent:,}",
-            f"{r.bytes_received:,}",
             ", ".join(map(str, r.missing_nodes)) or "-",
             "; ".join(f"node {node}: {reason}" for node, reason in r.rejected) or "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", _evaluation_note(facts), "", *render_cost(rounds, private), *render_anomalies(rounds)]
+    return "\n".join(lines)
+
+
+def _evaluation_note(facts: RunFacts) -> str:
+    if facts.mode == "none":
+        return (
+            "Evaluation metrics are aggregates of per-silo sums; like the training loss they are "
+            "not differentially private (`privacy.mode = none`)."
+        )
+    if facts.evaluation_release == "noisy":
+        return (
+            "Evaluation metrics come from noisy per-silo sums (validation and test users, hits@K, "
+            "DCG@K), each release accounted in its silo's ledger (`dp-evaluation`) and so in the "
+            "statement above. The training loss is withheld: it stays in each silo."
+        )
+    return (
+        "Under differential privacy the training loss is withheld (it stays in each silo); "
+        "evaluation metrics appear only when the silos release noisy, accounted sums."
+    )
+
+
+def render_cost(rounds: Sequence[RoundRecord], private: bool) -> list[str]:
+    """Per round: wall-clock seconds, the slowest silo's training seconds, message bytes."""
+    lines = [
+        "## Cost",
+        "",
+        "| round | round seconds | slowest silo's training seconds | bytes sent | bytes received |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rounds:
+        train_seconds = r.train.get(records.TRAIN_SECONDS)
+        cell = _released(train_seconds, private, digits=2)
+        lines.append(f"| {r.server_round} | {r.seconds:.2f} | {cell} | {r.bytes_sent:,} | {r.bytes_received:,} |")
     lines += [
         "",
-        "Bytes are message payloads (arrays, metric and config values), without "
-        "protocol framing. Evaluation metrics are aggregates of per-silo sums; they "
-        "are not differentially private.",
+        "Round seconds: the server's wall clock from sending the round's instructions to "
+        "aggregating the replies. Training seconds are each silo's wall clock for its local "
+        "training (CPU seconds are not measured); the silos report them only without "
+        "differential privacy, since a DP silo's timing depends on its Poisson batches "
+        '("withheld"). Bytes are message payloads (arrays, metric and config values), '
+        "without protocol framing.",
         "",
-        *render_anomalies(rounds),
     ]
-    return "\n".join(lines)
+    return lines
+
+
+def _released(value: float | None, private: bool, digits: int = 4) -> str:
+    """A silo-reported number, or "withheld" where a DP run keeps it in the silo."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return WITHHELD if private else "-"
+    return f"{value:.{digits}f}"
 
 
 def render_anomalies(rounds: list[RoundRecord]) -> list[str]:
@@ -123,19 +302,47 @@ def _fmt(value: Any) -> str:
 
 
 def silo_epsilons(rounds: list[RoundRecord]) -> dict[int, list[tuple[int, float, bool]]]:
-    """Per silo: (round, ε after the round, trained?) for every round it replied."""
-    out: dict[int, list[tuple[int, float, bool]]] = {}
+    """Per silo: (round, ε after the round, trained?) for every round it replied.
+
+    A round with several releases of one silo (DP-SGD and a noisy evaluation) gives
+    one point: the largest ε (the last composition), trained if any release trained.
+    """
+    out: dict[int, dict[int, tuple[float, bool]]] = {}
     for r in rounds:
         for e in r.privacy:
-            out.setdefault(e.partition_id or 0, []).append((r.server_round, e.epsilon, e.trained))
-    return dict(sorted(out.items()))
+            silo = out.setdefault(e.partition_id or 0, {})
+            eps, trained = silo.get(r.server_round, (-math.inf, False))
+            silo[r.server_round] = (max(eps, e.epsilon), trained or e.trained)
+    return {
+        silo: [(rnd, eps, trained) for rnd, (eps, trained) in sorted(points.items())]
+        for silo, points in sorted(out.items())
+    }
 
 
-def render_privacy(rounds: list[RoundRecord], mode: str, plot_name: str) -> str:
-    """The report's privacy section: per-silo ε per round, mechanism, budget events, scope."""
+def _generator(name: str | None) -> str:
+    if name == "csprng":
+        return "Gaussian noise of local DP-SGD from `os.urandom` (`privacy.noise-generator = csprng`)"
+    if name == "os-seeded":
+        return (
+            "Gaussian noise of local DP-SGD from torch's generator seeded from OS entropy every round "
+            "(`privacy.noise-generator = os-seeded`; not a cryptographic generator)"
+        )
+    return "the noise generator is not recorded (no config.json)"
+
+
+def render_privacy(rounds: list[RoundRecord], mode: str, plot_name: str, *, run_dir: RunDir | None = None) -> str:
+    """The report's privacy section: per-silo ε per round, mechanism, budget events, central DP."""
+    facts = run_facts(rounds, run_dir)
     lines = ["## Privacy", "", f"Mode: **{mode}**.", ""]
     per_silo = silo_epsilons(rounds)
-    latest = {e.partition_id or 0: e for r in rounds for e in r.privacy}
+    latest: dict[int, PrivacyRelease] = {}  # each silo's last DP-SGD release (or decline)
+    spent: dict[int, float] = {}
+    for r in rounds:
+        for e in r.privacy:
+            silo = e.partition_id or 0
+            spent[silo] = max(spent.get(silo, 0.0), e.epsilon)
+            if e.kind != DP_EVALUATION:
+                latest[silo] = e
     if latest:
         any_e = next(iter(latest.values()))
         lines += [
@@ -144,7 +351,7 @@ def render_privacy(rounds: list[RoundRecord], mode: str, plot_name: str) -> str:
             f"Unit of privacy: **{any_e.unit}** (neighbouring data sets: {any_e.neighbouring}). "
             "Mechanism: Poisson-subsampled Gaussian (DP-SGD with per-sample clipping), "
             f"composed over every step of every round with the {any_e.accountant.upper()} "
-            "accountant of dp-accounting.",
+            f"accountant of dp-accounting; {_generator(facts.noise_generator)}.",
             "",
             "| silo | units N | δ | σ | q | clip C | rounds trained | steps | ε | budget |",
             "|---|---|---|---|---|---|---|---|---|---|",
@@ -153,18 +360,23 @@ def render_privacy(rounds: list[RoundRecord], mode: str, plot_name: str) -> str:
             lines.append(
                 f"| {silo} | {e.population} | {e.delta:.2e} | {e.noise_multiplier:.4f} | "
                 f"{e.sample_rate:.4f} | {e.clip:g} | {e.rounds_trained} | {e.total_steps} | "
-                f"{e.epsilon:.4f} | {e.target_epsilon:g} |"
+                f"{spent[silo]:.4f} | {e.target_epsilon:g} |"
             )
+        if any(e.kind == DP_EVALUATION for r in rounds for e in r.privacy):
+            lines += ["", "ε includes each silo's noisy evaluations (`dp-evaluation` releases in its ledger)."]
         silos = sorted(per_silo)
         lines += ["", "ε after each round (— = did not reply; * = declined):", ""]
         lines += ["| round | " + " | ".join(f"silo {s}" for s in silos) + " | max |", "|---" * (len(silos) + 2) + "|"]
+        points = {s: {rnd: (eps, trained) for rnd, eps, trained in per_silo[s]} for s in silos}
         for r in rounds:
-            by_silo = {e.partition_id or 0: e for e in r.privacy}
-            cells = [
-                "—" if s not in by_silo else f"{by_silo[s].epsilon:.4f}{'' if by_silo[s].trained else '*'}"
-                for s in silos
-            ]
-            eps = [e.epsilon for e in by_silo.values()]
+            cells, eps = [], []
+            for s in silos:
+                if r.server_round not in points[s]:
+                    cells.append("—")
+                    continue
+                value, trained = points[s][r.server_round]
+                eps.append(value)
+                cells.append(f"{value:.4f}{'' if trained else '*'}")
             lines.append(f"| {r.server_round} | " + " | ".join(cells) + f" | {max(eps) if eps else 0:.4f} |")
         events, stopped = [], set()
         for r in rounds:  # the first decline of each silo
@@ -172,15 +384,17 @@ def render_privacy(rounds: list[RoundRecord], mode: str, plot_name: str) -> str:
                 silo = e.partition_id or 0
                 if not e.trained and silo not in stopped:
                     stopped.add(silo)
+                    would = "∞" if e.epsilon_if_trained is None else f"{e.epsilon_if_trained:.4f}"
                     events.append(
                         f"- silo {silo} stopped at round {r.server_round}: ε spent {e.epsilon:.4f}, "
-                        f"one more round would reach {e.epsilon_if_trained:.4f} > budget {e.target_epsilon:g}"
+                        f"one more round would reach {would} > budget {e.target_epsilon:g}"
                     )
         lines += ["", "Budget events:", "", *(events or ["- none: no silo reached its budget"]), ""]
         if any_e.unit == "user":
             lines += [
                 "Users' own embedding rows are trained in their silo without noise and never "
-                "leave it: the guarantee is joint DP (what anyone else sees about user u is "
+                "leave it; each is a function of its user's data and the released parameters "
+                "only, so the guarantee is joint DP (what anyone else sees about user u is "
                 "(ε, δ)-DP in u's data).",
                 "",
             ]
@@ -197,27 +411,27 @@ def render_privacy(rounds: list[RoundRecord], mode: str, plot_name: str) -> str:
         lines += [
             "### Central DP (DP-FedAvg on the server)",
             "",
-            "Unit of privacy: **one silo** (add/remove a silo's whole update). Each round a "
+            f"Unit of privacy: **one silo** (neighbouring data sets: {c.neighbouring}). Each round a "
             "silo is included with probability q; each update is clipped to S; Gaussian noise "
-            f"of std z·S is added to the sum. N = {c.population} silos, q = {c.sample_rate:g}, "
-            f"z = {c.noise_multiplier:.4f}, S = {c.clip:g}, δ = {c.delta:.2e}, "
-            f"accountant {c.accountant.upper()}.",
+            f"of std z·S is added to the sum. N = {c.population} silos (public roster), "
+            f"q = {c.sample_rate:g}, z = {c.noise_multiplier:.4f}, S = {c.clip:g}, δ = {c.delta:.2e}, "
+            f"accountant {c.accountant.upper()}, budget {c.target_epsilon:g}.",
             "",
-            "| round | silos sampled | aggregated | clipped | ε |",
-            "|---|---|---|---|---|",
         ]
-        for r, x in central:
-            n = r.central_counts
-            counts = "- | - | -" if n is None else f"{n.sampled} | {n.aggregated} | {n.clipped}"
-            lines.append(f"| {r.server_round} | {counts} | {x.epsilon:.4f} |")
+        if any(r.central_counts is not None for r, _ in central):
+            lines += ["| round | silos sampled | aggregated | clipped | ε |", "|---|---|---|---|---|"]
+            for r, x in central:
+                n = r.central_counts
+                counts = "- | - | -" if n is None else f"{n.sampled} | {n.aggregated} | {n.clipped}"
+                lines.append(f"| {r.server_round} | {counts} | {x.epsilon:.4f} |")
+        else:
+            lines += ["| round | ε |", "|---|---|"]
+            lines += [f"| {r.server_round} | {x.epsilon:.4f} |" for r, x in central]
+            lines += [
+                "",
+                "How many silos were sampled, aggregated and clipped each round is withheld: those "
+                "counts depend on the silos' exact updates, which only the trusted server sees.",
+            ]
         lines.append("")
-    lines += [
-        f"![privacy]({plot_name})",
-        "",
-        "Not covered by these ε: evaluation metrics and training losses sent to the server "
-        "(aggregates, not noised); hyperparameter tuning; the silos' population sizes (used as "
-        "public FedAvg weights). The Gaussian noise comes from torch's Mersenne Twister seeded "
-        "from OS entropy, not a cryptographically secure generator.",
-        "",
-    ]
+    lines += [f"![privacy]({plot_name})", ""]
     return "\n".join(lines)
