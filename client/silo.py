@@ -63,6 +63,9 @@ def evaluate_users(model: Recommender, cfg: AppConfig, data: SiloData) -> dict[s
         k=cfg.eval.k,
         full_ranking=cfg.eval.full_ranking,
         full_ranking_k=cfg.eval.full_ranking_k,
+        memory_mb=cfg.eval.memory_mb,
+        val_users=cfg.eval.val_users,
+        val_seed=derive_seed(cfg.seed, "val-users"),
     )
     sums = evaluation_sums(model.to(dev), data.split, protocol, data.item_popularity, dev)
     model.cpu()

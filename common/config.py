@@ -86,6 +86,8 @@ class EvalSettings:
     full_ranking: bool
     full_ranking_k: int
     every: int
+    memory_mb: float  # working-memory budget of scoring (common.evaluation.EvalProtocol)
+    val_users: int  # validation on a fixed random subset of at most this many users per silo (0 = all)
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,6 +296,8 @@ class AppConfig:
                 full_ranking=r.bool("eval.full-ranking"),
                 full_ranking_k=r.int("eval.full-ranking-k", lo=1),
                 every=r.int("eval.every", lo=1),
+                memory_mb=r.float("eval.memory-mb", lo=0.0, lo_open=True),
+                val_users=r.int("eval.val-users", lo=0),
             ),
             strategy=StrategySettings(
                 fraction_train=r.float("strategy.fraction-train", lo=0.0, hi=1.0, lo_open=True),

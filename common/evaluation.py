@@ -14,12 +14,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from numpy.typing import NDArray
+from torch import nn
 
 from common import metrics
 from common.data.split import NO_ITEM, UserSplit
-from common.models import Recommender
+from common.models import NeuMF, Recommender
 
 MAX_ACTIVITY = 1000  # activity histogram: train counts clipped to this value
+MIB = 2**20
+#: Bytes per (user, item) pair of full ranking's (users × items) arrays: the model's
+#: float32 scores, their float64 copy, the exclusion mask, and ``top_k_items``'
+#: lexsort (negated scores, int64 order, sort buffers). Measured ≈ 45; 64 leaves slack.
+RANKING_PAIR_BYTES = 64
 SumValue = float | list[float]
 #: Prefix of the sums (and metrics) of each silo's personalized model (personalize.enabled).
 PERSONALIZED = "personalized-"
@@ -31,6 +37,14 @@ class EvalProtocol:
 
     ``personalized``: every reply also carries the same sums of the silo's
     personalized model, each key prefixed with :data:`PERSONALIZED`.
+    ``memory_mb``: working-memory budget of scoring. Full ranking scores blocks of
+    users sized so that the block's (users × items) arrays take half of it, and a
+    model whose forward pass holds per-pair activations (NeuMF) is run on
+    (users × items) chunks whose activations take the other half; the metrics do
+    not depend on the block sizes. ``val_users``: the validation phase evaluates a
+    fixed random subset of at most this many users (0 = all; drawn from
+    ``val_seed``, the same subset every round); the test phase always evaluates
+    every user.
     """
 
     k: int = 10
@@ -38,6 +52,20 @@ class EvalProtocol:
     full_ranking_k: int = 20
     batch_users: int = 1024
     personalized: bool = False
+    memory_mb: float = 512.0
+    val_users: int = 0
+    val_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.memory_mb > 0:
+            raise ValueError(f"eval.memory-mb must be > 0, got {self.memory_mb}")
+        if self.val_users < 0:
+            raise ValueError(f"eval.val-users must be >= 0 (0 = all), got {self.val_users}")
+
+    @property
+    def budget_bytes(self) -> float:
+        """The working-memory budget in bytes."""
+        return self.memory_mb * MIB
 
 
 @torch.no_grad()
@@ -71,8 +99,12 @@ def evaluation_sums(
         ("test", split.test_item, split.test_negatives),
     ):
         users = np.flatnonzero(target != NO_ITEM)
+        if phase == "val" and 0 < protocol.val_users < len(users):
+            chosen = np.random.default_rng(protocol.val_seed).choice(len(users), protocol.val_users, replace=False)
+            users = users[np.sort(chosen)]
         items = np.concatenate([target[users, None], negatives[users]], axis=1)
-        scores = _score(model, users, items, device)
+        batch = max(1, int(protocol.budget_bytes // (items.shape[1] * (activation_bytes(model) + 16))))
+        scores = _score(model, users, items, device, batch)
         ranks = metrics.sampled_rank(scores[:, 0], scores[:, 1:])
         hits = metrics.hits_at_k(ranks, k)
         sums[f"{phase}-users"] = float(len(users))
@@ -109,6 +141,40 @@ def _score(
     return np.concatenate(out) if out else np.empty((0, items.shape[1]))
 
 
+def activation_bytes(model: Recommender) -> int:
+    """Upper estimate of the bytes a forward pass holds per scored (user, item) pair.
+
+    MF (and models scoring by one matmul) hold the float32 logit; NeuMF holds each
+    pair's gathered rows, their concatenations and every layer's output (float32),
+    counted twice for the temporaries in between.
+    """
+    if not isinstance(model, NeuMF):
+        return 3 * 4
+    widths = sum(2 * table.embedding_dim for table in (model.item_gmf, model.item_mlp, model.user_gmf, model.user_mlp))
+    widths += sum(layer.out_features for layer in model.mlp if isinstance(layer, nn.Linear))
+    widths += model.output.in_features + 1
+    return 2 * 4 * widths
+
+
+def score_users(model: Recommender, users: torch.Tensor, budget_bytes: float) -> torch.Tensor:
+    """Scores (U, I) of every catalogue item for ``users``, the forward pass within ``budget_bytes``.
+
+    NeuMF scores (users × items) chunks of at most ``budget_bytes / activation_bytes``
+    pairs (at least one item per chunk); other models use ``score_all``.
+    """
+    if not isinstance(model, NeuMF):
+        return model.score_all(users)
+    num_items = model.item_gmf.num_embeddings
+    chunk = max(1, int(budget_bytes // (activation_bytes(model) * max(1, len(users)))))
+    if chunk >= num_items:
+        return model.score_all(users)
+    out = torch.empty((len(users), num_items), device=users.device)
+    for lo in range(0, num_items, chunk):
+        items = torch.arange(lo, min(lo + chunk, num_items), device=users.device)
+        out[:, lo : lo + len(items)] = model(users, items.expand(len(users), -1))
+    return out
+
+
 def _full_ranking_sums(
     model: Recommender,
     split: UserSplit,
@@ -126,9 +192,11 @@ def _full_ranking_sums(
     order = np.argsort(split.train_user, kind="stable")
     starts = np.searchsorted(split.train_user[order], np.arange(split.num_users + 1))
     train_items = split.train_item[order]
-    for lo in range(0, len(users), protocol.batch_users):
-        chunk = users[lo : lo + protocol.batch_users]
-        scores = model.score_all(torch.from_numpy(chunk).to(device)).double().cpu().numpy()  # (B, I)
+    half = protocol.budget_bytes / 2
+    block = max(1, min(protocol.batch_users, int(half // (split.num_items * RANKING_PAIR_BYTES))))
+    for lo in range(0, len(users), block):
+        chunk = users[lo : lo + block]
+        scores = score_users(model, torch.from_numpy(chunk).to(device), half).double().cpu().numpy()  # (B, I)
         exclude = np.zeros(scores.shape, dtype=bool)
         lengths = starts[chunk + 1] - starts[chunk]
         rows = np.repeat(np.arange(len(chunk)), lengths)
