@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
 
 from cli.config import resolve_config
 from cli.options import ConfigOpt, DataDirOpt, DatasetOpt, RunDirOpt
-from cli.output import console, fail, fmt
+from cli.output import console, fail, fmt, os_errors
 from cli.runs import choose_run_dir, refuse_existing_run, run_dir_session
 from common.errors import ConfigError, FedrecError
 from common.run_config import Scalar
@@ -32,11 +31,11 @@ def centralized(
             "data.path": str(data_dir) if data_dir else None,
             "model.name": None if model == "popularity" else model,
         }
-        _, cfg = resolve_config(config, **named)
+        run_config, cfg = resolve_config(config, **named)
     except FedrecError as e:
         fail(e)
-    from common.storage import atomic_write_bytes
-    from simulations.centralized import EpochResult, best_epoch, run_centralized
+    from simulations.centralized import EpochResult
+    from simulations.centralized_run import run_centralized_dir
 
     n_epochs = epochs if epochs is not None else cfg.num_server_rounds * cfg.train.local_epochs
     run = choose_run_dir(run_dir, f"centralized-{cfg.data.dataset}")
@@ -48,14 +47,12 @@ def centralized(
         except ConfigError as e:
             fail(e)
         console.print(f"[bold]fedrec centralized[/]: {cfg.data.dataset}, model {name}, {n_epochs} epochs")
-        lines: list[str] = []
 
         def on_epoch(r: EpochResult) -> None:
             m = r.metrics
-            lines.append(json.dumps({"epoch": r.epoch, "loss": r.loss, "seconds": r.seconds, **m}) + "\n")
-            # The whole file each epoch, atomically: a crash or a full disk never leaves a
-            # truncated line (epochs are few and lines short).
-            atomic_write_bytes(run.metrics, "".join(lines).encode(), mode=0o644)
+            if not m:
+                console.print(f"epoch {r.epoch}: loss {fmt(r.loss)} (not evaluated: eval.every {cfg.eval.every})")
+                return
             console.print(
                 f"epoch {r.epoch}: loss {fmt(r.loss)} | val-hr@{k} {fmt(m[f'val-hr@{k}'])} | "
                 f"test-hr@{k} {fmt(m[f'test-hr@{k}'])} | test-ndcg@{k} {fmt(m[f'test-ndcg@{k}'])} | "
@@ -63,15 +60,13 @@ def centralized(
             )
 
         try:
-            results = run_centralized(cfg, n_epochs, model_name=name, on_epoch=on_epoch)
+            with os_errors(run.path):
+                summary = run_centralized_dir(run, run_config, cfg, n_epochs, model_name=name, on_epoch=on_epoch)
         except FedrecError as e:
             fail(e)
-        best = best_epoch(results, k) if name != "popularity" else results[-1]
-        summary = {"model": name, "best-epoch": best.epoch, **best.metrics}
-        atomic_write_bytes(run.summary, (json.dumps(summary, indent=2) + "\n").encode(), mode=0o644)
     console.print(
-        f"best validation epoch {best.epoch}: test HR@{k} {fmt(best.metrics[f'test-hr@{k}'])}, "
-        f"NDCG@{k} {fmt(best.metrics[f'test-ndcg@{k}'])}, "
-        f"Recall@20 {fmt(best.metrics.get('test-full-recall@20'))}"
+        f"best validation epoch {summary['best-epoch']}: test HR@{k} {fmt(summary[f'test-hr@{k}'])}, "
+        f"NDCG@{k} {fmt(summary[f'test-ndcg@{k}'])}, "
+        f"Recall@20 {fmt(summary.get('test-full-recall@20'))}"
     )
     console.print(f"results: {run.path}")

@@ -57,8 +57,13 @@ def run_centralized(
     *,
     model_name: str | None = None,
     on_epoch: Callable[[EpochResult], None] | None = None,
+    evaluate_every: int = 1,
+    on_trained: Callable[[nn.Module, SiloData], None] | None = None,
 ) -> list[EpochResult]:
     """Train ``cfg.model`` (or ``popularity``) on all users pooled; evaluate each epoch.
+
+    With ``evaluate_every`` N only every N-th epoch and the last are evaluated (the
+    others' metrics are empty); ``on_trained`` gets the trained model and the data.
 
     Raises
     ------
@@ -99,14 +104,19 @@ def run_centralized(
             device=device,
             optimizer=optimizer,
         )
-        sums = evaluation_sums(model, data.split, protocol, data.item_popularity, device)  # type: ignore[arg-type]
-        result = EpochResult(epoch, stats.mean_loss, time.perf_counter() - start, summarize(sums, cfg.eval.k))
+        metrics: dict[str, float] = {}
+        if epoch % evaluate_every == 0 or epoch == epochs:
+            sums = evaluation_sums(model, data.split, protocol, data.item_popularity, device)  # type: ignore[arg-type]
+            metrics = summarize(sums, cfg.eval.k)
+        result = EpochResult(epoch, stats.mean_loss, time.perf_counter() - start, metrics)
         results.append(result)
         if on_epoch:
             on_epoch(result)
+    if on_trained:
+        on_trained(model.cpu(), data)
     return results
 
 
 def best_epoch(results: list[EpochResult], k: int) -> EpochResult:
-    """The epoch with the highest validation HR@K (the one to report test for)."""
-    return max(results, key=lambda r: r.metrics[f"val-hr@{k}"])
+    """The evaluated epoch with the highest validation HR@K (the one to report test for)."""
+    return max((r for r in results if r.metrics), key=lambda r: r.metrics[f"val-hr@{k}"])
