@@ -163,3 +163,15 @@ def test_secure_aggregation_refuses_defences_that_read_single_updates():
 def test_secure_aggregation_with_plain_fedavg_is_accepted_and_off_means_no_check():
     check_compatible(_settings(aggregator="fedavg", norm_action="none", reject_opposed=False), secure_aggregation=True)
     check_compatible(_settings(aggregator="krum"), secure_aggregation=False)
+
+
+def test_flowers_prg_folds_the_seed_to_32_bits_fedrecs_does_not():
+    """Why common.secagg does not use flwr's pseudo_rand_gen (docs/secure-aggregation.md)."""
+    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
+
+    from common.secagg.protocol import prg
+
+    a, b = bytes(32), b"\x01\x02\x03\x04" * 2 + bytes(24)  # both XOR-fold to the same 32-bit seed (0)
+    np.testing.assert_array_equal(pseudo_rand_gen(a, 2**32, [(8,)])[0], pseudo_rand_gen(b, 2**32, [(8,)])[0])
+    assert not np.array_equal(prg(a, 8, np.uint32), prg(b, 8, np.uint32))
+    np.testing.assert_array_equal(prg(b, 8, np.uint32), prg(b, 8, np.uint32))  # deterministic in the key

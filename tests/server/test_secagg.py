@@ -74,3 +74,34 @@ def test_a_wrong_length_vector_makes_that_silo_drop(rng):
     stage_input(grid.contexts[1], 1, np.zeros(49))
     out = secure_sum(grid, [1, 2, 3], quant=QuantSpec(1.0, 32, 3), vector_length=50, server_round=1)
     assert out.survivors == (2, 3)
+
+
+def test_one_distributed_dp_round_end_to_end(rng):
+    """Poisson-sample users in each silo, clip, add noise shares, secure-sum, divide by q·N_total."""
+    from common.privacy import distributed as dd
+    from common.secagg.quantize import range_for
+
+    silos, users_per_silo, d, clip, t = 4, 50, 300, 1.0, 1
+    q = dd.sample_rate(40, silos * users_per_silo)  # 40 expected users of 200
+    deltas = {n: rng.normal(0, 0.5, (users_per_silo, d)) for n in range(1, silos + 1)}
+
+    def run_round(sigma, seed):
+        share = dd.noise_share_std(sigma, clip, silos, t)
+        grid = LocalGrid(client_app, load_default_run_config(), silos)
+        clipped_sum = np.zeros(d)
+        for n, context in grid.contexts.items():
+            local = np.random.default_rng([seed, n])
+            picked = dd.poisson_sample(users_per_silo, q, local)
+            clipped_sum += sum((dd.clip_to_norm(deltas[n][u], clip) for u in picked), np.zeros(d))
+            stage_input(context, 1, dd.silo_contribution((deltas[n][u] for u in picked), d, clip, share, local))
+        r = range_for(clip * users_per_silo, share, d)
+        out = secure_sum(grid, list(grid.contexts), quant=QuantSpec(r, 32, silos), vector_length=d, server_round=1)
+        return dd.server_average(out.total, q * silos * users_per_silo), clipped_sum / 40, out.error_bound / 40
+
+    released, expected, bound = run_round(0.0, 1)
+    assert np.abs(released - expected).max() < bound  # no noise: exactly the clipped average up to quantisation
+    assert np.abs(expected).max() > 0.01  # and that average is not trivially zero
+    noisy, expected, _ = run_round(2.0, 2)
+    # all 4 silos present: noise std σC·sqrt(S/(S−T)) / (q·N) = 2·sqrt(4/3)/40 = 0.0577; 300 coordinates,
+    # relative standard error of the sample std 1/sqrt(600) = 4%; tolerance 15%
+    assert np.std(noisy - expected) == pytest.approx(2.0 * np.sqrt(4 / 3) / 40, rel=0.15)
