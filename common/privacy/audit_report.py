@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from common.privacy.audit import AuditResult
 from common.privacy.replay import LedgerAudit
+from common.privacy.statement import run_releases, statements
 from common.rundir import RunDir
 
 _LAYOUT = RunDir(Path("."))  # the audit's file names; written to any folder
@@ -49,17 +51,26 @@ def _f(x: float | None, digits: int = 3) -> str:
 
 
 def render_statement(result: AuditResult) -> str:
-    """``audit.md``: verdict, threat model, what is covered, the numbers."""
+    """``audit.md``: one sentence per owner, verdict, threat model, the numbers per ledger group."""
     cfg = result.config
     mode = str(cfg.get("privacy.mode", "none"))
-    lines = [f"# Privacy audit of `{result.run_dir}`", ""]
+    found, unreadable = run_releases(RunDir(Path(result.run_dir)))
+    lines = [f"# Privacy audit of `{result.run_dir}`", "", "## Privacy statement", ""]
+    lines += [f"- {s}" for s in statements(found, mode, problems=unreadable)]
+    lines.append("")
     if result.problems:
-        lines += [f"**Verdict: FAILED** (exit code {result.exit_code}). Problems:", ""]
+        lines += [
+            f"**Verdict: FAILED** (exit code {result.exit_code}): the sentences above restate what the "
+            "ledgers claim, and these problems mean the claims do not all hold. Problems:",
+            "",
+        ]
         lines += [f"- {p}" for p in result.problems]
     else:
-        lines += ["**Verdict: passed.** Every ledger chain verifies and is anchored; every ε the run "
-                  "claimed equals the ε replayed from the ledger; no budget was exceeded"
-                  + ("; the empirical audit found no leak beyond the claim." if result.empirical else ".")]
+        lines += [
+            "**Verdict: passed.** Every ledger chain verifies and is anchored; every ε the run "
+            "claimed equals the ε replayed from the ledger; no budget was exceeded"
+            + ("; the empirical audit found no leak beyond the claim." if result.empirical else ".")
+        ]
     if result.warnings:
         lines += ["", "Warnings:", ""] + [f"- {w}" for w in result.warnings]
     lines += ["", "## Threat model and what is released", ""]
@@ -69,21 +80,28 @@ def render_statement(result: AuditResult) -> str:
         "guarantee holds against the server, the other silos and anyone who sees the released "
         "models; the silo itself is trusted with its own users' data.",
         "- Central DP (`dp-fedavg` events): the server is trusted to clip, sample and add noise; the "
-        "guarantee holds for whoever sees the released shared models.",
-        "- Released: the shared model parameters after every round (item embeddings and biases, the "
-        "score function). Users' own rows never leave their silo; under user-level DP they are a "
-        "function of the user's data and released parameters only (joint DP).",
-        "- **Not covered:** training losses and evaluation metrics the silos report (not noised), "
-        "hyperparameter tuning on validation data, population sizes (public FedAvg weights and "
-        "sampling rates), the timing and size of messages. Noise is drawn from torch's Mersenne "
-        "Twister seeded with OS entropy, not a cryptographic generator.",
+        "guarantee holds for whoever sees the released shared models and the run directory.",
+        "- Neighbouring relation: zero-out (one unit's data replaced by none); each owner's roster "
+        "size N is public and the same for both neighbours.",
+        "- Released under DP: the shared model parameters after every round (item embeddings and "
+        "biases, the score function) and, where a silo's ledger has `dp-evaluation` events, its noisy "
+        "evaluation sums, each accounted in that ledger. Users' own rows never leave their silo; "
+        "under user-level DP they are a function of the user's data and released parameters only "
+        "(joint DP). Training losses, timings and exact evaluation sums stay in the silos; under "
+        "central DP the server keeps no per-silo statistics or counts.",
+        f"- Noise: {_generator(cfg.get('privacy.noise-generator'))}; attacks on the floating-point "
+        "representation of the noise are not mitigated.",
+        "- **Not covered** by any ε: hyperparameter tuning on the silos' validation data, the timing "
+        "and size of messages, the public rosters (N per silo, the silos themselves) and the item "
+        "catalogue (`docs/privacy.md`).",
         "",
         "## Unit of privacy and mechanism, per ledger",
         "",
     ]
-    for led in result.ledgers:
-        lines += _ledger_section(led)
-    lines += _empirical_section(result.empirical)
+    lines += _summary_table(result.ledgers)
+    for group, body in _groups(result.ledgers):
+        lines += _group_header(group) + body
+    lines += _empirical_section(result.empirical, cfg)
     lines += [
         "## How these numbers were obtained",
         "",
@@ -100,8 +118,65 @@ def render_statement(result: AuditResult) -> str:
     return "\n".join(lines)
 
 
-def _ledger_section(led: LedgerAudit) -> list[str]:
-    out = [f"### `{led.owner}` ({led.lines} ledger lines)", ""]
+def _generator(name: object) -> str:
+    if name == "csprng":
+        return "local DP-SGD's Gaussian noise comes from `os.urandom` (`privacy.noise-generator = csprng`)"
+    if name == "os-seeded":
+        return (
+            "local DP-SGD's Gaussian noise comes from torch's generator seeded from OS entropy every round "
+            "(`privacy.noise-generator = os-seeded`), not a cryptographic generator"
+        )
+    return "the noise generator is not recorded in config.json"
+
+
+def _groups(ledgers: list[LedgerAudit]) -> list[tuple[list[LedgerAudit], list[str]]]:
+    """Ledgers whose sections read the same (all but the owner) share one section, in order."""
+    groups: dict[tuple[str, ...], list[LedgerAudit]] = {}
+    for led in ledgers:
+        groups.setdefault(tuple(_ledger_body(led)), []).append(led)
+    return [(group, list(body)) for body, group in groups.items()]
+
+
+def _group_header(group: list[LedgerAudit]) -> list[str]:
+    names = ", ".join(f"`{led.owner}`" for led in group)
+    if len(group) == 1:
+        return [f"### {names} ({group[0].lines} ledger lines)", ""]
+    return [f"### {names}: {len(group)} identical ledgers ({group[0].lines} lines each)", ""]
+
+
+def _summary_table(ledgers: list[LedgerAudit]) -> list[str]:
+    """One row per group of ledgers with the same unit, N, δ, mechanism, steps and ε."""
+    rows: dict[tuple[Any, ...], list[str]] = {}
+    for led in ledgers:
+        if not led.trajectory:
+            continue
+        mech = led.mechanisms[0] if len(led.mechanisms) == 1 else None
+        key = (
+            led.unit,
+            led.population,
+            f"{led.delta:.3g}",
+            "several" if mech is None else f"{mech['noise-multiplier']:.4g}",
+            "several" if mech is None else f"{mech['sample-rate']:.4g}",
+            "several" if mech is None else f"{mech['clip']:g}",
+            led.total_steps,
+            _f(led.final_pld),
+            _f(led.final_rdp),
+            _f(led.final_prv),
+            f"{led.target_epsilon:g}" if led.target_epsilon else "-",
+        )
+        rows.setdefault(key, []).append(f"`{led.owner}`")
+    if not rows:
+        return []
+    out = [
+        "| ledgers | unit | N | δ | σ | q | C | steps | ε (PLD) | RDP | PRV | budget |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    out += [f"| {', '.join(owners)} | " + " | ".join(str(x) for x in key) + " |" for key, owners in rows.items()]
+    return [*out, ""]
+
+
+def _ledger_body(led: LedgerAudit) -> list[str]:
+    out: list[str] = []
     if not led.trajectory and not led.declines:
         return [*out, "No mechanism use recorded.", ""]
     out += [
@@ -153,10 +228,10 @@ def _ranges(rounds: list[int]) -> str:
     return ", ".join(parts)
 
 
-def _empirical_section(emp: dict[str, Any] | None) -> list[str]:
-    if not emp:
-        return []
+def _empirical_section(emp: dict[str, Any] | None, cfg: Mapping[str, Any]) -> list[str]:
     out = ["## Empirical audit", ""]
+    if not emp:
+        return out + _no_empirical(cfg)
     one = emp.get("one-run")
     if one:
         out += [
@@ -182,6 +257,37 @@ def _empirical_section(emp: dict[str, Any] | None) -> list[str]:
             "",
         ]
     return out
+
+
+def _no_empirical(cfg: Mapping[str, Any]) -> list[str]:
+    """Why no empirical audit ran, and how to run one."""
+    trained = int(cfg.get("audit.canaries", 0) or 0), int(cfg.get("audit.central-canaries", 0) or 0)
+    if any(trained):
+        return [
+            "**Not run**, although this run trained canaries (`audit.canaries` = "
+            f"{trained[0]}, `audit.central-canaries` = {trained[1]}): the audit was started with "
+            "`--no-empirical`, or the canaries could not be scored (see the problems and warnings "
+            "above). Run `fedrec audit RUN_DIR` (empirical is the default) to score them.",
+            "",
+        ]
+    mode = str(cfg.get("privacy.mode", "none"))
+    how = []
+    if "local" in mode or mode == "none":
+        how.append(
+            "local DP: re-run with `-c audit.canaries=1000` (canary users in silo `audit.canary-silo`, "
+            "a one-run lower bound on ε)"
+        )
+    if "central" in mode or mode == "none":
+        how.append(
+            "central DP: re-run with `-c audit.central-canaries=20` (canary clients, a one-shot "
+            "estimate of the client-level ε)"
+        )
+    return [
+        "**Not run:** this run trained no canaries, so only the accounting above was checked, not "
+        "what the released models leak. To audit empirically, " + "; ".join(how) + ", then run "
+        "`fedrec audit RUN_DIR` (`docs/audit.md`).",
+        "",
+    ]
 
 
 def plot_audit(result: AuditResult, out_dir: Path) -> list[Path]:
