@@ -293,7 +293,7 @@ class ClientProtocol:
 
     @classmethod
     def from_state(cls, s: Mapping[str, Any]) -> ClientProtocol:
-        param_fields = {k[len("param."):]: v for k, v in s.items() if k.startswith("param.")}
+        param_fields = {k[len("param.") :]: v for k, v in s.items() if k.startswith("param.")}
         return cls(
             node_id=int(s["node-id"]),
             stage=str(s["stage"]),

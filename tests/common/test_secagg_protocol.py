@@ -29,7 +29,9 @@ def run(vectors, *, drop=None, threshold=None, clip_range=1.0, seen=None, rng=No
     rng = rng or np.random.default_rng(5)
     nodes = tuple(sorted(vectors))
     d = next(iter(vectors.values())).size
-    params = SecAggParams(1, threshold or default_threshold(len(nodes)), QuantSpec(clip_range, 32, len(nodes)), d, nodes)
+    params = SecAggParams(
+        1, threshold or default_threshold(len(nodes)), QuantSpec(clip_range, 32, len(nodes)), d, nodes
+    )
     server, clients = ServerProtocol(params), {n: ClientProtocol(n) for n in nodes}
 
     def answer(stage, payloads, act):
@@ -154,7 +156,9 @@ def _settings(**strategy):
 
 def test_secure_aggregation_refuses_defences_that_read_single_updates():
     with pytest.raises(ConfigError) as err:
-        check_compatible(_settings(aggregator="trimmed-mean", norm_action="reject", reject_opposed=True), secure_aggregation=True)
+        check_compatible(
+            _settings(aggregator="trimmed-mean", norm_action="reject", reject_opposed=True), secure_aggregation=True
+        )
     message = str(err.value)
     for key in ("strategy.aggregator", "strategy.norm-action", "strategy.reject-opposed"):
         assert key in message
