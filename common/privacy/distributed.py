@@ -45,6 +45,7 @@ import numpy as np
 from dp_accounting import pld
 
 from common.privacy.events import MechanismUse
+from common.secagg.protocol import default_threshold
 
 KIND_TRAINING: Final = "distributed-dp-fedavg"
 KIND_HISTOGRAM: Final = "distributed-dp-histogram"
@@ -91,6 +92,16 @@ def round_noise_multiplier(noise_multiplier: float, silos: int, max_dishonest: i
     if not 0 <= dropped <= silos:
         raise DistributedDPError(f"dropped: must be in 0..{silos}, got {dropped}")
     return noise_multiplier * math.sqrt((silos - max(dropped, max_dishonest)) / (silos - max_dishonest))
+
+
+def secagg_threshold(silos: int, max_dishonest: int) -> int:
+    """max(⌊S/2⌋ + 1, S − T): a secure-sum threshold that never releases a sum missing more than T silos.
+
+    With this threshold the secure sum aborts (no release, no privacy spent) rather than
+    returning a sum whose noise falls below σ·C because more than T shares are missing.
+    """
+    _check_silos(silos, max_dishonest)
+    return max(default_threshold(silos), silos - max_dishonest) if silos >= 2 else silos
 
 
 # ------------------------------------------------------------------ the silo's side

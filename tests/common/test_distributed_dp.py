@@ -9,7 +9,7 @@ import pytest
 from dp_accounting import pld, rdp
 
 from common.privacy import distributed as dd
-from common.secagg.protocol import COLLECT
+from common.secagg.protocol import COLLECT, SecAggError
 from common.secagg.quantize import range_for
 from tests.common.test_secagg_protocol import run
 
@@ -26,6 +26,15 @@ def test_round_noise_multiplier_after_dropouts():
     assert dd.round_noise_multiplier(1.2, 5, 1, 1) == pytest.approx(1.2)  # within the T budgeted for
     assert dd.round_noise_multiplier(1.2, 5, 1, 2) == pytest.approx(1.2 * math.sqrt(3 / 4))
     assert dd.round_noise_multiplier(1.2, 5, 1, 5) == 0.0
+
+
+def test_secagg_threshold_refuses_sums_missing_more_than_t_silos():
+    assert dd.secagg_threshold(5, 1) == 4  # S − T beats the majority 3
+    assert dd.secagg_threshold(5, 3) == 3  # the majority floor
+    assert dd.secagg_threshold(20, 2) == 18
+    vectors = {n: np.zeros(10) for n in range(1, 6)}
+    with pytest.raises(SecAggError, match="fewer than the threshold 4"):
+        run(vectors, drop={COLLECT: {1, 2}}, threshold=dd.secagg_threshold(5, 1))
 
 
 @pytest.mark.parametrize(("silos", "t"), [(5, 5), (5, -1), (0, 0)])
