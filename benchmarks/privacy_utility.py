@@ -6,7 +6,9 @@
 Each point is one federated run through fedrec's real ServerApp and ClientApps
 (in-process grid, protobuf round trip of every message). For a target ε the noise
 multiplier is calibrated so that a silo that trains every planned round ends
-exactly at ε (PLD accountant, δ = 1/N^1.1 for the silo's N users; user-level DP).
+exactly at ε (PLD accountant, zero-out relation, user-level DP; δ is the default
+min(1e-5, 1/(10N)) for the silo's N users, so 1e-5 at ML-100K's ~189 users per silo;
+central DP sets δ = 1e-5).
 ``ε = ∞`` is the non-private model (Adam, the standard trainer). The popularity
 ranking is the floor a private model must beat. Test metrics are reported at the
 round with the best validation HR@10 (validation picks the round; hyperparameters
