@@ -1,0 +1,24 @@
+"""The personalization benchmark reports each model at its own best-validation round."""
+
+from benchmarks.personalization import SETTINGS, best_round
+
+
+def test_best_round_is_chosen_on_validation_only_earliest_on_ties():
+    # Arrange: round 2 and 3 tie on global validation; round 3 has the best personalized validation.
+    rounds = [
+        {"round": 1, "evaluate": {"val-hr@10": 0.5, "personalized-val-hr@10": 0.6, "test-hr@10": 0.9}},
+        {"round": 2, "evaluate": {"val-hr@10": 0.7, "personalized-val-hr@10": 0.6, "test-hr@10": 0.1}},
+        {"round": 3, "evaluate": {"val-hr@10": 0.7, "personalized-val-hr@10": 0.8, "test-hr@10": 0.2}},
+        {"round": 4, "evaluate": {}},
+    ]
+    # Act / Assert
+    assert best_round(rounds, "")["round"] == 2
+    assert best_round(rounds, "personalized-")["round"] == 3
+
+
+def test_settings_are_iid_and_the_two_dirichlet_alphas():
+    assert SETTINGS == {
+        "iid": {"data.skew": "iid"},
+        "dirichlet-0.1": {"data.skew": "dirichlet", "data.dirichlet-alpha": 0.1},
+        "dirichlet-0.5": {"data.skew": "dirichlet", "data.dirichlet-alpha": 0.5},
+    }
