@@ -46,13 +46,25 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from logging import ERROR
-from typing import IO
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:  # Flower's types, for annotations only (imported lazily at run time)
+    from flwr.app import Context, Message
+    from flwr.supercore.fab import Fab
+    from flwr.supercore.run import Run
+    from flwr.supercore.runtime import RuntimeHttpClient
 
 DEFAULT_WARM = ("numpy", "torch", "flwr.clientapp", "flwr.supernode.runtime.run_clientapp")
 """Modules a fresh worker imports before its first task (third-party only: see above)."""
 
 DEFAULT_POLL = 0.1
 """Seconds between the host's ``AcquireTask`` requests while no task is pending."""
+
+PULL_BACKOFF = 0.05
+"""Seconds before the first retry of a message object the SuperNode does not have yet."""
+
+PULL_BACKOFF_CAP = 1.0
+"""Longest wait between such retries."""
 
 _OK = "ok"
 _FAILED = "failed"
@@ -80,7 +92,7 @@ def run_task(runtime_api_address: str, token: str, installed: set[str]) -> bool:
     from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
-    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+    from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
     retry = make_simple_http_retry_invoker()
     client = RuntimeHttpClient.from_server_address(
@@ -164,6 +176,50 @@ def work(runtime_api_address: str, warm: Sequence[str], tasks: IO[str], replies:
         if not ok:
             return 1
     return 0
+
+
+def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, Fab]:
+    """Flower's ``run_clientapp.pull_task_input`` (flwr 1.42) with a short retry for the message's objects.
+
+    The SuperNode hands out the task before it has all of the message's objects from the
+    SuperLink; Flower's pull then retries after 1 s, 2 s, 4 s
+    (``flwr.supercore.constant.PULL_INITIAL_BACKOFF = 1``), which a ``flwr-clientapp``'s
+    ~2 s start-up used to hide. This one retries after :data:`PULL_BACKOFF` s, doubling
+    up to :data:`PULL_BACKOFF_CAP` s (parameters of Flower's own pull function).
+    """
+    from flwr.app import Message
+    from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+    from flwr.proto.node_pb2 import Node
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf,
+        make_pull_object_fn_protobuf,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.supercore.task_identity import TaskIdentity
+
+    res = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id = res.task_id
+    TaskIdentity.run_id = res.run.run_id
+    TaskIdentity.node_id = res.context.node_id
+    context = context_from_proto(res.context)
+    run = run_from_proto(res.run)
+    fab = fab_from_proto(res.fab)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("No messages received from Runtime API")
+    node = Node(node_id=context.node_id)
+    tree = pulled.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree,
+        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+        return_type=Message,
+        initial_backoff=PULL_BACKOFF,
+        backoff_cap=PULL_BACKOFF_CAP,
+    )
+    message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower's: not in the deflated message
+    return message, context, run, fab
 
 
 # ---------------------------------------------------------------- host side
