@@ -184,10 +184,11 @@ def _full_ranking_sums(
 ) -> dict[str, SumValue]:
     users = np.flatnonzero(split.test_item != NO_ITEM)
     cutoffs = sorted({protocol.k, protocol.full_ranking_k})
-    recall = dict.fromkeys(cutoffs, 0.0)
-    ndcg = dict.fromkeys(cutoffs, 0.0)
+    # Per-user ranks and ARPs are kept (U numbers) and summed once at the end, so
+    # the sums do not depend on the block sizes (float addition is not associative).
+    all_ranks: list[NDArray[np.int64]] = []
+    all_arp: list[NDArray[np.float64]] = []
     exposure = np.zeros(split.num_items, dtype=np.int64)
-    arp = 0.0
     # Train items of each user, as a CSR-like index for building exclusion masks.
     order = np.argsort(split.train_user, kind="stable")
     starts = np.searchsorted(split.train_user[order], np.arange(split.num_users + 1))
@@ -204,18 +205,17 @@ def _full_ranking_sums(
         exclude[rows, cols] = True
         exclude[np.arange(len(chunk)), split.test_item[chunk]] = False
         ranks = metrics.full_ranking_ranks(scores, split.test_item[chunk], exclude)
-        for c in cutoffs:
-            recall[c] += float(metrics.hits_at_k(ranks, c).sum())
-            ndcg[c] += float(metrics.dcg_at_k(ranks, c).sum())
+        all_ranks.append(ranks)
         top = metrics.top_k_items(scores, exclude, protocol.k)
         exposure += metrics.item_exposure_counts(top, split.num_items)
-        arp += float(metrics.arp_per_user(top, item_popularity).sum())
+        all_arp.append(metrics.arp_per_user(top, item_popularity))
+    ranks = np.concatenate(all_ranks) if all_ranks else np.zeros(0, dtype=np.int64)
     sums: dict[str, SumValue] = {}
     for c in cutoffs:
-        sums[f"test-full-recall@{c}"] = recall[c]
-        sums[f"test-full-ndcg@{c}"] = ndcg[c]
+        sums[f"test-full-recall@{c}"] = float(metrics.hits_at_k(ranks, c).sum())
+        sums[f"test-full-ndcg@{c}"] = float(metrics.dcg_at_k(ranks, c).sum())
     sums["exposure"] = exposure.astype(float).tolist()
-    sums["arp"] = arp
+    sums["arp"] = float(np.concatenate(all_arp).sum()) if all_arp else 0.0
     return sums
 
 
