@@ -12,20 +12,22 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from logging import WARNING
+from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from flwr.supercore import log
 
 from common import records
 from common.config import AppConfig
 from common.data.split import UserSplit
 from common.models import Recommender
-from common.privacy.accounting import Accountant, calibrate_noise, choose_delta
+from common.privacy import release
+from common.privacy.accounting import Accountant, calibrate_noise, choose_delta, would_exceed
 from common.privacy.dpsgd import CsprngNormal, NoiseSource, TorchNormal
-from common.privacy.events import PrivacyRelease, silo_owner
+from common.privacy.events import MechanismUse, PrivacyRelease, silo_owner
 from common.privacy.ledger import Chain
 from common.privacy.local import LocalDPSettings, UnitSampler, dp_train, steps_per_round
 from common.training import TrainStats
@@ -62,7 +64,12 @@ def new_accountant(cfg: AppConfig, split: UserSplit, partition_id: int) -> Accou
         log(WARNING, "%s", chosen.warning)
     delta = chosen.delta
     sigma = p.noise_multiplier or calibrate_noise(
-        sampler.sample_rate, steps * cfg.num_server_rounds, p.target_epsilon, delta, cfg.privacy.accountant
+        sampler.sample_rate,
+        steps * cfg.num_server_rounds,
+        p.target_epsilon,
+        delta,
+        cfg.privacy.accountant,
+        planned_evaluations(cfg),
     )
     return Accountant(
         owner=silo_owner(partition_id),
@@ -93,6 +100,64 @@ def load_accountant(state: RecordDict, cfg: AppConfig, split: UserSplit, partiti
 def save_accountant(state: RecordDict, acc: Accountant) -> None:
     """Keep the accountant in node state."""
     state[records.STATE_PRIVACY] = ConfigRecord(acc.to_json())
+
+
+def planned_evaluations(cfg: AppConfig) -> tuple[MechanismUse, ...]:
+    """The noisy evaluations of the run (``privacy.release.evaluation = noisy``), for calibration.
+
+    The server evaluates every ``eval.every`` rounds and after the last one.
+    """
+    if cfg.privacy.release.evaluation != "noisy":
+        return ()
+    rounds = cfg.num_server_rounds
+    count = sum(1 for r in range(1, rounds + 1) if r % cfg.eval.every == 0 or r == rounds)
+    return (MechanismUse(cfg.privacy.release.evaluation_noise, 1.0, count),)
+
+
+def noisy_evaluation(
+    state: RecordDict,
+    cfg: AppConfig,
+    split: UserSplit,
+    partition_id: int,
+    server_round: int,
+    sums: dict[str, Any],
+    held_by_server: int,
+) -> RecordDict | None:
+    """The reply of a noisy evaluation (sums + noise, its release, new ledger lines), or None.
+
+    None when the silo has no accountant yet (it never trained) or when the release
+    would take its ε above ``privacy.local.target-epsilon``: the evaluation is then
+    withheld. The release is composed into the same accountant and ledger as the
+    silo's DP-SGD rounds.
+    """
+    if records.STATE_PRIVACY not in state.config_records:
+        return None
+    acc = load_accountant(state, cfg, split, partition_id)
+    use = MechanismUse(cfg.privacy.release.evaluation_noise, 1.0, 1)
+    if acc.target_epsilon > 0:
+        exceeds, after = would_exceed(acc.uses, use, acc.delta, acc.target_epsilon, acc.accountant)
+        if exceeds:
+            log(
+                INFO,
+                "silo %d withholds its evaluation of round %d: a noisy release would take ε to %.3f > budget %g",
+                partition_id, server_round, after, acc.target_epsilon,
+            )
+            return None
+    rng = np.random.default_rng(secrets.randbits(128))  # fresh OS entropy, as for DP-SGD's batches
+    noisy = release.noisy_evaluation(sums, cfg.eval.k, use.noise_multiplier, rng)
+    sensitivity = release.evaluation_sensitivity(cfg.eval.k)
+    event = acc.evaluation_release(server_round, use, sensitivity, release.NOISY_RELEASED)
+    chain = load_ledger(state, partition_id)
+    chain.append_release(event)
+    save_ledger(state, chain)
+    save_accountant(state, acc)
+    return RecordDict(
+        {
+            records.METRICS: MetricRecord({**noisy, records.EVAL_NOISY: 1, records.PARTITION_ID: partition_id}),
+            records.PRIVACY: ConfigRecord(event.to_json()),
+            records.LEDGER: ledger_record(chain, partition_id, held_by_server),
+        }
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,8 +7,11 @@ and ``RecordDict`` but knows nothing of how messages travel.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from logging import INFO, WARNING
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.supercore import log
@@ -20,7 +23,10 @@ from common import records
 from common.config import AppConfig, NodeConfig
 from common.data.silo import SiloData
 from common.models import Recommender, shared_state
+from common.privacy import release
 from common.training import TrainStats
+
+SILO_REPORT = "silo-report.jsonl"  # in the silo's state dir: what the release policy keeps in the silo
 
 
 @dataclass(slots=True)
@@ -102,15 +108,51 @@ def evaluate(session: Session) -> RecordDict:
         state = session.context.state
         sums.update(personalize.evaluate(session.model, session.cfg, session.data, session.partition_id,
                                          session.server_round, state, where))
+    if release.is_private(session.cfg.privacy.mode):
+        return _private_evaluation(session, sums)
     users = sums["test-users"]
     assert isinstance(users, (int, float))
     metrics = MetricRecord({records.NUM_EXAMPLES: int(users), **sums})
     return RecordDict({records.METRICS: metrics})
 
 
+def _private_evaluation(session: Session, sums: dict[str, Any]) -> RecordDict:
+    """Under DP: keep the sums in the silo; release them only through the noisy mechanism.
+
+    ``privacy.release.evaluation = withheld`` (or a noisy release the budget does not
+    allow): the reply says the sums were withheld and nothing else.
+    """
+    _keep_own(session, "evaluation", sums)
+    if session.cfg.privacy.release.evaluation == "noisy":
+        from client import privacy
+
+        state, cfg = session.context.state, session.cfg
+        reply = privacy.noisy_evaluation(
+            state, cfg, session.data.split, session.partition_id, session.server_round, sums, session.held_by_server()
+        )
+        if reply is not None:
+            if session.store is not None:
+                session.store.save_state(state)  # its ledger line and accountant are durable before it is sent
+            return reply
+    withheld = MetricRecord({records.EVAL_WITHHELD: 1, records.PARTITION_ID: session.partition_id})
+    return RecordDict({records.METRICS: withheld})
+
+
+def _keep_own(session: Session, kind: str, values: Mapping[str, Any]) -> None:
+    """What the release policy keeps in the silo: its log, and ``silo-report.jsonl`` in its state dir."""
+    line = {"round": session.server_round, "kind": kind, **{k: v for k, v in values.items() if not isinstance(v, list)}}
+    log(INFO, "silo %d keeps its %s of round %d: %s", session.partition_id, kind, session.server_round, line)
+    if session.store is not None:
+        with (session.store.path / SILO_REPORT).open("a") as f:
+            f.write(json.dumps(line, sort_keys=True) + "\n")
+
+
 def _plain_round(session: Session) -> RecordDict:
     stats = silo.train_round(session.model, session.cfg, session.data, session.partition_id, session.server_round)
     state.save_user_params(session.context.state, session.model)
+    if release.is_private(session.cfg.privacy.mode):  # central DP: the public roster, not a data count
+        _keep_own(session, "training", {"loss": stats.mean_loss, "seconds": stats.seconds})
+        return _trained_content(session.model, session.data.split.num_users, None, session.partition_id)
     return _trained_content(session.model, stats.num_examples, stats, session.partition_id)
 
 
@@ -154,7 +196,8 @@ def _private_round(session: Session) -> RecordDict:
     state.save_user_params(node_state, session.model)
     # FedAvg weight: the silo's population of privacy units (public: it sets q), not
     # the data-dependent count of sampled examples.
-    content = _trained_content(session.model, acc.population, result.stats, pid)
+    _keep_own(session, "training", {"loss": result.stats.mean_loss, "seconds": result.stats.seconds})
+    content = _trained_content(session.model, acc.population, None, pid)
     content[records.PRIVACY] = release
     content[records.LEDGER] = ledger
     return content
@@ -199,17 +242,18 @@ def _repeat(session: Session, store: SiloStore) -> RecordDict:
     return saved
 
 
-def _trained_content(model: Recommender, weight: int, stats: TrainStats, partition_id: int) -> RecordDict:
+def _trained_content(model: Recommender, weight: int, stats: TrainStats | None, partition_id: int) -> RecordDict:
+    """The training reply; ``stats`` None under DP (loss and seconds stay in the silo)."""
+    metrics: dict[str, int | float | list[int] | list[float]] = {
+        records.NUM_EXAMPLES: weight,
+        records.PARTITION_ID: partition_id,
+    }
+    if stats is not None:
+        metrics[records.TRAIN_LOSS] = stats.mean_loss
+        metrics[records.TRAIN_SECONDS] = stats.seconds
     return RecordDict(
         {
             records.ARRAYS: ArrayRecord(torch_state_dict=shared_state(model)),
-            records.METRICS: MetricRecord(
-                {
-                    records.NUM_EXAMPLES: weight,
-                    records.TRAIN_LOSS: stats.mean_loss,
-                    records.TRAIN_SECONDS: stats.seconds,
-                    records.PARTITION_ID: partition_id,
-                }
-            ),
+            records.METRICS: MetricRecord(metrics),
         }
     )

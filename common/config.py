@@ -148,6 +148,19 @@ class LocalPrivacySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ReleaseSettings:
+    """What a silo releases beyond the DP mechanism's output (``[privacy.release]``).
+
+    ``evaluation``: ``withheld`` keeps evaluation sums in the silo; ``noisy`` (local
+    DP only) releases them through an accounted Gaussian of noise multiplier
+    ``evaluation_noise`` (:mod:`common.privacy.release`).
+    """
+
+    evaluation: Literal["withheld", "noisy"]
+    evaluation_noise: float
+
+
+@dataclass(frozen=True, slots=True)
 class CentralPrivacySettings:
     """Client-level DP-FedAvg on the server (``[privacy.central]``); 0 values as for local."""
 
@@ -172,6 +185,7 @@ class PrivacySettings:
     noise_generator: Literal["os-seeded", "csprng"]
     local: LocalPrivacySettings
     central: CentralPrivacySettings
+    release: ReleaseSettings
 
     @property
     def is_local(self) -> bool:
@@ -342,6 +356,10 @@ class AppConfig:
                     target_epsilon=r.float("privacy.central.target-epsilon", lo=0.0),
                     delta=r.float("privacy.central.delta", lo=0.0, hi=0.5),
                 ),
+                release=ReleaseSettings(
+                    evaluation=r.choice("privacy.release.evaluation", ("withheld", "noisy")),
+                    evaluation_noise=r.float("privacy.release.evaluation-noise", lo=0.0, lo_open=True),
+                ),
             ),
             audit=AuditSettings(
                 canaries=r.int("audit.canaries", lo=0),
@@ -365,6 +383,11 @@ class AppConfig:
             plain = cfg.privacy.is_central or cfg.audit.canaries > 0
             auto = "fedavg" if plain else "trimmed-mean"
             cfg = dataclasses.replace(cfg, strategy=dataclasses.replace(cfg.strategy, aggregator=auto))
+        if cfg.privacy.release.evaluation == "noisy" and not cfg.privacy.is_local:
+            raise ConfigError(
+                "privacy.release.evaluation: 'noisy' needs local DP (privacy.mode = local or local+central), "
+                f"whose silos account it in their ledgers; privacy.mode is {cfg.privacy.mode!r}. Use 'withheld'"
+            )
         if cfg.resume and not cfg.run_dir:
             raise ConfigError("resume: name the run to continue with run-dir")
         if cfg.data.dataset != "synthetic" and not cfg.data.path:

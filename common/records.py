@@ -15,6 +15,9 @@ RUN_DIR = "run-dir"  # train/evaluate config: the server's run directory (defaul
 TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"
 PARTITION_ID = "partition-id"  # train metrics: the silo the reply claims to be
+EVAL_WITHHELD = "evaluation-withheld"  # evaluate metrics: 1 = the silo kept its sums (privacy.release)
+EVAL_NOISY = "evaluation-noisy"  # evaluate metrics: 1 = the sums carry accounted Gaussian noise
+EVAL_WITHHELD_SILOS = "withheld-silos"  # aggregated evaluation: silos that withheld their sums
 TRAIN_SILOS = "silos"  # aggregated metrics: silos whose replies were combined
 
 # Keys of the node's persistent state (context.state); never sent.

@@ -65,12 +65,14 @@ def metrics_problem(metrics: MetricRecord | None) -> str | None:
     if metrics is None:
         return f"reply has no '{records.METRICS}' record"
     for key, lo in ((records.NUM_EXAMPLES, 0.0), (records.TRAIN_SECONDS, 0.0)):
+        if key == records.TRAIN_SECONDS and key not in metrics:
+            continue  # under DP a silo keeps its training time (common.privacy.release)
         value = metrics.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             return f"'{key}' must be a finite number, got {value!r}"
         if value < lo or (key == records.NUM_EXAMPLES and value == 0):
             return f"'{key}' must be {'positive' if key == records.NUM_EXAMPLES else '>= 0'}, got {value!r}"
-    loss = metrics.get(records.TRAIN_LOSS)
+    loss = metrics.get(records.TRAIN_LOSS, 0.0)  # absent under DP: the silo keeps it
     if isinstance(loss, bool) or not isinstance(loss, (int, float)):  # NaN: an empty round
         return f"'{records.TRAIN_LOSS}' must be a number, got {loss!r}"
     pid = metrics.get(records.PARTITION_ID)

@@ -136,6 +136,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Scalar]) -> Path:
             evaluate_every=cfg.eval.every,
             on_round_end=recorder.record_round,
             on_release=recorder.record_release,
+            privacy_mode=cfg.privacy.mode,
             config=ConfigRecord({records.RUN_UID: recorder.run_uid, records.RUN_DIR: str(run_dir.path)}),
         )
     if isinstance(strategy, ClientLevelDP) and strategy.canaries is not None:

@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.supercore import log
 
 from common import records
+from common.privacy import release
 from common.privacy.events import PrivacyRelease
 from common.round_record import RoundRecord
 from server.metered_grid import MeteredGrid
@@ -34,12 +35,14 @@ def run_rounds(
     on_round_end: Callable[[RoundRecord, ArrayRecord], None],
     on_release: Callable[[PrivacyRelease], None],
     config: ConfigRecord | None = None,
+    privacy_mode: str = "none",
 ) -> ArrayRecord:
     """Run rounds ``first_round..last_round``; return the final shared arrays.
 
     ``on_round_end`` receives each round's record (with the strategy's events of
     that round) and the aggregated arrays (checkpointing happens there, before the
-    next round starts). ``on_release`` receives the server's own privacy release
+    next round starts), redacted by the release policy of ``privacy_mode``
+    (:func:`common.privacy.release.redact_round`). ``on_release`` receives the server's own privacy release
     (central DP) as soon as it is made, before the new model is sent anywhere.
     """
     base = config or ConfigRecord()
@@ -63,7 +66,9 @@ def run_rounds(
                 timeout=timeout,
             )
             eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
-            events.rejected += strategy.take_events().rejected  # evaluation replies that were rejected
+            evaluated = strategy.take_events()
+            events.rejected += evaluated.rejected  # evaluation replies that were rejected
+            events.privacy += evaluated.privacy  # noisy evaluations' releases
         traffic = grid.reset()
         record = RoundRecord(
             server_round=server_round,
@@ -79,6 +84,7 @@ def run_rounds(
             central_counts=events.central_counts,
             silos=tuple(events.silos),
         )
+        record = release.redact_round(record, privacy_mode)
         on_round_end(record, arrays)
         log(INFO, "fedrec %s", progress_line(record, last_round))
         for line in privacy_lines(record):

@@ -15,6 +15,7 @@ from common import records
 from common.config import StrategySettings
 from common.evaluation import EvalProtocol, add_sums, summarize, sums_problem
 from common.models import ITEM_TABLES
+from common.privacy import release
 from common.privacy.clipping import l2_norm
 from server import defences, validation
 from server.ledger import RunLedgers
@@ -98,21 +99,58 @@ class SharedModelFedAvg(FedAvg):
             config = ConfigRecord({**config, records.LEDGER_COUNTS: self.ledgers.counts()})
         return super().configure_train(server_round, arrays, config, grid)
 
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Tell silos what ledger lines we hold (a noisy evaluation sends only new ones)."""
+        if self.ledgers is not None:
+            config = ConfigRecord({**config, records.LEDGER_COUNTS: self.ledgers.counts()})
+        return super().configure_evaluate(server_round, arrays, config, grid)
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Add up the valid silos' evaluation sums; an unusable reply is rejected and recorded."""
-        valid = []
+        """Add up the valid silos' evaluation sums; an unusable reply is rejected and recorded.
+
+        Under the release policy (:mod:`common.privacy.release`) a silo may withhold
+        its sums (counted) or send noisy ones with their privacy release and ledger
+        lines (verified like a training reply's, the release kept in the round's
+        events); noisy and exact sums are never pooled together.
+        """
+        valid, noisy, withheld = [], [], 0
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
                 self._reject(server_round, node, f"evaluation: silo failed: {msg.error.reason}")
                 continue
             metrics = msg.content.metric_records.get(records.METRICS)
+            if metrics is not None and metrics.get(records.EVAL_WITHHELD) == 1:
+                withheld += 1
+                continue
+            if metrics is not None and metrics.get(records.EVAL_NOISY) == 1:
+                problem = self._receive_ledger(msg.content) or release.noisy_problem(metrics, self.k)
+                rel, release_problem = validation.privacy_release(msg.content)
+                if problem is None and release_problem is None and rel is not None:
+                    self._events.privacy.append(rel)
+                    noisy.append(dict(metrics))
+                else:
+                    self._reject(server_round, node, f"evaluation: {problem or release_problem or 'no privacy record'}")
+                continue
             problem = "reply has no metrics" if metrics is None else self._sums_problem(metrics)
             if problem is not None:
                 self._reject(server_round, node, f"evaluation: {problem}")
                 continue
             valid.append(msg.content)
-        return _aggregate_eval_sums(valid, self.k) if valid else None
+        if valid and noisy:
+            self._reject(server_round, 0, "evaluation: exact and noisy sums in one round; only the noisy ones are used")
+            valid = []
+        out: dict[str, int | float | list[int] | list[float]] = {}
+        if valid:
+            out.update(_aggregate_eval_sums(valid, self.k))
+        elif noisy:
+            out.update(release.noisy_summary(noisy, self.k))
+            out[records.TRAIN_SILOS] = len(noisy)
+        if withheld:
+            out[records.EVAL_WITHHELD_SILOS] = withheld
+        return MetricRecord(out) if out else None
 
     def _sums_problem(self, metrics: MetricRecord) -> str | None:
         sums = {k: v for k, v in metrics.items() if k != records.NUM_EXAMPLES}
@@ -269,17 +307,22 @@ class SharedModelFedAvg(FedAvg):
 
 
 def _aggregate_train_metrics(contents: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Weight sum and silo count; loss and seconds only when every silo sent them.
+
+    Under DP (:mod:`common.privacy.release`) silos keep their loss and seconds.
+    """
     metrics = [c.metric_records[records.METRICS] for c in contents]
     weights = np.array([float(m[weight_key]) for m in metrics])  # type: ignore[arg-type]
-    losses = np.array([float(m[records.TRAIN_LOSS]) for m in metrics])  # type: ignore[arg-type]
-    return MetricRecord(
-        {
-            records.NUM_EXAMPLES: int(weights.sum()),
-            records.TRAIN_LOSS: float(weights @ losses / weights.sum()),
-            records.TRAIN_SECONDS: max(float(m[records.TRAIN_SECONDS]) for m in metrics),  # type: ignore[arg-type]
-            records.TRAIN_SILOS: len(metrics),
-        }
-    )
+    out: dict[str, int | float | list[int] | list[float]] = {
+        records.NUM_EXAMPLES: int(weights.sum()),
+        records.TRAIN_SILOS: len(metrics),
+    }
+    if all(records.TRAIN_LOSS in m for m in metrics):
+        losses = np.array([float(m[records.TRAIN_LOSS]) for m in metrics])  # type: ignore[arg-type]
+        out[records.TRAIN_LOSS] = float(weights @ losses / weights.sum())
+    if all(records.TRAIN_SECONDS in m for m in metrics):
+        out[records.TRAIN_SECONDS] = max(float(m[records.TRAIN_SECONDS]) for m in metrics)  # type: ignore[arg-type]
+    return MetricRecord(out)
 
 
 def _aggregate_eval_sums(contents: list[RecordDict], k: int) -> MetricRecord:

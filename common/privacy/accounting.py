@@ -22,7 +22,14 @@ import dp_accounting
 from dp_accounting import pld, rdp
 
 from common.errors import ConfigError
-from common.privacy.events import BUDGET_DECLINE, DP_FEDAVG, DP_SGD, MechanismUse, PrivacyRelease
+from common.privacy.events import (
+    BUDGET_DECLINE,
+    DP_EVALUATION,
+    DP_FEDAVG,
+    DP_SGD,
+    MechanismUse,
+    PrivacyRelease,
+)
 
 AccountantName = Literal["pld", "rdp"]
 # PLD discretisation: ε is an upper bound whose slack is about this interval per
@@ -120,8 +127,12 @@ def calibrate_noise(
     target_epsilon: float,
     delta: float,
     accountant: AccountantName = "pld",
+    extra: tuple[MechanismUse, ...] = (),
 ) -> float:
     """The smallest σ (to 1e-3 relative) for which ``steps`` steps at rate q stay within ε.
+
+    ``extra`` are planned uses of fixed σ composed with them (a silo's noisy
+    evaluations): the budget covers both.
 
     Raises
     ------
@@ -134,7 +145,8 @@ def calibrate_noise(
         return 0.0
 
     def event(sigma: float) -> dp_accounting.DpEvent:
-        return dp_event(MechanismUse(sigma, sample_rate, steps))
+        main = dp_event(MechanismUse(sigma, sample_rate, steps))
+        return dp_accounting.ComposedDpEvent([main, *(dp_event(u) for u in extra)]) if extra else main
 
     def calibrate(name: AccountantName, bracket: dp_accounting.BracketInterval) -> float:
         return float(
@@ -155,7 +167,7 @@ def calibrate_noise(
             f"over {steps} steps: {exc}"
         ) from exc
     # calibrate returns a value within tol of the boundary: make sure it is on the safe side.
-    while epsilon([MechanismUse(sigma, sample_rate, steps)], delta, accountant) > target_epsilon:
+    while epsilon([MechanismUse(sigma, sample_rate, steps), *extra], delta, accountant) > target_epsilon:
         sigma *= 1.001
     return float(sigma)
 
@@ -419,6 +431,31 @@ class Accountant:
             expected_batch_size=first.expected_batch_size,
         )
         for rel in releases:
-            if rel.use is not None:
+            if rel.kind == DP_EVALUATION and rel.use is not None:
+                acc.uses.append(rel.use)  # composed, but not a trained round
+            elif rel.use is not None:
                 acc.record(rel.server_round, rel.use)
         return acc
+
+    def evaluation_release(self, server_round: int, use: MechanismUse, clip: float, released: str) -> PrivacyRelease:
+        """Compose one noisy evaluation (``use``: σ, q = 1, one step) and return its release."""
+        self.uses.append(use)
+        return PrivacyRelease(
+            owner=self.owner,
+            server_round=server_round,
+            kind=DP_EVALUATION,
+            unit=self.unit,
+            accountant=self.accountant,
+            delta=self.delta,
+            delta_rule=self.delta_rule,
+            epsilon=self.epsilon(),
+            target_epsilon=self.target_epsilon,
+            noise_multiplier=use.noise_multiplier,
+            sample_rate=use.sample_rate,
+            clip=clip,
+            population=self.population,
+            steps=use.steps,
+            total_steps=sum(u.steps for u in self.uses),
+            rounds_trained=len(self.rounds),
+            released=released,
+        )

@@ -23,8 +23,9 @@ SAMPLING: Final = "poisson"
 DP_SGD: Final = "dp-sgd"  # a silo's local DP-SGD round
 BUDGET_DECLINE: Final = "budget-decline"  # a silo declined a round: it would exceed its budget
 DP_FEDAVG: Final = "dp-fedavg"  # the server's client-level DP aggregation
-MECHANISM_KINDS: Final = (DP_SGD, DP_FEDAVG)
-RELEASE_KINDS: Final = (DP_SGD, BUDGET_DECLINE, DP_FEDAVG)
+DP_EVALUATION: Final = "dp-evaluation"  # a silo's noisy evaluation sums (Gaussian, q = 1, one step)
+MECHANISM_KINDS: Final = (DP_SGD, DP_FEDAVG, DP_EVALUATION)
+RELEASE_KINDS: Final = (DP_SGD, BUDGET_DECLINE, DP_FEDAVG, DP_EVALUATION)
 
 SERVER_OWNER: Final = "server"
 
