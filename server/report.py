@@ -183,12 +183,13 @@ def render_report(rounds: list[RoundRecord], k: int, plot_name: str, *, run_dir:
     elif private and facts.evaluation_release != "noisy":
         lines += [
             "**Evaluation withheld:** under differential privacy the silos send no evaluation sums "
-            "(`privacy.release.evaluation = withheld`); each silo's own report holds its metrics. "
+            "(`privacy.release.evaluation = withheld`); each silo keeps its own in `silo-report.jsonl` "
+            "in its state directory. "
             "`privacy.release.evaluation = noisy` (local DP) releases noisy, accounted sums instead.",
             "",
         ]
     lines += [f"![metrics]({plot_name})", "", "## Rounds", ""]
-    keys = [f"val-hr@{k}", f"test-hr@{k}", f"test-ndcg@{k}"]
+    keys = [key for key in (f"val-hr@{k}", f"test-hr@{k}", f"test-ndcg@{k}") if any(key in r.evaluate for r in rounds)]
     full = sorted({key for r in rounds for key in r.evaluate if key.startswith("test-full-")})
     extra = [key for key in (f"coverage@{k}", f"arp@{k}", f"test-hr@{k}-gap-least-most-active")
              if any(key in r.evaluate for r in rounds)]
@@ -221,7 +222,8 @@ def _evaluation_note(facts: RunFacts) -> str:
             "statement above. The training loss is withheld: it stays in each silo."
         )
     return (
-        "Under differential privacy the training loss is withheld (it stays in each silo); "
+        "Under differential privacy the training loss is withheld (it stays in each silo's "
+        "`silo-report.jsonl`); "
         "evaluation metrics appear only when the silos release noisy, accounted sums."
     )
 
@@ -360,7 +362,7 @@ def render_privacy(rounds: list[RoundRecord], mode: str, plot_name: str, *, run_
             lines.append(
                 f"| {silo} | {e.population} | {e.delta:.2e} | {e.noise_multiplier:.4f} | "
                 f"{e.sample_rate:.4f} | {e.clip:g} | {e.rounds_trained} | {e.total_steps} | "
-                f"{spent[silo]:.4f} | {e.target_epsilon:g} |"
+                f"{spent[silo]:.4f} | {f'{e.target_epsilon:g}' if e.target_epsilon else 'none'} |"
             )
         if any(e.kind == DP_EVALUATION for r in rounds for e in r.privacy):
             lines += ["", "ε includes each silo's noisy evaluations (`dp-evaluation` releases in its ledger)."]
@@ -415,7 +417,8 @@ def render_privacy(rounds: list[RoundRecord], mode: str, plot_name: str, *, run_
             "silo is included with probability q; each update is clipped to S; Gaussian noise "
             f"of std z·S is added to the sum. N = {c.population} silos (public roster), "
             f"q = {c.sample_rate:g}, z = {c.noise_multiplier:.4f}, S = {c.clip:g}, δ = {c.delta:.2e}, "
-            f"accountant {c.accountant.upper()}, budget {c.target_epsilon:g}.",
+            f"accountant {c.accountant.upper()}, "
+            + (f"budget {c.target_epsilon:g}." if c.target_epsilon else "no budget."),
             "",
         ]
         if any(r.central_counts is not None for r, _ in central):

@@ -74,13 +74,19 @@ def render_statement(result: AuditResult) -> str:
     if result.warnings:
         lines += ["", "Warnings:", ""] + [f"- {w}" for w in result.warnings]
     lines += ["", "## Threat model and what is released", ""]
+    lines.append(f"- Privacy mode: `{mode}`.")
+    if "local" in mode:
+        lines.append(
+            "- Local DP (`dp-sgd` events): each silo trains with DP-SGD before anything leaves it, so the "
+            "guarantee holds against the server, the other silos and anyone who sees the released "
+            "models; the silo itself is trusted with its own users' data."
+        )
+    if "central" in mode:
+        lines.append(
+            "- Central DP (`dp-fedavg` events): the server is trusted to clip, sample and add noise; the "
+            "guarantee holds for whoever sees the released shared models and the run directory."
+        )
     lines += [
-        f"- Privacy mode: `{mode}`.",
-        "- Local DP (`dp-sgd` events): each silo trains with DP-SGD before anything leaves it, so the "
-        "guarantee holds against the server, the other silos and anyone who sees the released "
-        "models; the silo itself is trusted with its own users' data.",
-        "- Central DP (`dp-fedavg` events): the server is trusted to clip, sample and add noise; the "
-        "guarantee holds for whoever sees the released shared models and the run directory.",
         "- Neighbouring relation: zero-out (one unit's data replaced by none); each owner's roster "
         "size N is public and the same for both neighbours.",
         "- Released under DP: the shared model parameters after every round (item embeddings and "
