@@ -32,6 +32,7 @@ import torch
 
 from common.config import AppConfig
 from common.run_config import Scalar, load_default_run_config
+from common.silo_reports import pooled_evaluation
 from simulations.centralized import best_epoch, run_centralized
 from simulations.inprocess import run_inprocess
 
@@ -71,11 +72,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def run_point(base: dict[str, Scalar], overrides: dict[str, Scalar], silos: int, run_dir: Path) -> dict[str, Any]:
     """One federated run; metrics at the best-validation round and the final ε."""
-    cfg = {**base, **overrides, "run-dir": str(run_dir)}
+    cfg = {**base, **overrides, "run-dir": str(run_dir), "state-root": str(run_dir / "silos")}
     start = time.perf_counter()
     run_inprocess(cfg, num_nodes=silos)
     rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    best = max((r for r in rounds if r["evaluate"]), key=lambda r: r["evaluate"]["val-hr@10"])
+    # Under DP the silos withhold their evaluation sums from the server (the release
+    # policy); this simulation holds every silo, so it pools their own reports.
+    pooled = pooled_evaluation(run_dir / "silos", 10)
+    for r in rounds:
+        if "val-hr@10" not in r["evaluate"] and r["round"] in pooled:
+            r["evaluate"] = pooled[r["round"]]
+    best = max((r for r in rounds if r["evaluate"].get("val-hr@10") is not None), key=lambda r: r["evaluate"]["val-hr@10"])
     local = [e for r in rounds for e in r["privacy"]]
     central = [r["central-privacy"] for r in rounds if r.get("central-privacy")]
     return {
