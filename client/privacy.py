@@ -26,6 +26,7 @@ from common.data.split import UserSplit
 from common.models import Recommender
 from common.privacy import release
 from common.privacy.accounting import Accountant, calibrate_noise, choose_delta, would_exceed
+from common.privacy.calibration_cache import calibrated
 from common.privacy.dpsgd import CsprngNormal, NoiseSource, TorchNormal
 from common.privacy.events import MechanismUse, PrivacyRelease, silo_owner
 from common.privacy.ledger import Chain
@@ -63,7 +64,8 @@ def new_accountant(cfg: AppConfig, split: UserSplit, partition_id: int) -> Accou
     if chosen.warning:
         log(WARNING, "%s", chosen.warning)
     delta = chosen.delta
-    sigma = p.noise_multiplier or calibrate_noise(
+    # σ for identical inputs is solved once and cached on disk (common.privacy.calibration_cache).
+    sigma = p.noise_multiplier or calibrated(calibrate_noise, lambda m: log(INFO, "%s", m))(
         sampler.sample_rate,
         steps * cfg.num_server_rounds,
         p.target_epsilon,

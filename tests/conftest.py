@@ -1,5 +1,7 @@
 """Shared fixtures."""
 
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +12,10 @@ from flwr.supercore.task_identity import TaskIdentity
 from common.run_config import load_default_run_config
 
 REPO = Path(__file__).resolve().parents[1]
+
+# σ calibrations are cached on disk (common.privacy.calibration_cache): tests (and the
+# simulations they start) use a fresh directory of their own, never the user's cache.
+os.environ["FEDREC_CACHE_DIR"] = tempfile.mkdtemp(prefix="fedrec-test-cache-")
 
 
 @pytest.fixture(autouse=True)
