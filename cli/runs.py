@@ -42,6 +42,31 @@ def run_dir_session(run: RunDir) -> Iterator[None]:
             yield
 
 
+def print_silo_evaluation(state_root: Path, k: int) -> None:
+    """Under DP: the evaluation the silos kept for themselves, pooled (a simulation holds them all)."""
+    from rich.table import Table
+
+    from common.silo_reports import pooled_evaluation
+
+    try:
+        pooled = pooled_evaluation(state_root, k)
+    except (OSError, ValueError) as e:
+        err.print(f"[yellow]warning:[/] cannot read the silos' own reports: {e}")
+        return
+    if not pooled:
+        return
+    table = Table(
+        title="fedrec: evaluation kept in the silos (not sent to the server under DP; "
+        "pooled here because this simulation holds every silo)"
+    )
+    keys = [f"val-hr@{k}", f"test-hr@{k}", f"test-ndcg@{k}"]
+    for col in ["round", "silos", *keys]:
+        table.add_column(col, justify="right")
+    for rnd, m in pooled.items():
+        table.add_row(str(rnd), f"{m['silos']:.0f}", *(f"{m[key]:.4f}" if key in m else "-" for key in keys))
+    console.print(table)
+
+
 def unwind_on_sigterm() -> None:
     """Make SIGTERM unwind like Ctrl-C, so every Flower process we started is stopped."""
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
@@ -70,6 +95,7 @@ def summarise_run(run: RunDir, rc: int, *, num_rounds: int, k: int, privacy_mode
         raise typer.Exit(1)
     print_rounds(rounds_done, k)
     if privacy_mode != "none":
+        print_silo_evaluation(run.silo_states, k)
         print_privacy(rounds_done)
     if stop_reason:
         console.print(f"[bold yellow]stopped after round {len(rounds_done)}:[/] {stop_reason}")
