@@ -172,6 +172,32 @@ class CentralPrivacySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class DistributedPrivacySettings:
+    """User-level DP over the union of all silos' users under secure aggregation (``[privacy.distributed]``).
+
+    Each round every silo Poisson-samples its users at q = ``users_per_round`` / N_total,
+    clips each sampled user's delta of the shared model to ``clip``, adds its noise share
+    σ·C/√(S − T) (T = ``max_dishonest_silos``) and the server divides the secure sum by
+    q·N_total (:mod:`common.privacy.distributed`, docs/secure-aggregation.md). 0 values as for
+    local DP: σ calibrated to ``target_epsilon``; δ = min(1e-5, 1/(10·N_total)).
+    """
+
+    noise_multiplier: float
+    clip: float
+    users_per_round: float  # expected users per round over the union (q = users_per_round / N_total)
+    target_epsilon: float
+    delta: float
+    max_dishonest_silos: int
+    user_steps: int  # full-batch Adam steps on each user's own rows per round (never released)
+    user_lr: float
+    lr: float  # learning rate of one user's local step on the shared parameters
+    server_lr: float
+    server_momentum: float
+    popularity: bool  # DP item-popularity histogram at round 1: initialises the item biases
+    popularity_epsilon_fraction: float  # share of target_epsilon the histogram spends
+
+
+@dataclass(frozen=True, slots=True)
 class PrivacySettings:
     """Where noise goes (``mode``), the accountant of record, and each mechanism's settings.
 
@@ -180,12 +206,13 @@ class PrivacySettings:
     operating system's CSPRNG, slower); central DP's noise does not use it.
     """
 
-    mode: Literal["none", "local", "central", "local+central"]
+    mode: Literal["none", "local", "central", "local+central", "distributed"]
     accountant: Literal["pld", "rdp"]
     noise_generator: Literal["os-seeded", "csprng"]
     local: LocalPrivacySettings
     central: CentralPrivacySettings
     release: ReleaseSettings
+    distributed: DistributedPrivacySettings
 
     @property
     def is_local(self) -> bool:
@@ -331,7 +358,7 @@ class AppConfig:
                 min_cosine=r.float("strategy.min-cosine", lo=-1.0, hi=1.0),
             ),
             privacy=PrivacySettings(
-                mode=r.choice("privacy.mode", ("none", "local", "central", "local+central")),
+                mode=r.choice("privacy.mode", ("none", "local", "central", "local+central", "distributed")),
                 accountant=r.choice("privacy.accountant", ("pld", "rdp")),
                 noise_generator=r.choice("privacy.noise-generator", ("os-seeded", "csprng")),
                 local=LocalPrivacySettings(
@@ -360,6 +387,23 @@ class AppConfig:
                     evaluation=r.choice("privacy.release.evaluation", ("withheld", "noisy")),
                     evaluation_noise=r.float("privacy.release.evaluation-noise", lo=0.0, lo_open=True),
                 ),
+                distributed=DistributedPrivacySettings(
+                    noise_multiplier=r.float("privacy.distributed.noise-multiplier", lo=0.0),
+                    clip=r.float("privacy.distributed.clip", lo=0.0, lo_open=True),
+                    users_per_round=r.float("privacy.distributed.users-per-round", lo=0.0, lo_open=True),
+                    target_epsilon=r.float("privacy.distributed.target-epsilon", lo=0.0),
+                    delta=r.float("privacy.distributed.delta", lo=0.0, hi=0.5),
+                    max_dishonest_silos=r.int("privacy.distributed.max-dishonest-silos", lo=0),
+                    user_steps=r.int("privacy.distributed.user-steps", lo=0),
+                    user_lr=r.float("privacy.distributed.user-lr", lo=0.0),
+                    lr=r.float("privacy.distributed.lr", lo=0.0, lo_open=True),
+                    server_lr=r.float("privacy.distributed.server-lr", lo=0.0, lo_open=True),
+                    server_momentum=r.float("privacy.distributed.server-momentum", lo=0.0, hi=1.0),
+                    popularity=r.bool("privacy.distributed.popularity"),
+                    popularity_epsilon_fraction=r.float(
+                        "privacy.distributed.popularity-epsilon-fraction", lo=0.0, hi=1.0, lo_open=True
+                    ),
+                ),
             ),
             audit=AuditSettings(
                 canaries=r.int("audit.canaries", lo=0),
@@ -380,7 +424,7 @@ class AppConfig:
             # Coordinate-wise trimmed mean bounds one silo's pull on every parameter; under
             # central DP the plain sum has by far the smallest sensitivity (S / (q·N)); an
             # audit run's canaries live in one silo's rows, which a robust aggregate drops.
-            plain = cfg.privacy.is_central or cfg.audit.canaries > 0
+            plain = cfg.privacy.is_central or cfg.audit.canaries > 0 or cfg.privacy.mode == "distributed"
             auto = "fedavg" if plain else "trimmed-mean"
             cfg = dataclasses.replace(cfg, strategy=dataclasses.replace(cfg.strategy, aggregator=auto))
         if cfg.privacy.release.evaluation == "noisy" and not cfg.privacy.is_local:
@@ -460,6 +504,8 @@ class AppConfig:
                 "privacy.central.noise-multiplier: central DP needs a noise multiplier or a "
                 "privacy.central.target-epsilon to calibrate it to"
             )
+        if p.mode == "distributed":
+            _check_distributed(cfg)
         a = cfg.audit
         if a.canaries and not p.is_local:
             raise ConfigError(
@@ -477,6 +523,33 @@ class AppConfig:
                 "it needs audit.canaries or audit.central-canaries"
             )
         return cfg
+
+
+def _check_distributed(cfg: AppConfig) -> None:
+    """``privacy.mode = distributed``: refuse what secure aggregation or the per-user deltas cannot do."""
+    from common.secagg import check_compatible  # common.secagg imports common.errors only
+
+    check_compatible(cfg)
+    dist = cfg.privacy.distributed
+    if dist.noise_multiplier == 0 and dist.target_epsilon == 0:
+        raise ConfigError(
+            "privacy.distributed.noise-multiplier: distributed DP needs a noise multiplier or a "
+            "privacy.distributed.target-epsilon to calibrate it to"
+        )
+    if cfg.model.name != "mf":
+        raise ConfigError(
+            f"model.name: distributed DP computes each sampled user's delta of MF's item tables; "
+            f"model.name {cfg.model.name!r} is not supported with privacy.mode = distributed (use \"mf\")"
+        )
+    if cfg.strategy.fraction_train != 1.0:
+        raise ConfigError(
+            "strategy.fraction-train: distributed DP samples users in every silo itself "
+            "(privacy.distributed.users-per-round); leave strategy.fraction-train at 1.0"
+        )
+    if cfg.audit.canaries or cfg.audit.central_canaries or cfg.personalize.enabled or cfg.resume:
+        raise ConfigError(
+            "privacy.mode = distributed: audit canaries, personalize.enabled and resume are not supported yet"
+        )
 
 
 @dataclass(frozen=True, slots=True)
