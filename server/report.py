@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from common import records
-from common.privacy.events import SERVER_OWNER, PrivacyRelease
-from common.privacy.statement import DP_EVALUATION, run_releases, statements
+from common.privacy.events import DP_EVALUATION, SERVER_OWNER, PrivacyRelease
+from common.privacy.statement import run_releases, statements
 from common.round_record import RoundRecord
 from common.rundir import RunDir, RunDirError
 

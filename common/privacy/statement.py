@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 
 from common.privacy.events import (
     BUDGET_DECLINE,
+    DP_EVALUATION,
     DP_FEDAVG,
     DP_SGD,
     RELATION,
@@ -29,9 +30,6 @@ from common.privacy.events import (
 )
 from common.privacy.ledger import LedgerError, read_ledger, releases
 from common.rundir import RunDir
-
-#: Kind of a silo's accounted noisy evaluation (``privacy.release.evaluation = "noisy"``).
-DP_EVALUATION = "dp-evaluation"
 
 # How many of each mechanism kind, in words: (singular, plural).
 _KIND_WORDS: Mapping[str, tuple[str, str]] = {
@@ -59,7 +57,7 @@ def format_epsilon(value: float) -> str:
         return "∞"
     if value >= 100:
         return f"{value:.0f}"
-    return f"{value:.3g}" if value < 1 else (f"{value:.2f}" if value < 10 else f"{value:.1f}")
+    return f"{value:#.3g}" if value < 1 else (f"{value:.2f}" if value < 10 else f"{value:.1f}")
 
 
 def format_delta(value: float) -> str:

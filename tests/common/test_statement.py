@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from common.privacy import statement
 from common.privacy.events import PrivacyRelease
 from common.privacy.ledger import Chain
 from common.privacy.statement import (
@@ -104,9 +103,7 @@ def test_interaction_unit_counts_interaction_slots():
 
 
 def test_noisy_evaluations_are_counted_next_to_the_training_rounds():
-    # Releases of another mechanism kind are counted by kind, each with its own released text.
-    # (The evaluation kind is the lead's "dp-evaluation"; where events does not accept it yet,
-    # the counting is shown with a release built past the kind check.)
+    # Releases of each mechanism kind are counted by kind, each with its own released text.
     evaluations = [_evaluation(r, 0.8 * r + 0.05) for r in (4, 8, 10)]
     rels = sorted([*_trained(10), *evaluations], key=lambda r: (r.server_round, r.kind != "dp-sgd"))
     text = silo_sentence(rels)
@@ -118,13 +115,10 @@ def test_noisy_evaluations_are_counted_next_to_the_training_rounds():
 
 
 def _evaluation(round_: int, epsilon: float) -> PrivacyRelease:
-    base = _release(round_, epsilon, steps=1, total_steps=6 * round_ + 1)
-    rel = object.__new__(PrivacyRelease)
-    for field in fields(PrivacyRelease):
-        object.__setattr__(rel, field.name, getattr(base, field.name))
-    object.__setattr__(rel, "kind", statement.DP_EVALUATION)
-    object.__setattr__(rel, "released", "noisy evaluation sums (val/test users, hits@k, ndcg@k)")
-    return rel
+    return _release(
+        round_, epsilon, kind="dp-evaluation", noise_multiplier=5.0, sample_rate=1.0, steps=1,
+        total_steps=6 * round_ + 1, released="noisy evaluation sums (val/test users, hits@k, ndcg@k)",
+    )
 
 
 def test_central_dp_is_client_level_over_the_roster_of_silos_and_says_whom_it_trusts():
