@@ -44,11 +44,11 @@ import dp_accounting
 import numpy as np
 from dp_accounting import pld
 
-from common.privacy.events import MechanismUse
+from common.privacy.events import DISTRIBUTED_FEDAVG, DISTRIBUTED_HISTOGRAM, MechanismUse
 from common.secagg.protocol import default_threshold
 
-KIND_TRAINING: Final = "distributed-dp-fedavg"
-KIND_HISTOGRAM: Final = "distributed-dp-histogram"
+KIND_TRAINING: Final = DISTRIBUTED_FEDAVG
+KIND_HISTOGRAM: Final = DISTRIBUTED_HISTOGRAM
 UNIT: Final = "user"
 NEIGHBOURING: Final = "add or remove one user of any silo, with all of their interactions"
 _RELATION = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE

@@ -24,8 +24,12 @@ DP_SGD: Final = "dp-sgd"  # a silo's local DP-SGD round
 BUDGET_DECLINE: Final = "budget-decline"  # a silo declined a round: it would exceed its budget
 DP_FEDAVG: Final = "dp-fedavg"  # the server's client-level DP aggregation
 DP_EVALUATION: Final = "dp-evaluation"  # a silo's noisy evaluation sums (Gaussian, q = 1, one step)
-MECHANISM_KINDS: Final = (DP_SGD, DP_FEDAVG, DP_EVALUATION)
-RELEASE_KINDS: Final = (DP_SGD, BUDGET_DECLINE, DP_FEDAVG, DP_EVALUATION)
+# privacy.mode = distributed (common.privacy.distributed): one round of user-level DP-FedAvg over the
+# union of all silos' users through the secure sum, and the DP item-popularity histogram (q = 1).
+DISTRIBUTED_FEDAVG: Final = "distributed-dp-fedavg"
+DISTRIBUTED_HISTOGRAM: Final = "distributed-dp-histogram"
+MECHANISM_KINDS: Final = (DP_SGD, DP_FEDAVG, DP_EVALUATION, DISTRIBUTED_FEDAVG, DISTRIBUTED_HISTOGRAM)
+RELEASE_KINDS: Final = (DP_SGD, BUDGET_DECLINE, DP_FEDAVG, DP_EVALUATION, DISTRIBUTED_FEDAVG, DISTRIBUTED_HISTOGRAM)
 
 SERVER_OWNER: Final = "server"
 
