@@ -8,9 +8,10 @@ from __future__ import annotations
 import torch
 
 from common.config import AppConfig
+from common.content import model_for
 from common.data.silo import SiloData
 from common.evaluation import EvalProtocol, SumValue, evaluation_sums
-from common.models import Recommender, build_model, load_partial_state
+from common.models import Recommender, load_partial_state
 from common.seeding import derive_seed, numpy_rng
 from common.training import TrainStats, train_epochs
 
@@ -23,13 +24,7 @@ def device() -> torch.device:
 def new_model(cfg: AppConfig, data: SiloData, partition_id: int) -> Recommender:
     """A model sized for this silo, user rows initialised from (seed, silo)."""
     torch.manual_seed(derive_seed(cfg.seed, "user-init", partition_id))
-    return build_model(
-        cfg.model.name,
-        num_users=data.split.num_users,
-        num_items=data.split.num_items,
-        dim=cfg.model.dim,
-        mlp_layers=cfg.model.mlp_layers,
-    )
+    return model_for(cfg, data.split.num_users, data.split.num_items)
 
 
 def load_shared(model: Recommender, shared: dict[str, torch.Tensor]) -> None:

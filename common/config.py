@@ -59,11 +59,36 @@ class DataSettings:
 
 @dataclass(frozen=True, slots=True)
 class ModelSettings:
-    """Recommender architecture."""
+    """Recommender architecture.
 
-    name: Literal["mf", "neumf"]
+    ``hybrid-mf`` is biased MF whose item vector adds a learned projection of the
+    item's fixed text embedding (``[items]``; docs/cold-start.md). ``item_init``
+    names a ``.npy`` file (I, dim) that replaces the initial shared item table
+    (``""``: random).
+    """
+
+    name: Literal["mf", "neumf", "hybrid-mf"]
     dim: int
     mlp_layers: tuple[int, ...]
+    item_init: str
+
+
+@dataclass(frozen=True, slots=True)
+class ItemSettings:
+    """Item content (``[items]``): where item texts come from and how they are encoded.
+
+    ``path`` ``""`` means MovieLens' own item file (``u.item``, ``movies.dat``);
+    ``text_cols`` are joined into one text per item; ``encoder`` is a
+    sentence-transformers model name or directory; ``cache_dir`` ``""`` means
+    ``~/.cache/fedrec/text-embeddings``; ``device`` ``auto`` is CUDA when available.
+    """
+
+    path: str
+    id_col: str
+    text_cols: tuple[str, ...]
+    encoder: str
+    cache_dir: str
+    device: Literal["auto", "cpu", "cuda"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +299,7 @@ class AppConfig:
     state_root: str
     data: DataSettings
     model: ModelSettings
+    items: ItemSettings
     train: TrainSettings
     eval: EvalSettings
     strategy: StrategySettings
@@ -320,9 +346,18 @@ class AppConfig:
                 ),
             ),
             model=ModelSettings(
-                name=r.choice("model.name", ("mf", "neumf")),
+                name=r.choice("model.name", ("mf", "neumf", "hybrid-mf")),
                 dim=r.int("model.dim", lo=1),
                 mlp_layers=r.int_list("model.mlp-layers"),
+                item_init=r.str("model.item-init"),
+            ),
+            items=ItemSettings(
+                path=r.str("items.path"),
+                id_col=r.str("items.id-col"),
+                text_cols=tuple(c.strip() for c in r.str("items.text-cols").split(",") if c.strip()),
+                encoder=r.str("items.encoder"),
+                cache_dir=r.str("items.cache-dir"),
+                device=r.choice("items.device", ("auto", "cpu", "cuda")),
             ),
             train=TrainSettings(
                 local_epochs=r.int("train.local-epochs", lo=1),
@@ -465,6 +500,13 @@ class AppConfig:
             )
         if cfg.model.name == "neumf" and cfg.model.mlp_layers[0] % 2:
             raise ConfigError("model.mlp-layers: the first width must be even")
+        if cfg.model.name == "hybrid-mf" and not cfg.items.path and d.dataset not in ("ml-100k", "ml-1m"):
+            raise ConfigError(
+                f"model.name: hybrid-mf needs item texts; data.dataset {d.dataset!r} has no item file of its "
+                "own, so name one with items.path (and items.id-col, items.text-cols)"
+            )
+        if cfg.items.path and not cfg.items.text_cols:
+            raise ConfigError("items.text-cols: name at least one text column of items.path (e.g. \"title,genres\")")
         if cfg.personalize.enabled and cfg.personalize.params == "item-bias" and cfg.model.name != "mf":
             raise ConfigError(
                 f"personalize.params: \"item-bias\" fine-tunes MF's item biases; model.name "

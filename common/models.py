@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 PRIVATE_PREFIX = "user_"
-ModelName = Literal["mf", "neumf"]
+ModelName = Literal["mf", "neumf", "hybrid-mf"]
 
 
 class GlobalBias(nn.Module):
@@ -138,7 +138,66 @@ class NeuMF(nn.Module):
         return l2_rows(self, lookup_rows(self, users, items))
 
 
-Recommender = MF | NeuMF
+class HybridMF(MF):
+    """Biased MF whose item vector adds a projection of a fixed text embedding.
+
+    ``q_i = e_i + W t_i``: ``e_i`` is the free (shared) item row, zero at the start;
+    ``t_i`` the item's fixed text embedding (a non-persistent buffer: public
+    catalogue content, never in the state dict nor in a message); ``W``
+    (``item_text_projection``, shared, trained federatedly and under DP as a dense
+    layer) maps it to the embedding space. An item nobody interacted with has
+    ``e_i = 0`` and is scored by ``W t_i`` alone.
+    """
+
+    def __init__(self, num_users: int, num_items: int, dim: int, item_text: Tensor, init_std: float = 0.1) -> None:
+        super().__init__(num_users, num_items, dim, init_std)
+        if item_text.dim() != 2 or len(item_text) != num_items:
+            raise ValueError(f"item_text must have shape ({num_items}, D), got {tuple(item_text.shape)}")
+        nn.init.zeros_(self.item_embedding.weight)
+        self.item_text: Tensor
+        self.register_buffer("item_text", item_text.detach().to(torch.float32).clone(), persistent=False)
+        self.item_text_projection = nn.Linear(item_text.shape[1], dim, bias=False)
+        nn.init.normal_(self.item_text_projection.weight, std=init_std / item_text.shape[1] ** 0.5)
+
+    feature_tables = ("item_text",)
+
+    def feature_rows(self, items: Tensor) -> dict[str, Tensor]:
+        """Fixed (untrained) rows of ``items`` (B, T): the text embeddings (B, T, D_text)."""
+        return {"item_text": self.item_text[items]}
+
+    def score_rows(self, rows: dict[str, Tensor]) -> Tensor:
+        """Logits (B, T): MF on ``e_i + W t_i``.
+
+        ``0 · b_i`` ties the fixed text rows to a gathered table row: it changes no
+        value or gradient, but puts ``W``'s output on the path to the rows, so a DP
+        engine that differentiates only w.r.t. the gathered rows still back-propagates
+        through ``W`` (whose per-sample gradient it reads from that output).
+        """
+        text = rows["item_text"] + 0.0 * rows["item_bias"]
+        item = rows["item_embedding"] + self.item_text_projection(text)
+        return super().score_rows({**rows, "item_embedding": item})
+
+    def item_vectors(self) -> Tensor:
+        """Every item's vector ``e_i + W t_i`` (I, D)."""
+        return self.item_embedding.weight + self.item_text_projection(self.item_text)
+
+    def score_all(self, users: Tensor) -> Tensor:
+        """Score every catalogue item for ``users`` (B,); returns (B, I)."""
+        logits = self.user_embedding(users) @ self.item_vectors().T + self.user_bias(users)
+        return self.global_bias(logits + self.item_bias.weight.T)
+
+
+Recommender = MF | NeuMF | HybridMF
+
+
+def feature_rows(model: Recommender, items: Tensor) -> dict[str, Tensor]:
+    """The model's fixed per-item rows at ``items`` (none for MF and NeuMF).
+
+    Every row gatherer (training, evaluation, DP-SGD, the local-DP refit) adds these
+    to the table rows it gathers, so ``score_rows`` sees them.
+    """
+    rows = getattr(model, "feature_rows", None)
+    return rows(items) if rows is not None else {}
 
 
 def lookup_rows(model: Recommender, users: Tensor, items: Tensor) -> dict[str, Tensor]:
@@ -149,6 +208,7 @@ def lookup_rows(model: Recommender, users: Tensor, items: Tensor) -> dict[str, T
     """
     rows = {name: getattr(model, name)(users) for name in model.user_tables}
     rows.update({name: getattr(model, name)(items) for name in model.item_tables})
+    rows.update(feature_rows(model, items))
     return rows
 
 
@@ -171,13 +231,18 @@ def build_model(
     num_items: int,
     dim: int,
     mlp_layers: Sequence[int] = (64, 32, 16),
+    item_text: Tensor | None = None,
 ) -> Recommender:
-    """Build a recommender by name."""
+    """Build a recommender by name (``hybrid-mf`` needs the catalogue's ``item_text`` (I, D))."""
     if name == "mf":
         return MF(num_users, num_items, dim)
     if name == "neumf":
         return NeuMF(num_users, num_items, dim, mlp_layers)
-    raise ValueError(f"unknown model {name!r}; use 'mf' or 'neumf'")
+    if name == "hybrid-mf":
+        if item_text is None:
+            raise ValueError("model 'hybrid-mf' needs the items' text embeddings (item_text)")
+        return HybridMF(num_users, num_items, dim, item_text)
+    raise ValueError(f"unknown model {name!r}; use 'mf', 'neumf' or 'hybrid-mf'")
 
 
 def is_private(name: str) -> bool:

@@ -6,6 +6,7 @@ it also offers the popularity ranking, the floor any personalised model must bea
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,11 +16,11 @@ import torch
 from torch import Tensor, nn
 
 from common.config import AppConfig
+from common.content import apply_item_init, model_for
 from common.data.pipeline import load_interactions, split_interactions
 from common.data.silo import SiloData
 from common.errors import ConfigError
 from common.evaluation import EvalProtocol, evaluation_sums, summarize
-from common.models import build_model
 from common.seeding import derive_seed, numpy_rng
 from common.training import train_epochs
 
@@ -85,13 +86,10 @@ def run_centralized(
             on_epoch(results[-1])
         return results
     torch.manual_seed(derive_seed(cfg.seed, "centralized-init"))
-    model = build_model(
-        name,  # type: ignore[arg-type]
-        data.split.num_users,
-        data.split.num_items,
-        cfg.model.dim,
-        cfg.model.mlp_layers,
-    ).to(device)
+    model = model_for(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=name)),  # type: ignore[arg-type]
+                      data.split.num_users, data.split.num_items)
+    apply_item_init(cfg, model)
+    model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()

@@ -43,7 +43,7 @@ from numpy.typing import NDArray
 from opacus.grad_sample.linear import compute_linear_grad_sample, compute_linear_norm_sample
 from torch import Tensor, nn
 
-from common.models import GlobalBias, Recommender
+from common.models import GlobalBias, Recommender, feature_rows
 
 PerSampleLoss = Callable[[dict[str, Tensor]], Tensor]
 
@@ -311,6 +311,7 @@ class SparseDPSGD:
         #    captured activations).
         names = (*self.noised, *self.private)
         rows = {name: _gather(self._table(name).weight, ids).requires_grad_(True) for name, ids in ids_of.items()}
+        rows.update(feature_rows(self.model, items))  # fixed item features (HybridMF's text), no gradient
         self._captured.clear()
         self._capturing = True
         try:

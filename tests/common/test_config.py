@@ -170,7 +170,7 @@ def test_bad_choice_names_allowed_values(defaults: dict[str, Scalar]) -> None:
     # Arrange
     cfg = _with(defaults, model__name="xyz")
     # Act / Assert
-    with pytest.raises(ConfigError, match=r"model\.name: expected one of mf, neumf; got 'xyz'"):
+    with pytest.raises(ConfigError, match=r"model\.name: expected one of mf, neumf, hybrid-mf; got 'xyz'"):
         AppConfig.from_run_config(cfg)
 
 

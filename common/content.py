@@ -1,0 +1,108 @@
+"""Item content into models: the catalogue's text embeddings (``hybrid-mf``) and pretrained item tables.
+
+Silos, the server and the centralized baseline build their model through
+:func:`model_for`, so all of them give ``hybrid-mf`` the same fixed text
+embeddings (computed once per process, cached on disk by
+:mod:`common.data.text_embeddings`), and the server starts the shared item table
+from ``model.item-init`` when it is set (:func:`apply_item_init`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from common.config import AppConfig, DataSettings, ItemSettings
+from common.data import prepared
+from common.data.items import catalogue_texts, read_items_file, read_movielens_items
+from common.data.pipeline import load_interactions
+from common.errors import ConfigError, DataError
+from common.models import Recommender, build_model
+
+logger = logging.getLogger("fedrec.content")
+
+
+def item_texts(items: ItemSettings, data: DataSettings, path: str = "") -> dict[str, str]:
+    """Item id -> text from ``items.path``, else from the MovieLens item file beside the ratings."""
+    if items.path:
+        return read_items_file(Path(items.path), items.id_col, items.text_cols)
+    return read_movielens_items(data.dataset, Path(path or data.path))
+
+
+@functools.lru_cache(maxsize=4)
+def _catalogue_embeddings(items: ItemSettings, data: DataSettings, seed: int, path: str) -> NDArray[np.float32]:
+    from common.data.text_embeddings import encode_texts
+
+    where = Path(path or data.path)
+    if where.is_dir() and (prepared.is_prepared_silo(where) or prepared.catalogue_size(where) is not None):
+        raise DataError(
+            f"model.name: hybrid-mf needs the catalogue's item ids to match item texts, and prepared silo "
+            f"data ({where}) keeps only indices; run it on the raw data set (data.path = the log)"
+        )
+    catalogue = load_interactions(data, seed, path)
+    texts, missing = catalogue_texts(catalogue.item_ids, item_texts(items, data, path))
+    if missing == len(texts):
+        raise DataError(
+            f"items: none of the {len(texts)} catalogue items of {catalogue.source} has a text in "
+            f"{items.path or 'the MovieLens item file'}; do the item ids match ({items.id_col!r})?"
+        )
+    if missing:
+        logger.warning("items: %d of %d catalogue items have no text (embedded as empty)", missing, len(texts))
+    cache = Path(items.cache_dir).expanduser() if items.cache_dir else None
+    return encode_texts(texts, items.encoder, cache_dir=cache, device=items.device).embeddings
+
+
+def catalogue_text_embeddings(cfg: AppConfig, num_items: int, path: str = "") -> torch.Tensor:
+    """Fixed text embeddings (num_items, D) of the catalogue; items beyond it (canaries) get zeros."""
+    emb = torch.from_numpy(_catalogue_embeddings(cfg.items, cfg.data, cfg.seed, path))
+    if len(emb) > num_items:
+        raise DataError(f"items: the catalogue has {len(emb)} texts but the model {num_items} items")
+    if len(emb) < num_items:
+        emb = torch.cat([emb, torch.zeros(num_items - len(emb), emb.shape[1])])
+    return emb
+
+
+def model_for(cfg: AppConfig, num_users: int, num_items: int, path: str = "") -> Recommender:
+    """``build_model`` for ``cfg.model``, with the text embeddings when it is ``hybrid-mf``."""
+    text = catalogue_text_embeddings(cfg, num_items, path) if cfg.model.name == "hybrid-mf" else None
+    return build_model(cfg.model.name, num_users, num_items, cfg.model.dim, cfg.model.mlp_layers, item_text=text)
+
+
+def load_item_init(path: str, num_items: int, dim: int) -> torch.Tensor:
+    """The ``model.item-init`` table: a ``.npy`` array of shape (num_items, dim), finite.
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing or unreadable, or its shape or values are wrong.
+    """
+    file = Path(path).expanduser()
+    if file.suffix != ".npy":
+        raise ConfigError(f"model.item-init: {file}: expected a .npy file of shape ({num_items}, {dim})")
+    try:
+        table = np.load(file, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.item-init: {file}: cannot be read ({exc})") from exc
+    if table.shape != (num_items, dim):
+        raise ConfigError(
+            f"model.item-init: {file} has shape {table.shape}, the model's item table is ({num_items}, {dim}) "
+            "(num-items of the catalogue, model.dim)"
+        )
+    if not np.issubdtype(table.dtype, np.floating) or not np.isfinite(table).all():
+        raise ConfigError(f"model.item-init: {file}: values must be finite floats (dtype {table.dtype})")
+    return torch.from_numpy(table.astype(np.float32))
+
+
+def apply_item_init(cfg: AppConfig, model: Recommender) -> None:
+    """Overwrite the first item table (MF/hybrid ``item_embedding``, NeuMF ``item_gmf``) from ``model.item-init``."""
+    if not cfg.model.item_init:
+        return
+    table = getattr(model, model.item_tables[0])
+    init = load_item_init(cfg.model.item_init, table.num_embeddings, table.embedding_dim)
+    with torch.no_grad():
+        table.weight.copy_(init)
