@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-import sys
+import os
+import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +13,7 @@ import typer
 from cli.config import preflight
 from cli.options import ConfigOpt, DataDirOpt, DatasetOpt, ModelOpt, RoundsOpt, RunDirOpt
 from cli.output import console, fail, is_progress
+from cli.progress import RunProgress, rounds_done
 from cli.runs import choose_run_dir, refuse_existing_run, run_dir_session, summarise_run, unwind_on_sigterm
 from common.config import AppConfig
 from common.errors import ConfigError, FedrecError
@@ -32,6 +34,21 @@ def simulate(
     config: ConfigOpt = None,
     run_dir: RunDirOpt = None,
     cpus_per_client: Annotated[int, typer.Option(min=1, help="Ray CPUs per simulated client.")] = 1,
+    gpus_per_client: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Ray GPUs per simulated client (fractions share a GPU, e.g. 0.25: four clients per GPU); "
+            "0 = none. Training, the DP step and evaluation run on CUDA when a client has one.",
+        ),
+    ] = 0.0,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Join this existing Ray cluster (host:port of its head, or 'auto') instead of starting "
+            "Ray on this machine (docs/scale.md).",
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option(help="Show Flower's full log stream.")] = False,
     resume: Annotated[
         Path | None,
@@ -41,8 +58,12 @@ def simulate(
     ] = None,
 ) -> None:
     """Run the federated app on Flower's simulation runtime (its own SuperLink)."""
+    console.print("fedrec simulate: reading the configuration and the data …", highlight=False)
     original: dict[str, Scalar] = {}
     try:
+        check_ray_address(ray_address)
+        if gpus_per_client > 0 and ray_address is None:
+            check_local_gpu(gpus_per_client)
         if resume is not None:
             if run_dir is not None and run_dir.resolve() != resume.resolve():
                 raise ConfigError("--resume and --run-dir name different directories")
@@ -100,29 +121,88 @@ def simulate(
         )
         console.print(f"run directory: {run.path}")
 
+        if ray_address is not None:
+            # Flower's Ray backend calls ray.init() without an address, which joins
+            # the cluster named by RAY_ADDRESS; the SuperLink and the simulation it
+            # starts inherit this environment.
+            os.environ["RAY_ADDRESS"] = ray_address
+        done_before = rounds_done(run.metrics) if resume is not None else 0
+        progress = RunProgress(
+            console, total_rounds=cfg.num_server_rounds, metrics=run.metrics, first_round=done_before
+        )
+
         def show(line: str) -> None:
             if verbose or is_progress(line):
-                sys.stdout.write(line)
-                sys.stdout.flush()
+                progress.print_line(line)
+            if run_started(line):
+                ray = f"joining Ray at {ray_address}" if ray_address else "starting Ray"
+                progress.phase(f"{ray} and {num_clients} clients, round {done_before + 1}/{cfg.num_server_rounds}")
 
         unwind_on_sigterm()
         try:
-            with superlink(run.flower_dir, simulation=True) as link:
-                rc = flwr_run(
-                    link.flwr_home,
-                    run_config=run_config,
-                    federation_config=(
-                        f"num-supernodes={num_clients} client-resources-num-cpus={cpus_per_client}"
-                    ),
-                    log=run.flower_log,
-                    append=False,
-                    on_line=show,
-                )
+            with progress:
+                progress.phase("starting the SuperLink")
+                with superlink(run.flower_dir, simulation=True) as link:
+                    progress.phase("submitting the run")
+                    progress.watch()
+                    rc = flwr_run(
+                        link.flwr_home,
+                        run_config=run_config,
+                        federation_config=federation_config(num_clients, cpus_per_client, gpus_per_client),
+                        log=run.flower_log,
+                        append=False,
+                        on_line=show,
+                    )
         except FedrecError as e:
             fail(e)
         summarise_run(
             run, rc, num_rounds=cfg.num_server_rounds, k=cfg.eval.k, privacy_mode=cfg.privacy.mode,
             logs=f"full log: {run.flower_log}",
+        )
+
+
+def federation_config(num_clients: int, cpus_per_client: int, gpus_per_client: float) -> str:
+    """``flwr run --federation-config``: clients and each client's Ray resources.
+
+    ``client-resources-num-gpus`` is given only when positive (Flower's default is 0).
+    """
+    if gpus_per_client < 0:
+        raise ConfigError(f"--gpus-per-client must be >= 0, got {gpus_per_client}")
+    parts = [f"num-supernodes={num_clients}", f"client-resources-num-cpus={cpus_per_client}"]
+    if gpus_per_client > 0:
+        parts.append(f"client-resources-num-gpus={float(gpus_per_client)!r}")
+    return " ".join(parts)
+
+
+def run_started(line: str) -> bool:
+    """Whether a line of ``flwr run`` says the SuperLink accepted the run (Ray starts next)."""
+    return "Successfully started run" in line
+
+
+def check_ray_address(address: str | None) -> None:
+    """Refuse a malformed ``--ray-address``, or a ``host:port`` nothing listens on (clear error, no hang)."""
+    if address is None or address == "auto":
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or "://" in host:
+        raise ConfigError(f"--ray-address {address!r}: expected host:port of a Ray head (or 'auto')")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise ConfigError(
+            f"--ray-address {address}: no Ray head answers there ({e.strerror or e}); start one with "
+            f"`ray start --head --port {port}` or fix the address"
+        ) from None
+
+
+def check_local_gpu(gpus_per_client: float) -> None:
+    """Refuse ``--gpus-per-client`` on a machine without CUDA (Ray would never schedule the clients)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"--gpus-per-client {gpus_per_client:g}: this machine has no CUDA device "
+            "(torch.cuda.is_available() is False); Ray could never place the clients"
         )
 
 
