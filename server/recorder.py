@@ -151,10 +151,12 @@ class RunRecorder:
             state["ledger"] = self.ledgers.anchor()
         atomic_write_json(self.run_dir.state, state)
         plots.plot_rounds(self.rounds, self.run_dir.metrics_plot, k)
-        text = render_report(self.rounds, k, self.run_dir.metrics_plot.name)
+        text = render_report(self.rounds, k, self.run_dir.metrics_plot.name, run_dir=self.run_dir)
         if stop_reason:
             text += f"\n**The run stopped early:** {stop_reason}.\n"
         if privacy_mode != "none":
             plots.plot_privacy(self.rounds, self.run_dir.privacy_plot)
-            text += "\n" + render_privacy(self.rounds, privacy_mode, self.run_dir.privacy_plot.name)
+            text += "\n" + render_privacy(
+                self.rounds, privacy_mode, self.run_dir.privacy_plot.name, run_dir=self.run_dir
+            )
         atomic_write_bytes(self.run_dir.report, text.encode())

@@ -107,6 +107,17 @@ def replay(
             acc.rounds, acc.uses = [], []
             audit.unit, audit.neighbouring, audit.delta = rel.unit, rel.neighbouring, rel.delta
             audit.delta_rule, audit.accountant, audit.population = rel.delta_rule, rel.accountant, rel.population
+            if rel.delta * rel.population >= 1.0:  # allows publishing some unit's data outright
+                problems.append(
+                    Problem(
+                        "overrun",
+                        chain.owner,
+                        rnd,
+                        line,
+                        f"δ = {rel.delta:g} is not below 1/N = {1 / rel.population:.3g} for its N = "
+                        f"{rel.population} units: no (ε, δ) statement at that δ protects anyone",
+                    )
+                )
         for key, value, seen in (
             ("unit", rel.unit, acc.unit),
             ("delta", rel.delta, acc.delta),

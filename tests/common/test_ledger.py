@@ -133,3 +133,29 @@ def test_extend_rejects_lines_that_do_not_continue_the_chain_and_writes_nothing(
     new = follower.append("dp-sgd", 3, epsilon=0.3)
     led.extend([new])
     assert len(read_ledger(path, "silo-0")) == 3
+
+
+def test_replay_fails_a_ledger_whose_delta_is_not_below_one_over_n(tmp_path):
+    """The audit refuses δ ≥ 1/N (a mechanism that publishes one unit's data is allowed there)."""
+    from common.privacy.accounting import epsilon
+    from common.privacy.events import MechanismUse, PrivacyRelease
+    from common.privacy.replay import replay
+
+    def chain(population: int):
+        c = Chain("silo-0")
+        c.append_release(
+            PrivacyRelease(
+                owner="silo-0", server_round=1, kind="dp-sgd", unit="user", accountant="rdp", delta=0.01,
+                delta_rule="configured", epsilon=epsilon([MechanismUse(1.0, 0.1, 10)], 0.01, "rdp"),
+                target_epsilon=0.0, noise_multiplier=1.0, sample_rate=0.1, clip=1.0, population=population,
+                steps=10, total_steps=10, rounds_trained=1, released="shared model",
+            )
+        )
+        return c
+
+    ok: list = []
+    replay(chain(50), tmp_path / "a", ok, {}, "metrics.jsonl")  # 1/N = 0.02 > δ
+    assert ok == []
+    bad: list = []
+    replay(chain(100), tmp_path / "b", bad, {}, "metrics.jsonl")  # 1/N = 0.01 = δ
+    assert [p.category for p in bad] == ["overrun"] and "not below 1/N = 0.01" in bad[0].message
