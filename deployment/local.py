@@ -324,9 +324,11 @@ class LocalDeployment:
         node = SuperNodeProcess(index, proc, port, log, args, env, log_offset=offset)
         self.supernodes[index] = node
         if self.tuning.supernode_isolation == "process":
+            # The ClientApp host writes to the SuperNode's log, where the ClientApps' output
+            # goes with Flower's own isolation too; Flower's SuperExec keeps a log of its own.
+            runner_log = log if self.tuning.persistent else self.files.superexec_log(index)
             node.superexec = spawn(
-                self.task_runner_command(node.runtime_address),
-                self.files.superexec_log(index), env, cwd=home.parent, append=True,
+                self.task_runner_command(node.runtime_address), runner_log, env, cwd=home.parent, append=True,
             )
         if wait:
             self._wait_supernode(node)
