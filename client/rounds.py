@@ -87,6 +87,10 @@ def train(session: Session) -> RecordDict:
     so. A round this silo already trained (the server resumed) is answered with the
     saved reply, never retrained.
     """
+    if session.cfg.privacy.mode == "distributed":  # per-user deltas into a secure sum: no arrays in the reply
+        from client import distributed
+
+        return distributed.train(session)
     store = session.store
     if store is not None and session.server_round <= store.last_round():
         return _repeat(session, store)

@@ -58,6 +58,10 @@ def catalogue_size(cfg: AppConfig) -> int:
 
 def build_strategy(cfg: AppConfig, ledgers: RunLedgers, resumed: bool) -> FedrecStrategy:
     """FedAvg (or a robust aggregator) of the shared model, wrapped in client-level DP when central DP is on."""
+    if cfg.privacy.mode == "distributed":  # user-level DP over all silos through secure aggregation
+        from server.distributed import DistributedDP
+
+        return DistributedDP(cfg, ledgers)
     protocol = EvalProtocol(
         k=cfg.eval.k,
         full_ranking=cfg.eval.full_ranking,

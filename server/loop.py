@@ -128,8 +128,9 @@ def privacy_lines(record: RoundRecord) -> list[str]:
     c, counts = record.central, record.central_counts
     if c is not None:
         aggregated = "" if counts is None else f" silos aggregated {counts.aggregated}/{c.population}"
+        what = "central DP, unit=silo" if c.kind == "dp-fedavg" else f"{c.kind}, unit={c.unit}, N={c.population}"
         lines.append(
-            f"server (central DP, unit=silo): ε={c.epsilon:.3f} δ={c.delta:.2e} "
+            f"server ({what}): ε={c.epsilon:.3f} δ={c.delta:.2e} "
             f"z={c.noise_multiplier:.3f} q={c.sample_rate:.3f} S={c.clip:g}{aggregated}"
         )
     return lines

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 import dp_accounting
@@ -275,3 +276,150 @@ def union_epsilon(rounds: Sequence[MechanismUse], delta: float, histogram: Mecha
     accountant = pld.PLDAccountant(_RELATION)
     accountant.compose(union_dp_event(rounds, histogram))
     return float(accountant.get_epsilon(delta))
+
+
+# ------------------------------------------------------------------ the run's mechanism (both sides)
+# Train-config keys of privacy.mode = distributed (server -> silo) and the reply flag (silo -> server).
+PHASE: Final = "distributed-phase"  # "roster" | "popularity" | "train"
+POPULATION: Final = "distributed-population"  # N_total: the sum of the silos' public rosters
+SILOS: Final = "distributed-silos"  # S: silos in the secure sum
+STAGED: Final = "secagg-staged"  # reply metric: 1 = the silo staged its vector for this round's secure sum
+PHASES: Final = ("roster", "popularity", "train")
+
+
+def user_item_histogram(users: np.ndarray, items: np.ndarray, num_items: int) -> np.ndarray:
+    """Σ over users of :func:`user_item_vector` with the ``l2`` rule (1/√k on each of a user's k items).
+
+    Vectorised over the (user, item) training pairs; one user's row has L2 norm 1, so the
+    histogram's sensitivity to one user is 1.
+    """
+    if users.size == 0:
+        return np.zeros(num_items, dtype=np.float64)
+    pairs = np.unique(np.asarray(users, dtype=np.int64) * num_items + np.asarray(items, dtype=np.int64))
+    pair_user, pair_item = pairs // num_items, pairs % num_items
+    _, inverse, counts = np.unique(pair_user, return_inverse=True, return_counts=True)
+    return np.bincount(pair_item, weights=1.0 / np.sqrt(counts[inverse]), minlength=num_items).astype(np.float64)
+
+
+@dataclass(frozen=True, slots=True)
+class Mechanism:
+    """The run's distributed-DP mechanism, a function of public settings and the public N_total and S.
+
+    Both the server and every silo compute it (:func:`mechanism`): a silo never takes σ
+    from the server, so a server cannot make it add less noise than the settings say.
+    """
+
+    population: int  # N_total
+    silos: int  # S
+    max_dishonest: int  # T
+    rate: float  # q
+    clip: float  # C
+    noise_multiplier: float  # σ (nominal)
+    histogram_noise_multiplier: float  # σ_h (0: no histogram)
+    delta: float
+    delta_rule: str
+    target_epsilon: float
+    rounds: int
+
+    @property
+    def share_std(self) -> float:
+        """Each silo's training noise share σ·C/√(S − T)."""
+        return noise_share_std(self.noise_multiplier, self.clip, self.silos, self.max_dishonest)
+
+    @property
+    def histogram_share_std(self) -> float:
+        """Each silo's histogram noise share σ_h·1/√(S − T) (sensitivity 1)."""
+        return noise_share_std(self.histogram_noise_multiplier, 1.0, self.silos, self.max_dishonest)
+
+    @property
+    def threshold(self) -> int:
+        """The secure sum's threshold: it aborts when more than T silos are missing."""
+        return secagg_threshold(self.silos, self.max_dishonest)
+
+
+def mechanism(settings: Any, num_rounds: int, population: int, silos: int, accountant: str = "pld") -> Mechanism:
+    """The mechanism of ``settings`` (:class:`common.config.DistributedPrivacySettings`) over N_total users, S silos.
+
+    δ = ``settings.delta`` or min(1e-5, 1/(10·N_total)) (a δ ≥ 1/N_total is refused). σ_h
+    (when ``settings.popularity``) is calibrated so the histogram alone spends
+    ``popularity_epsilon_fraction`` of the target ε (σ itself when there is no target);
+    σ = ``settings.noise_multiplier`` or calibrated so that ``num_rounds`` rounds at q and the
+    histogram together reach the target ε (dp-accounting, zero-out relation).
+    """
+    from common.privacy.accounting import calibrate_noise, choose_delta  # dp-accounting, cached
+
+    _check_silos(silos, settings.max_dishonest_silos)
+    chosen = choose_delta(
+        settings.delta, population, key="privacy.distributed.delta", units="the N_total users of all silos",
+        owner="the server",
+    )  # fmt: skip
+    rate = min(1.0, sample_rate(min(settings.users_per_round, population), population))
+    eps = settings.target_epsilon
+    sigma_h = 0.0
+    if settings.popularity:
+        sigma_h = (
+            calibrate_noise(1.0, 1, eps * settings.popularity_epsilon_fraction, chosen.delta, accountant)  # type: ignore[arg-type]
+            if eps > 0
+            else settings.noise_multiplier
+        )
+    sigma = settings.noise_multiplier
+    if sigma == 0:
+        extra = (histogram_use(sigma_h),) if settings.popularity else ()
+        sigma = calibrate_noise(rate, num_rounds, eps, chosen.delta, accountant, extra)  # type: ignore[arg-type]
+    return Mechanism(
+        population=population,
+        silos=silos,
+        max_dishonest=settings.max_dishonest_silos,
+        rate=rate,
+        clip=settings.clip,
+        noise_multiplier=sigma,
+        histogram_noise_multiplier=sigma_h,
+        delta=chosen.delta,
+        delta_rule=chosen.rule,
+        target_epsilon=eps,
+        rounds=num_rounds,
+    )
+
+
+RELEASED: Final = "the secure sum of the silos' clipped, noised per-user deltas, divided by q·N_total"
+RELEASED_HISTOGRAM: Final = "the secure sum of the silos' noised item-popularity histograms (l2 rule)"
+
+
+def union_accountant(mech: Mechanism, owner: str, accountant: str = "pld") -> Any:
+    """The :class:`~common.privacy.accounting.Accountant` of the union population (unit user, N_total, q, σ, C, δ)."""
+    from common.privacy.accounting import Accountant
+
+    return Accountant(
+        owner=owner,
+        unit=UNIT,
+        population=mech.population,
+        sample_rate=mech.rate,
+        steps_per_round=1,
+        noise_multiplier=mech.noise_multiplier,
+        clip=mech.clip,
+        delta=mech.delta,
+        delta_rule=mech.delta_rule,
+        accountant=accountant,  # type: ignore[arg-type]
+        target_epsilon=mech.target_epsilon,
+        released=RELEASED,
+    )
+
+
+def record_release(acc: Any, server_round: int, kind: str, use: MechanismUse, mech: Mechanism) -> Any:
+    """Compose ``use`` into ``acc`` and return its :class:`~common.privacy.events.PrivacyRelease`.
+
+    The release carries this use's own σ and q (the histogram: σ_h, q = 1, sensitivity 1;
+    a round: σ after dropouts), so a replay composes exactly what was spent.
+    """
+    import dataclasses
+
+    acc.record(server_round, use)
+    histogram = kind == KIND_HISTOGRAM
+    return dataclasses.replace(
+        acc.release(server_round),
+        kind=kind,
+        noise_multiplier=use.noise_multiplier,
+        sample_rate=use.sample_rate,
+        clip=1.0 if histogram else mech.clip,
+        released=RELEASED_HISTOGRAM if histogram else RELEASED,
+    )

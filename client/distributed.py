@@ -1,0 +1,246 @@
+"""A silo's round under distributed user-level DP (``privacy.mode = "distributed"``).
+
+The silo is its users' trusted aggregator (DP-FedAvg with per-user deltas,
+:mod:`common.privacy.distributed`). Each training message has a phase
+(:data:`~common.privacy.distributed.PHASE`):
+
+* ``roster``: reply the public roster N (the number of the silo's users) only;
+* ``popularity``: stage Σ over the silo's users of their L2-normalised item vectors
+  plus the histogram noise share σ_h/√(S − T) for the secure sum;
+* ``train``: refit every user's own rows on their own data (never released), Poisson-sample
+  users at q, compute each sampled user's delta of the shared parameters (one step of
+  ``privacy.distributed.lr`` on the gradient of the user's mean loss), clip it to C, sum,
+  add the noise share σ·C/√(S − T) and stage the vector for the secure sum.
+
+The reply carries no arrays: partition id, roster N and :data:`STAGED`. σ, σ_h, q and δ are
+computed here from the run config and the server's N_total and S
+(:func:`common.privacy.distributed.mechanism`), never taken from the server. Noise and the
+users' sample draw from the OS's entropy; only training negatives are seeded. The silo keeps
+its own view of each release in its ledger (the server's mechanism, owner ``silo-<k>``) and
+its training loss in ``silo-report.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from logging import INFO
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from flwr.app import MetricRecord, RecordDict
+from flwr.supercore import log
+
+from client import secagg, state
+from common import records
+from common.config import AppConfig
+from common.data.split import UserSplit
+from common.errors import ConfigError
+from common.models import MF, shared_state
+from common.privacy import distributed as dd
+from common.privacy.events import silo_owner
+from common.secagg import vectors
+from common.seeding import numpy_rng
+from common.training import interaction_loss, interaction_negatives
+
+if TYPE_CHECKING:
+    from client.rounds import Session
+
+SILO_REPORT = "silo-report.jsonl"
+_CHUNK = 65_536  # interactions per autograd pass
+
+
+def train(session: Session) -> RecordDict:
+    """One training message of a silo under distributed DP; see the module docstring."""
+    cfg, config, split = session.cfg, session.config, session.data.split
+    phase = str(config.get(dd.PHASE, ""))
+    if phase not in dd.PHASES:
+        raise ConfigError(f"distributed DP: the server sent phase {phase!r}, expected one of {', '.join(dd.PHASES)}")
+    reply: dict[str, int | float | list[int] | list[float]] = {
+        records.PARTITION_ID: session.partition_id,
+        records.NUM_EXAMPLES: split.num_users,
+    }
+    if phase == "roster":
+        return RecordDict({records.METRICS: MetricRecord(reply)})
+    mech = _mechanism(session)
+    noise = np.random.default_rng()  # OS entropy: the server must not know the noise
+    if phase == "popularity":
+        vector = dd.user_item_histogram(split.train_user, split.train_item, split.num_items)
+        vector = vector + noise.normal(0.0, mech.histogram_share_std, vector.size)
+        kind, use = dd.KIND_HISTOGRAM, dd.histogram_use(mech.histogram_noise_multiplier)
+    else:
+        model = session.model
+        assert isinstance(model, MF)
+        loss = fit_user_rows(model, split, cfg, session.partition_id, session.server_round)
+        state.save_user_params(session.context.state, model)
+        sampled = dd.poisson_sample(split.num_users, mech.rate, noise)
+        total, clipped = clipped_delta_sum(model, split, cfg, sampled, mech.clip, session.partition_id,
+                                           session.server_round)  # fmt: skip
+        vector = total + noise.normal(0.0, mech.share_std, total.size)
+        kind, use = dd.KIND_TRAINING, dd.training_use(mech.noise_multiplier, mech.rate)
+        _keep_own(session, {"kind": "training", "loss": loss, "sampled-users": int(sampled.size),
+                            "clipped-users": clipped})  # fmt: skip
+    secagg.stage_input(session.context, session.server_round, vector)
+    _record_own_view(session, mech, kind, use)
+    log(INFO, "silo %d staged its %s vector for round %d's secure sum", session.partition_id, phase,
+        session.server_round)  # fmt: skip
+    return RecordDict({records.METRICS: MetricRecord({**reply, dd.STAGED: 1})})
+
+
+def _mechanism(session: Session) -> dd.Mechanism:
+    population = int(session.config.get(dd.POPULATION, 0))  # type: ignore[arg-type]
+    silos = int(session.config.get(dd.SILOS, 0))  # type: ignore[arg-type]
+    if population < session.data.split.num_users or silos < 1:
+        raise ConfigError(
+            f"distributed DP: the server says N_total = {population} users over {silos} silos; this silo alone has "
+            f"{session.data.split.num_users}"
+        )
+    cfg = session.cfg
+    return dd.mechanism(cfg.privacy.distributed, cfg.num_server_rounds, population, silos, cfg.privacy.accountant)
+
+
+# ---------------------------------------------------------------- the users' own rows
+def _weights(split: UserSplit) -> np.ndarray:
+    """1 / n_u for each training interaction: every user's loss is the mean over their own interactions."""
+    counts = np.bincount(split.train_user, minlength=split.num_users)
+    return 1.0 / counts[split.train_user]
+
+
+def fit_user_rows(model: MF, split: UserSplit, cfg: AppConfig, partition_id: int, server_round: int) -> float:
+    """``user-steps`` full-batch Adam steps on the user tables only; the mean loss of the last step.
+
+    The loss is Σ_u (mean loss of u's interactions), negatives keyed per interaction, so each
+    user's rows move on that user's data alone (Adam is element-wise): they are the user's
+    own, never released, and a sampled user's delta depends on no other user's data.
+    """
+    dist, settings = cfg.privacy.distributed, cfg.train
+    if dist.user_steps == 0 or split.num_train == 0:
+        return math.nan
+    rng = numpy_rng(cfg.seed, "distributed-negatives", partition_id, server_round)
+    items = np.concatenate(
+        [split.train_item[:, None], interaction_negatives(int(rng.integers(2**63)), split.train_user,
+                                                          split.train_item, settings.num_negatives, split.num_items)],
+        axis=1,
+    )  # fmt: skip
+    users_t, items_t = torch.from_numpy(split.train_user), torch.from_numpy(items)
+    weights = torch.from_numpy(_weights(split)).float()
+    tables = [model.user_embedding.weight, model.user_bias.weight]
+    opt = torch.optim.Adam(tables, lr=dist.user_lr)
+    item_emb, item_bias = model.item_embedding.weight.detach(), model.item_bias.weight.detach()
+    gb = model.global_bias.value.detach()
+    last = math.nan
+    for _ in range(dist.user_steps):
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for lo in range(0, split.num_train, _CHUNK):
+            u, it, w = users_t[lo : lo + _CHUNK], items_t[lo : lo + _CHUNK], weights[lo : lo + _CHUNK]
+            p, bu = model.user_embedding(u), model.user_bias(u)
+            logits = torch.einsum("bd,btd->bt", p, item_emb[it]) + bu + item_bias[it].squeeze(-1) + gb
+            per = interaction_loss(logits, settings.loss) + settings.l2 * p.pow(2).sum(-1)
+            loss = (per * w).sum()
+            loss.backward()  # type: ignore[no-untyped-call]
+            total += float(loss)
+        opt.step()
+        last = total / split.num_users
+    return last
+
+
+# ---------------------------------------------------------------- the sampled users' deltas
+def clipped_delta_sum(
+    model: MF, split: UserSplit, cfg: AppConfig, sampled: np.ndarray, clip: float, partition_id: int, server_round: int
+) -> tuple[np.ndarray, int]:
+    """Σ over ``sampled`` users of their deltas of the shared parameters, each clipped to L2 ≤ C.
+
+    A user's delta is −lr·∇ of their mean loss (their interactions, keyed negatives) w.r.t.
+    the shared parameters (item embeddings, item biases, global bias) at the shared model
+    and the user's own rows. Returned flat in :func:`common.secagg.vectors.flatten` order of
+    the shared state, with the number of users whose delta was clipped.
+    """
+    shared = {k: v.numpy() for k, v in shared_state(model).items()}
+    num_items, dim = split.num_items, model.item_embedding.weight.shape[1]
+    lr, settings = cfg.privacy.distributed.lr, cfg.train
+    sum_emb = torch.zeros(num_items, dim, dtype=torch.float64)
+    sum_bias = torch.zeros(num_items, dtype=torch.float64)
+    sum_global = 0.0
+    clipped = 0
+    mask = np.isin(split.train_user, sampled)
+    users, pos = split.train_user[mask], split.train_item[mask]
+    if users.size:
+        rng = numpy_rng(cfg.seed, "distributed-negatives", partition_id, server_round)
+        negatives = interaction_negatives(int(rng.integers(2**63)), users, pos, settings.num_negatives, num_items)
+        items = np.concatenate([pos[:, None], negatives], axis=1)
+        weights = torch.from_numpy(_weights(split)[mask]).float()
+        users_t, items_t = torch.from_numpy(users), torch.from_numpy(items)
+        g_emb, g_bias, g_glob = [], [], []
+        with torch.no_grad():
+            p_all, bu_all = model.user_embedding.weight.detach(), model.user_bias.weight.detach()
+        for lo in range(0, users.size, _CHUNK):
+            u, it, w = users_t[lo : lo + _CHUNK], items_t[lo : lo + _CHUNK], weights[lo : lo + _CHUNK]
+            q = model.item_embedding.weight.detach()[it].requires_grad_()
+            b = model.item_bias.weight.detach()[it].squeeze(-1).requires_grad_()
+            g = model.global_bias.value.detach().expand(len(u)).clone().requires_grad_()
+            logits = torch.einsum("bd,btd->bt", p_all[u], q) + bu_all[u] + b + g[:, None]
+            per = interaction_loss(logits, settings.loss) + settings.l2 * q.pow(2).sum((-1, -2))
+            (per * w).sum().backward()  # type: ignore[no-untyped-call]
+            assert q.grad is not None and b.grad is not None and g.grad is not None
+            g_emb.append(q.grad.double())
+            g_bias.append(b.grad.double())
+            g_glob.append(g.grad.double())
+        grad_emb, grad_bias, grad_glob = torch.cat(g_emb), torch.cat(g_bias), torch.cat(g_glob)
+        # One row per (user, item) pair: a user's gradient on an item row sums over their interactions.
+        pair = torch.from_numpy(users[:, None] * num_items + items).reshape(-1)
+        uniq, inverse = torch.unique(pair, return_inverse=True)
+        pair_emb = torch.zeros(len(uniq), dim, dtype=torch.float64).index_add_(0, inverse, grad_emb.reshape(-1, dim))
+        pair_bias = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, grad_bias.reshape(-1))
+        pair_user, pair_item = uniq // num_items, uniq % num_items
+        n_users = split.num_users
+        user_glob = torch.zeros(n_users, dtype=torch.float64).index_add_(0, users_t, grad_glob)
+        sq = torch.zeros(n_users, dtype=torch.float64).index_add_(
+            0, pair_user, pair_emb.pow(2).sum(-1) + pair_bias.pow(2)
+        ) + user_glob.pow(2)
+        norm = lr * sq.sqrt()
+        scale = torch.where(norm > clip, clip / norm.clamp_min(1e-300), torch.ones_like(norm))
+        clipped = int((norm[torch.from_numpy(sampled)] > clip).sum()) if sampled.size else 0
+        factor = -lr * scale
+        sum_emb.index_add_(0, pair_item, factor[pair_user, None] * pair_emb)
+        sum_bias.index_add_(0, pair_item, factor[pair_user] * pair_bias)
+        sum_global = float((factor * user_glob).sum())
+    out = {
+        "item_embedding.weight": sum_emb.numpy(),
+        "item_bias.weight": sum_bias.numpy()[:, None],
+        "global_bias.value": np.array([sum_global]),
+    }
+    if set(out) != set(shared) or any(out[k].shape != shared[k].shape for k in out):
+        raise ConfigError(f"distributed DP: the shared state {sorted(shared)} is not biased MF's")
+    return vectors.flatten(out), clipped
+
+
+# ---------------------------------------------------------------- what stays in the silo
+def _keep_own(session: Session, line: dict[str, object]) -> None:
+    full = {"round": session.server_round, **line}
+    log(INFO, "silo %d keeps: %s", session.partition_id, full)
+    if session.store is not None:
+        with (session.store.path / SILO_REPORT).open("a") as f:
+            f.write(json.dumps(full, sort_keys=True) + "\n")
+
+
+def _record_own_view(session: Session, mech: dd.Mechanism, kind: str, use: dd.MechanismUse) -> None:
+    """The silo's ledger line: the release the server's accountant makes for this use, as the silo sees it.
+
+    The silo cannot see whether the secure sum succeeded, so its view counts every use it
+    staged (never fewer than the server's).
+    """
+    from client import privacy
+    from common.privacy.ledger import releases
+
+    node_state, pid = session.context.state, session.partition_id
+    chain = privacy.load_ledger(node_state, pid)
+    acc = dd.union_accountant(mech, silo_owner(pid), session.cfg.privacy.accountant)
+    for rel in releases(chain):
+        if rel.use is not None:
+            acc.record(rel.server_round, rel.use)
+    chain.append_release(dd.record_release(acc, session.server_round, kind, use, mech))
+    privacy.save_ledger(node_state, chain)
+    if session.store is not None:
+        session.store.save_state(node_state)

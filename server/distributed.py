@@ -1,0 +1,263 @@
+"""The server's side of distributed user-level DP (``privacy.mode = "distributed"``).
+
+:class:`DistributedDP` is a :class:`~server.protocol.FedrecStrategy`. Round 1 starts with a
+``roster`` exchange (each silo's public N; N_total is their sum, public under the zero-out
+relation) that fixes the mechanism (:func:`common.privacy.distributed.mechanism`: q, σ, σ_h,
+δ) and, with ``privacy.distributed.popularity``, a ``popularity`` exchange whose secure sum
+is the DP item-popularity histogram: it initialises the item biases and is recorded in the
+server's ledger at once. Every round then: the model goes out with phase ``train``, each silo
+stages its clipped, noised sum of sampled users' deltas and replies without arrays; the
+server runs :func:`server.secagg.secure_sum` over the silos that staged (threshold
+max(⌊S/2⌋+1, S − T): a sum missing more than T silos aborts, nothing is released and the
+model is kept), divides by q·N_total, takes a server step (heavy-ball momentum, post-processing)
+and reports the round's release (σ after dropouts, :func:`round_noise_multiplier`) as the
+round's ``central`` event, which the loop writes to the server ledger.
+
+One accountant for the union population: owner ``server``, unit ``user``, N_total, q, relation
+zero-out; ``fedrec audit`` replays it. Each silo keeps its own view in its ledger.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from common import records
+from common.config import AppConfig
+from common.privacy import distributed as dd
+from common.privacy.events import SERVER_OWNER
+from common.secagg import vectors
+from common.secagg.protocol import SecAggError
+from common.secagg.quantize import QuantSpec, range_for
+from server.ledger import RunLedgers
+from server.protocol import RoundEvents
+from server.secagg import secure_sum
+
+MODULUS_BITS = 32
+
+
+class DistributedDP:
+    """DP-FedAvg over the union of all silos' users through secure aggregation (see the module docstring)."""
+
+    def __init__(self, cfg: AppConfig, ledgers: RunLedgers | None = None) -> None:
+        self.cfg = cfg
+        self.settings = cfg.privacy.distributed
+        self.ledgers = ledgers
+        self.timeout = cfg.strategy.timeout
+        self.mech: dd.Mechanism | None = None
+        self.accountant: Any = None
+        self.nodes: list[int] = []
+        self.rosters: dict[int, int] = {}
+        self.popularity: np.ndarray | None = None  # the released DP histogram (public)
+        self._grid: Grid | None = None
+        self._sent: ArrayRecord | None = None
+        self._config: ConfigRecord | None = None
+        self._velocity: np.ndarray | None = None
+        self._stop_reason: str | None = None
+        self._events = RoundEvents()
+
+    @property
+    def stop_reason(self) -> str | None:
+        """The union budget's stop, or every silo gone."""
+        return self._stop_reason
+
+    def take_events(self) -> RoundEvents:
+        """This round's rejections and the server's release (``central``)."""
+        events, self._events = self._events, RoundEvents()
+        return events
+
+    # ---------------------------------------------------------------- messages
+    def _messages(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, phase: str, nodes: Iterable[int]
+    ) -> list[Message]:
+        extra: dict[str, Any] = {records.SERVER_ROUND: server_round, dd.PHASE: phase}
+        if self.mech is not None:
+            extra.update({dd.POPULATION: self.mech.population, dd.SILOS: self.mech.silos})
+        if self.ledgers is not None:
+            extra[records.LEDGER_COUNTS] = self.ledgers.counts()
+        content = RecordDict({records.ARRAYS: arrays, records.CONFIG: ConfigRecord({**config, **extra})})
+        return [
+            Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n, group_id=str(server_round))
+            for n in nodes
+        ]
+
+    def _staged(self, server_round: int, replies: Iterable[Message], what: str) -> dict[int, int]:
+        """Node → roster N of the replies that staged a vector (or, for the roster, gave N)."""
+        out: dict[int, int] = {}
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                self._reject(server_round, node, f"{what}: silo failed: {msg.error.reason}")
+                continue
+            metrics = msg.content.metric_records.get(records.METRICS)
+            roster = None if metrics is None else metrics.get(records.NUM_EXAMPLES)
+            staged = what == "roster" or (metrics is not None and metrics.get(dd.STAGED) == 1)
+            if msg.content.array_records:
+                self._reject(server_round, node, f"{what}: the reply carries arrays (distributed DP sends none)")
+            elif not isinstance(roster, int) or roster < 1 or not staged:
+                self._reject(server_round, node, f"{what}: no roster N or no vector staged")
+            else:
+                out[node] = roster
+        return out
+
+    def _reject(self, server_round: int, node: int, reason: str) -> None:
+        self._events.rejected.append((node, reason))
+        log(WARNING, "round %d: distributed DP: node %d: %s", server_round, node, reason)
+
+    # ---------------------------------------------------------------- round 1 prelude
+    def _prelude(self, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> ArrayRecord:
+        nodes = sorted(grid.get_node_ids())
+        replies = grid.send_and_receive(self._messages(1, arrays, config, "roster", nodes), timeout=self.timeout)
+        self.rosters = self._staged(1, replies, "roster")
+        self.nodes = sorted(self.rosters)
+        population = sum(self.rosters.values())
+        self.mech = dd.mechanism(
+            self.settings, self.cfg.num_server_rounds, population, len(self.nodes), self.cfg.privacy.accountant
+        )
+        self.accountant = dd.union_accountant(self.mech, SERVER_OWNER, self.cfg.privacy.accountant)
+        m = self.mech
+        log(
+            INFO,
+            "distributed DP: N_total %d users in %d silos, q=%.4g (%.1f users/round), σ=%.4f, C=%g, T=%d "
+            "(share σC/√(S−T) = %.4g), σ_h=%.4f, δ=%.3g, secure-sum threshold %d",
+            m.population, m.silos, m.rate, m.rate * m.population, m.noise_multiplier, m.clip, m.max_dishonest,
+            m.share_std, m.histogram_noise_multiplier, m.delta, m.threshold,
+        )  # fmt: skip
+        if not self.settings.popularity:
+            return arrays
+        messages = self._messages(1, arrays, config, "popularity", self.nodes)
+        staged = self._staged(1, grid.send_and_receive(messages, timeout=self.timeout), "popularity")
+        num_items = int(arrays["item_bias.weight"].shape[0])
+        signal = float(max(self.rosters.values()))  # each user adds at most 1 per item
+        total, dropped = self._secure_sum(1, staged, num_items, signal, m.histogram_share_std)
+        if total is None:
+            return arrays
+        use = dd.histogram_use(dd.round_noise_multiplier(m.histogram_noise_multiplier, m.silos, m.max_dishonest,
+                                                         dropped))  # fmt: skip
+        release = dd.record_release(self.accountant, 1, dd.KIND_HISTOGRAM, use, m)
+        if self.ledgers is not None:
+            self.ledgers.record_server(release)  # before anything computed from it leaves the server
+        self.popularity = total
+        log(INFO, "distributed DP: popularity histogram released, ε so far %.4f", release.epsilon)
+        return with_popularity_biases(arrays, total)
+
+    def _secure_sum(
+        self, server_round: int, staged: dict[int, int], length: int, signal: float, share_std: float
+    ) -> tuple[np.ndarray | None, int]:
+        """The secure sum of the staged silos' vectors and how many of the S silos are missing from it."""
+        assert self._grid is not None and self.mech is not None
+        r = range_for(signal, share_std, length)
+        quant = QuantSpec(clip_range=r, modulus_bits=MODULUS_BITS, max_silos=self.mech.silos)
+        if len(staged) < self.mech.threshold:
+            self._reject(server_round, 0, f"secure sum not run: {len(staged)} silos staged, threshold "
+                         f"{self.mech.threshold}; nothing released, the model is kept")  # fmt: skip
+            return None, self.mech.silos
+        try:
+            outcome = secure_sum(
+                self._grid, sorted(staged), quant=quant, vector_length=length, server_round=server_round,
+                threshold=self.mech.threshold, timeout=self.timeout,
+            )  # fmt: skip
+        except SecAggError as exc:
+            self._reject(server_round, 0, f"secure sum aborted, nothing released, the model is kept: {exc}")
+            return None, self.mech.silos
+        missing = self.mech.silos - len(outcome.survivors)
+        if outcome.dropped:
+            self._reject(server_round, 0, f"secure sum: dropped {dict(outcome.dropped)}; the sum has "
+                         f"{len(outcome.survivors)} of {self.mech.silos} silos")  # fmt: skip
+        return outcome.total, missing
+
+    # ---------------------------------------------------------------- train
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Round 1: roster and popularity first; then stop at the budget or send the model."""
+        self._grid = grid
+        if self.mech is None:
+            arrays = self._prelude(arrays, config, grid)
+        if not self.nodes:
+            self._stop_reason = "distributed DP: no silo gave its roster"
+            return []
+        exceeds, after = self.accountant.would_exceed()
+        if exceeds:
+            self._stop_reason = (
+                f"distributed privacy budget: round {server_round} would take the union's ε from "
+                f"{self.accountant.epsilon():.3f} to {after:.3f} > {self.accountant.target_epsilon}"
+            )
+            return []
+        self._sent = arrays
+        self._config = config
+        return self._messages(server_round, arrays, config, "train", self.nodes)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Secure sum of the staged silos, ÷ q·N_total, the server's step; the round's release."""
+        if self._sent is None or self.mech is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        sent, m = self._sent, self.mech
+        self._sent = None
+        staged = self._staged(server_round, replies, "train")
+        shapes = {k: tuple(v.shape) for k, v in sent.items()}
+        length = sum(int(np.prod(s)) for s in shapes.values())
+        expected_max = max(self.rosters.values()) * m.rate
+        signal = m.clip * (expected_max + 6.0 * math.sqrt(expected_max) + 6.0)  # users per silo: P(more) tiny
+        total, missing = self._secure_sum(server_round, staged, length, signal, m.share_std)
+        if total is None:
+            return sent, MetricRecord({records.TRAIN_SILOS: 0})
+        sigma = dd.round_noise_multiplier(m.noise_multiplier, m.silos, m.max_dishonest, missing)
+        release = dd.record_release(self.accountant, server_round, dd.KIND_TRAINING, dd.training_use(sigma, m.rate), m)
+        self._events.central = release
+        mean = dd.server_average(total, m.rate * m.population)
+        s = self.settings
+        self._velocity = mean if self._velocity is None else s.server_momentum * self._velocity + mean
+        base = vectors.flatten({k: v.numpy() for k, v in sent.items()})
+        new = vectors.unflatten(base + s.server_lr * self._velocity, shapes)
+        out = ArrayRecord({k: Array(new[k].astype(sent[k].numpy().dtype)) for k in sent})
+        return out, MetricRecord({records.TRAIN_SILOS: m.silos - missing})
+
+    # ---------------------------------------------------------------- evaluate
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Every silo evaluates its own users (and, under the release policy, keeps the sums)."""
+        content = RecordDict(
+            {records.ARRAYS: arrays, records.CONFIG: ConfigRecord({**config, records.SERVER_ROUND: server_round})}
+        )
+        return [
+            Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n, group_id=str(server_round))
+            for n in sorted(grid.get_node_ids())
+        ]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Count the silos that withheld their sums (the only evaluation under distributed DP)."""
+        withheld = 0
+        for msg in replies:
+            if msg.has_error():
+                self._reject(server_round, msg.metadata.src_node_id, f"evaluation: silo failed: {msg.error.reason}")
+                continue
+            metrics = msg.content.metric_records.get(records.METRICS)
+            if metrics is not None and metrics.get(records.EVAL_WITHHELD) == 1:
+                withheld += 1
+        return MetricRecord({records.EVAL_WITHHELD_SILOS: withheld}) if withheld else None
+
+
+def popularity_biases(histogram: np.ndarray) -> np.ndarray:
+    """Item biases from the DP histogram: log(1 + max(ĉ, 0)), centred (post-processing)."""
+    logs = np.log1p(np.maximum(np.asarray(histogram, dtype=np.float64), 0.0))
+    return logs - logs.mean()
+
+
+def with_popularity_biases(arrays: ArrayRecord, histogram: np.ndarray) -> ArrayRecord:
+    """``arrays`` with ``item_bias.weight`` replaced by :func:`popularity_biases`."""
+    out = ArrayRecord(dict(arrays.items()))
+    ref = arrays["item_bias.weight"].numpy()
+    out["item_bias.weight"] = Array(popularity_biases(histogram).reshape(ref.shape).astype(ref.dtype))
+    return out
+
