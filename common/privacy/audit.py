@@ -206,6 +206,12 @@ def audit_run(run_dir: Path, *, empirical: bool = True) -> AuditResult:
                     f"{run.metrics.name} reports a DP round that the ledger does not record",
                 )
             )
+        n, delta = audit.population, audit.delta
+        if n and delta is not None and 1 / (10 * n) < delta < 1 / n:
+            warnings.append(
+                f"{owner}: δ = {delta:g} is above 1/(10N) = {1 / (10 * n):.3g} for its N = {n} units: "
+                f"weak (N·δ = {n * delta:.3g}); the default is min(1e-5, 1/(10N))"
+            )
         if audit.final_prv is not None and abs(audit.final_prv - audit.final_pld) > PRV_WARN_GAP:
             warnings.append(
                 f"{owner}: PRV ε {audit.final_prv:.3f} and PLD ε {audit.final_pld:.3f} "

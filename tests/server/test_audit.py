@@ -211,3 +211,12 @@ def test_central_canary_clients_give_a_one_shot_estimate_that_sees_missing_noise
     assert claimed == pytest.approx(epsilon([MechanismUse(1.0, 1.0, 3)], 1e-5))
     assert claimed / 1.5 < ok["epsilon"] < claimed * 1.5
     assert bad["epsilon"] > 2 * claimed
+
+
+def test_a_weak_delta_is_warned_about_by_the_audit(tmp_path):
+    """δ between 1/(10N) and 1/N: the run is accepted, the audit passes with a warning."""
+    run = _run(tmp_path / "weak", **{"num-server-rounds": 1, "privacy.local.delta": 0.0025})  # N = 100 per silo
+    result = audit_run(run, empirical=False)
+    assert not result.problems, [str(p) for p in result.problems]
+    weak = [w for w in result.warnings if "above 1/(10N)" in w]
+    assert len(weak) == 3 and "N = 100" in weak[0] and "N·δ = 0.25" in weak[0]
