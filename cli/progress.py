@@ -84,6 +84,8 @@ class RunProgress:
         self._done = first_round
         self._started = clock()
         self._rounds_started: float | None = None
+        self._first_at: float | None = None  # when the first round(s) of this run were seen done
+        self._first_done = first_round
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._progress: Progress | None = None
@@ -130,7 +132,6 @@ class RunProgress:
     def watch(self) -> None:
         """Start polling ``metrics`` for completed rounds (a daemon thread)."""
         self._rounds_started = self.clock()
-        self.phase(f"round {self._done + 1}/{self.total}")
         self._thread = threading.Thread(target=self._run, name="fedrec-progress", daemon=True)
         self._thread.start()
 
@@ -144,13 +145,21 @@ class RunProgress:
         if done <= self._done:
             return self._done
         self._done = done
+        now = self.clock()
+        if self._first_at is None:
+            # The first round also pays for Ray's and the clients' start-up: later
+            # rounds' ETA is measured from its end.
+            self._first_at, self._first_done = now, done
         if self._progress is not None and self._task is not None:
             text = "done" if done >= self.total else f"round {done + 1}/{self.total}"
             self._progress.update(self._task, completed=done, description=text)
         else:
             start = self._rounds_started if self._rounds_started is not None else self._started
-            elapsed = self.clock() - start
-            eta = eta_text(elapsed, done - self.first, self.total - done)
+            elapsed = now - start
+            if done == self._first_done or self._first_at is None:
+                eta = eta_text(elapsed, done - self.first, self.total - done)
+            else:
+                eta = eta_text(now - self._first_at, done - self._first_done, self.total - done)
             self.console.print(
                 f"round {done}/{self.total} done, {elapsed:.0f} s elapsed, {eta}", highlight=False, markup=False
             )

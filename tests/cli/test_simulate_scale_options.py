@@ -88,11 +88,15 @@ def test_plain_progress_lines_when_not_a_terminal(tmp_path) -> None:
         metrics.write_text(json.dumps({"round": 1}) + "\n" + json.dumps({"round": 2}) + "\n")
         progress.poll()
         progress.poll()  # nothing new: no line
+        now[0] = 21.0
+        metrics.write_text("".join(json.dumps({"round": r}) + "\n" for r in (1, 2, 3)))
+        progress.poll()  # later rounds' ETA from the end of round 1 (it paid for start-up): 5.5 s per round
     lines = out.getvalue().splitlines()
     assert lines == [
         "… starting the SuperLink",
         "round 1/4 done, 10 s elapsed, ETA 30s",
         "round 2/4 done, 20 s elapsed, ETA 20s",
+        "round 3/4 done, 21 s elapsed, ETA 6s",
     ]
 
 
