@@ -255,15 +255,15 @@ def test_a_run_config_file_is_replaced_whole_or_not_at_all(tmp_path: Path, monke
     assert path.read_bytes() == before
 
 
-def test_a_full_disk_while_centralized_writes_its_metrics_keeps_no_partial_file(tmp_path: Path, monkeypatch):
-    # Arrange
+def test_a_full_disk_while_centralized_writes_its_run_directory_keeps_no_partial_file(tmp_path: Path, monkeypatch):
+    # Arrange: centralized writes a simulation's run directory (RunRecorder); config.json comes first
     run_dir = tmp_path / "run"
-    _fail_os_open(monkeypatch, errno.ENOSPC, lambda p: Path(p).name.startswith(".metrics.jsonl."))
+    _fail_os_open(monkeypatch, errno.ENOSPC, lambda p: Path(p).name.startswith(".config.json."))
     # Act
     result = runner.invoke(app, ["centralized", "--model", "popularity", *SMALL, "--run-dir", str(run_dir)])
     # Assert
     assert result.exit_code == 2, result.output
-    assert f"{run_dir / 'metrics.jsonl'}: cannot write ({ENOSPC})" in _error_line(result)
+    assert f"{run_dir / 'config.json'}: cannot write ({ENOSPC})" in _error_line(result)
     assert sorted(_files(run_dir)) == ["fedrec.lock"]
 
 
@@ -311,7 +311,7 @@ def test_centralized_writes_whole_lines_and_a_summary(tmp_path: Path):
     # Assert
     assert result.exit_code == 0, result.output
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    assert [json.loads(line)["round"] for line in lines] == [1, 2]  # round records, one per epoch
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["best-epoch"] in (1, 2)
 
 
