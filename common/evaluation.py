@@ -29,6 +29,8 @@ RANKING_PAIR_BYTES = 64
 SumValue = float | list[float]
 #: Prefix of the sums (and metrics) of each silo's personalized model (personalize.enabled).
 PERSONALIZED = "personalized-"
+#: Prefix of the popularity ranking's sums (and metrics) on the same candidates.
+POPULARITY = "popularity-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +112,11 @@ def evaluation_sums(
         sums[f"{phase}-users"] = float(len(users))
         sums[f"{phase}-hits@{k}"] = float(hits.sum())
         sums[f"{phase}-ndcg@{k}"] = float(metrics.dcg_at_k(ranks, k).sum())
+        # The popularity ranking on the same candidates: the floor beside the model.
+        popular = item_popularity[items]
+        pop_ranks = metrics.sampled_rank(popular[:, 0], popular[:, 1:])
+        sums[f"{POPULARITY}{phase}-hits@{k}"] = float(metrics.hits_at_k(pop_ranks, k).sum())
+        sums[f"{POPULARITY}{phase}-ndcg@{k}"] = float(metrics.dcg_at_k(pop_ranks, k).sum())
         if phase == "test":
             activity = np.minimum(split.train_counts()[users], MAX_ACTIVITY)
             counts, hit_sums = metrics.activity_histogram_sums(hits, activity, MAX_ACTIVITY)
@@ -225,6 +232,7 @@ def sum_shapes(protocol: EvalProtocol, num_items: int) -> dict[str, int | None]:
     shapes: dict[str, int | None] = {}
     for phase in ("val", "test"):
         shapes.update({f"{phase}-users": None, f"{phase}-hits@{k}": None, f"{phase}-ndcg@{k}": None})
+        shapes.update({f"{POPULARITY}{phase}-hits@{k}": None, f"{POPULARITY}{phase}-ndcg@{k}": None})
     shapes["activity-users"] = MAX_ACTIVITY + 1
     shapes["activity-hits"] = MAX_ACTIVITY + 1
     if protocol.full_ranking:
@@ -262,7 +270,8 @@ def sums_problem(sums: Mapping[str, object], protocol: EvalProtocol, num_items: 
     for prefix in ("", PERSONALIZED) if protocol.personalized else ("",):
         for phase in ("val", "test"):
             users = float(sums[f"{prefix}{phase}-users"])  # type: ignore[arg-type]
-            for name in (f"{prefix}{phase}-hits@{protocol.k}", f"{prefix}{phase}-ndcg@{protocol.k}"):
+            names = [f"{prefix}{pop}{phase}-{m}@{protocol.k}" for pop in ("", POPULARITY) for m in ("hits", "ndcg")]
+            for name in names:
                 if float(sums[name]) > users + 1e-6:  # type: ignore[arg-type]
                     return f"evaluation sum {name!r} ({sums[name]}) exceeds the {users:g} users evaluated"
     return None
@@ -300,6 +309,9 @@ def summarize(sums: Mapping[str, SumValue], k: int) -> dict[str, float]:
         for name in (f"hits@{k}", f"ndcg@{k}"):
             label = name.replace("hits", "hr")
             out[f"{phase}-{label}"] = float(sums[f"{phase}-{name}"]) / n if n else float("nan")  # type: ignore[arg-type]
+            popular = sums.get(f"{POPULARITY}{phase}-{name}")
+            if popular is not None:
+                out[f"{POPULARITY}{phase}-{label}"] = float(popular) / n if n else float("nan")  # type: ignore[arg-type]
     counts = np.rint(np.asarray(sums["activity-users"], dtype=float)).astype(np.int64)
     hit_sums = np.asarray(sums["activity-hits"], dtype=float)
     out[f"test-hr@{k}-gap-least-most-active"] = metrics.quintile_gap_from_histogram(counts, hit_sums)

@@ -47,8 +47,7 @@ def _honest(instructions, n=3):
     [
         ({records.NUM_EXAMPLES: float("inf")}, "'num-examples' must be a finite number"),
         ({records.NUM_EXAMPLES: -5.0}, "must be positive"),
-        ({records.TRAIN_LOSS: None}, "'train-loss' must be a number"),
-        ({records.TRAIN_SECONDS: None}, "'train-seconds' must be a finite number"),
+        ({records.TRAIN_SECONDS: float("nan")}, "'train-seconds' must be a finite number"),
         ({records.TRAIN_LOSS: [1.0, 2.0]}, "'train-loss' must be a number"),
         ({records.TRAIN_SECONDS: -1.0}, "'train-seconds' must be >= 0"),
         ({records.PARTITION_ID: -1}, "'partition-id' must be a non-negative integer"),
@@ -65,6 +64,15 @@ def test_a_malformed_metrics_record_is_rejected_and_the_round_goes_on(changes, r
     np.testing.assert_allclose(arrays[NAME].numpy(), 1.0)
     (rejected,) = strategy.take_events().rejected
     assert rejected[0] == instructions[3].metadata.dst_node_id and reason in rejected[1]
+
+
+def test_a_reply_without_loss_and_seconds_is_used_and_the_round_reports_neither():
+    """Under DP silos keep their loss and seconds (common.privacy.release): not an error."""
+    strategy, instructions = _round()
+    replies = [_with_metrics(r, **{records.TRAIN_LOSS: None, records.TRAIN_SECONDS: None}) for r in _honest(instructions, 4)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and strategy.take_events().rejected == []
+    assert dict(metrics) == {records.NUM_EXAMPLES: 40, records.TRAIN_SILOS: 4}
 
 
 CLIP = dataclasses.replace(STRATEGY_SETTINGS, norm_action="clip")
