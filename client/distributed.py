@@ -140,7 +140,7 @@ def fit_user_rows(model: MF, split: UserSplit, cfg: AppConfig, partition_id: int
             per = interaction_loss(logits, settings.loss) + settings.l2 * p.pow(2).sum(-1)
             loss = (per * w).sum()
             loss.backward()  # type: ignore[no-untyped-call]
-            total += float(loss)
+            total += float(loss.detach())
         opt.step()
         last = total / split.num_users
     return last
