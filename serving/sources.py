@@ -249,7 +249,20 @@ def _from_state_dir(store: Path, model: Path | None) -> ServedSilo:
     train = dict(info["train"]) if "train" in info else _train_settings(None)
     titles = _titles(settings.dataset, settings.path or data_path, item_ids)
     rows = _arrays(store / USER_PARAMS)
-    return _checked(shared, rows, split, user_ids, item_ids, silo, num_silos, str(store), titles, {}, privacy, train)
+    return _checked(
+        shared,
+        rows,
+        split,
+        user_ids,
+        item_ids,
+        silo,
+        num_silos,
+        str(store),
+        titles,
+        {"silo.json": info},
+        privacy,
+        train,
+    )
 
 
 def _enclosing_final(store: Path, run_uid: str) -> Path | None:

@@ -66,6 +66,25 @@ def test_three_rounds_over_tls_with_node_auth_write_metrics_and_report(deploymen
     assert len(set(deployment.node_ids.values())) == 3
 
 
+def test_a_silo_recommends_from_its_own_state_directory_after_the_deployment_run(deployment: LocalDeployment):
+    # The run of the test above: each SuperNode's state-dir holds its users' rows and silo.json.
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from fedrec import load
+
+    store = deployment.state_root / "silo-1"
+    rec = load(store, model=deployment.run_dir / "final.npz")
+    assert rec.silo == 1 and rec.user_ids
+    user = rec.user_ids[0]
+    result = CliRunner().invoke(app, ["recommend", str(store), "--model", str(deployment.run_dir / "final.npz"),
+                                      "--user", user, "--json"])
+    assert result.exit_code == 0, result.output
+    items = [e["item"] for e in json.loads(result.output)["items"]]
+    seen = {str(rec.served.item_ids[i]) for i in rec.served.seen(rec.row_of(user))}
+    assert len(items) == 10 == len(set(items)) and not set(items) & seen
+
+
 def test_credentials_are_openssh_p384_keys_and_private_files_are_0600(deployment: LocalDeployment):
     creds = deployment.credentials
     for path in (creds.ca_key, creds.server_key, *(creds.node_key(i) for i in range(3))):
