@@ -8,6 +8,7 @@ and ``RecordDict`` but knows nothing of how messages travel.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from logging import INFO, WARNING
@@ -152,12 +153,16 @@ def _keep_own(session: Session, kind: str, values: Mapping[str, Any]) -> None:
 
 
 def _plain_round(session: Session) -> RecordDict:
+    cpu = time.process_time()
     stats = silo.train_round(session.model, session.cfg, session.data, session.partition_id, session.server_round)
+    cpu = time.process_time() - cpu
     state.save_user_params(session.context.state, session.model)
     if release.is_private(session.cfg.privacy.mode):  # central DP: the public roster, not a data count
         _keep_own(session, "training", {"loss": stats.mean_loss, "seconds": stats.seconds})
         return _trained_content(session.model, session.data.split.num_users, None, session.partition_id)
-    return _trained_content(session.model, stats.num_examples, stats, session.partition_id)
+    content = _trained_content(session.model, stats.num_examples, stats, session.partition_id)
+    content.metric_records[records.METRICS][records.TRAIN_CPU_SECONDS] = cpu
+    return content
 
 
 def _private_round(session: Session) -> RecordDict:

@@ -14,6 +14,7 @@ RUN_UID = "run-uid"  # train/evaluate config: identifies the run (silos key dura
 RUN_DIR = "run-dir"  # train/evaluate config: the server's run directory (default home of silos' state)
 TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"
+TRAIN_CPU_SECONDS = "train-cpu-seconds"  # train metrics: the silo process's CPU time of local training
 PARTITION_ID = "partition-id"  # train metrics: the silo the reply claims to be
 EVAL_WITHHELD = "evaluation-withheld"  # evaluate metrics: 1 = the silo kept its sums (privacy.release)
 EVAL_NOISY = "evaluation-noisy"  # evaluate metrics: 1 = the sums carry accounted Gaussian noise

@@ -64,8 +64,8 @@ def metrics_problem(metrics: MetricRecord | None) -> str | None:
     """Why a training reply's metrics are unusable (missing, wrong type, out of range)."""
     if metrics is None:
         return f"reply has no '{records.METRICS}' record"
-    for key, lo in ((records.NUM_EXAMPLES, 0.0), (records.TRAIN_SECONDS, 0.0)):
-        if key == records.TRAIN_SECONDS and key not in metrics:
+    for key, lo in ((records.NUM_EXAMPLES, 0.0), (records.TRAIN_SECONDS, 0.0), (records.TRAIN_CPU_SECONDS, 0.0)):
+        if key != records.NUM_EXAMPLES and key not in metrics:
             continue  # under DP a silo keeps its training time (common.privacy.release)
         value = metrics.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

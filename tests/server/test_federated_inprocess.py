@@ -60,3 +60,20 @@ def test_outgoing_messages_carry_only_shared_parameters_and_metrics(small_run_co
                 if values.ndim == 2 and values.shape[1] == user_rows.shape[1]:
                     matches = (values[:, None, :] == user_rows[None, :, :]).all(-1)
                     assert not matches.any()
+
+
+def test_silos_report_their_training_cpu_seconds_without_dp(tmp_path):
+    """Without DP the round records the slowest silo's wall and CPU seconds of training."""
+    from common.run_config import load_default_run_config
+    from common.rundir import RunDir
+    from simulations.inprocess import run_inprocess
+
+    cfg = load_default_run_config()
+    cfg.update({"num-server-rounds": 1, "run-dir": str(tmp_path / "run"), "data.synthetic.num-users": 60,
+                "data.synthetic.num-items": 200, "data.synthetic.mean-interactions": 10, "model.dim": 8,
+                "eval.full-ranking-k": 20})
+    run_inprocess(cfg, num_nodes=2)
+    (record,) = RunDir(tmp_path / "run").read_rounds()
+    cpu = record.train["train-cpu-seconds"]
+    assert 0 < cpu <= record.seconds * 2 + 1  # at most both cores for the round's wall time
+    assert "its CPU seconds" in RunDir(tmp_path / "run").report.read_text()

@@ -111,16 +111,16 @@ def test_a_local_dp_report_names_the_run_and_opens_with_one_sentence_per_silo_fr
     assert "Not covered" not in text and "not differentially private" not in text
     assert "**Evaluation withheld:**" in text
     assert "| 1 | withheld |" in text  # the round table's train loss
-    assert "| 2 | 3.00 | withheld | 2,000 | 4,000 |" in text  # the cost table's training seconds
+    assert "| 2 | 3.00 | withheld | withheld | 2,000 | 4,000 |" in text  # training seconds, CPU seconds
 
 
 def test_a_report_without_dp_says_so_and_shows_reported_training_seconds():
-    train = {records.TRAIN_LOSS: 0.25, records.TRAIN_SECONDS: 4.2, records.TRAIN_SILOS: 3}
+    train = {records.TRAIN_LOSS: 0.25, records.TRAIN_SECONDS: 4.2, records.TRAIN_CPU_SECONDS: 3.9, records.TRAIN_SILOS: 3}
     rounds = [_round(r, train=train, evaluate=_metrics(0.3 + 0.1 * r)) for r in (1, 2)]
     text = render_report(rounds, K, "metrics.png")
     assert "3 silos" in text and "privacy mode `none` (read off the rounds: no config.json)" in text
     assert "- No differential privacy (`privacy.mode = none`)" in text
-    assert "| 1 | 1.50 | 4.20 | 1,000 | 2,000 |" in text
+    assert "| 1 | 1.50 | 4.20 | 3.90 | 1,000 | 2,000 |" in text
     assert "| 2 | 0.2500 |" in text
     assert "not differentially private" in text
     assert "fedrec centralized --model popularity" in text  # no popularity sums in a federated evaluation
