@@ -3,6 +3,7 @@
     python -m benchmarks.dp_step             # full table, ~10 min on 2 CPU cores
     python -m benchmarks.dp_step --markdown  # the same as a markdown table (README)
     python -m benchmarks.dp_step --models mf --items 3706 --steps 10
+    python -m benchmarks.dp_step --interleave --methods plain-sparse,fedrec --steps 40  # ratios in one process
 
 What is measured
 ----------------
@@ -342,6 +343,55 @@ def run_cell(cell: Cell) -> dict[str, Any]:
     return result
 
 
+def run_interleaved(cells: Sequence[Cell]) -> list[dict[str, Any]]:
+    """Measure cells of one (model, catalogue) in this process, one step of each in turn.
+
+    Every method sees the same load at the same time, so their ratios are measured
+    in one process; CPU time per step as in :func:`run_cell`. Memory is not measured
+    (``extra_mib`` is None). A cell whose set-up fails or is skipped is reported as such.
+    """
+    warnings.filterwarnings("ignore", category=UserWarning)
+    first = cells[0]
+    torch.set_num_threads(first.threads)
+    g = torch.Generator().manual_seed(first.seed + 1)
+    batches = [
+        (
+            torch.randint(0, first.users, (first.batch,), generator=g),
+            torch.randint(0, first.items, (first.batch, 1 + NEGATIVES), generator=g),
+        )
+        for _ in range(4)
+    ]
+    labels = torch.zeros(first.batch, 1 + NEGATIVES)
+    labels[:, 0] = 1.0
+    results: list[dict[str, Any]] = []
+    steps: dict[int, Callable[[Tensor, Tensor], None]] = {}
+    for k, cell in enumerate(cells):
+        results.append({"status": "ok", "ms": None, "extra_mib": None, "steps": 0, "note": ""})
+        torch.manual_seed(cell.seed)
+        try:
+            steps[k] = _make_step(cell, build_model(cell.model, cell.users, cell.items, cell.dim, NEUMF_MLP), labels)
+        except Skip as skip:
+            results[k].update(status="skipped", note=str(skip))
+        except Exception as error:
+            results[k].update(status="error", note=_short_error(error))
+    times: dict[int, list[float]] = {k: [] for k in steps}
+    for i in range(first.warmup + first.steps):
+        for k, step in list(steps.items()):
+            start = time.process_time()
+            try:
+                step(*batches[i % len(batches)])
+            except Exception as error:
+                results[k].update(status="error", note=_short_error(error))
+                del steps[k]
+                continue
+            if i >= first.warmup:
+                times[k].append(time.process_time() - start)
+    for k, measured in times.items():
+        if k in steps and measured:
+            results[k].update(ms=1000 * statistics.median(measured), min_ms=1000 * min(measured), steps=len(measured))
+    return results
+
+
 def _short_error(error: BaseException) -> str:
     text = f"{type(error).__name__}: {error}".splitlines()[0]
     return text if len(text) <= 90 else text[:87] + "..."
@@ -392,7 +442,7 @@ def table_rows(rows: Sequence[Row]) -> list[list[str]]:
         if r.ms is not None:
             ms, fastest = (f"{x:.1f}" if x < 100 else f"{x:.0f}" for x in (r.ms, r.result["min_ms"]))
             ratio = f"{r.ms / best.ms:.2f}×" if best else "—"
-            extra = f"{r.result['extra_mib']:.0f}"
+            extra = "—" if r.result["extra_mib"] is None else f"{r.result['extra_mib']:.0f}"
         else:
             ms, fastest, ratio = r.result["note"] or r.result["status"], "—", "—"
             extra = "—"
@@ -499,6 +549,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--markdown", action="store_true", help="print a markdown table (README)")
     parser.add_argument("--in-process", action="store_true", help="no subprocess per cell (tests; memory less exact)")
+    parser.add_argument(
+        "--interleave", action="store_true",
+        help="one process; the methods of a (model, catalogue) take steps in turn (ratios under the same load; no memory)",
+    )
     parser.add_argument("--cell", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     unknown = set(args.methods) - set(METHODS)
@@ -534,6 +588,14 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     rows = []
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
+    if args.interleave:
+        groups: dict[tuple[str, int], list[Cell]] = {}
+        for cell in cells:
+            groups.setdefault((cell.model, cell.items), []).append(cell)
+        for group in groups.values():
+            rows += [Row(c, r) for c, r in zip(group, run_interleaved(group), strict=True)]
+            print(f"[{time.perf_counter() - started:5.0f}s] {group[0].model} {group[0].items:,} done", file=sys.stderr)
+        cells = []
     for i, cell in enumerate(cells, 1):
         result = run_cell(cell) if args.in_process else run_cell_isolated(cell)
         rows.append(Row(cell, result))

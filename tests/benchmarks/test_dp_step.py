@@ -19,3 +19,12 @@ def test_tiny_benchmark_prints_a_timed_row_for_every_method(capsys):
         assert re.fullmatch(r"\d+\.\d\d×( \(best\))?", cells[5]), cells
     assert [r.result["status"] for r in rows] == ["ok"] * len(METHODS)
     assert "MF @ 500 items: fedrec" in out and "target ≤ 1.3×" in out
+
+
+def test_interleaved_run_times_every_method_in_one_process(capsys):
+    rows = main(["--models", "mf", "--items", "300", "--dim", "4", "--batch", "16", "--steps", "2",
+                 "--methods", "plain-sparse,fedrec", "--interleave", "--markdown"])
+    out = capsys.readouterr().out
+    assert [r.cell.method for r in rows] == ["plain-sparse", "fedrec"]
+    assert all(r.result["status"] == "ok" and r.result["steps"] == 2 and r.result["extra_mib"] is None for r in rows)
+    assert "| mf | 300 | fedrec |" in out and "MF @ 300 items: fedrec" in out
