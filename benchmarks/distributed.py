@@ -183,7 +183,7 @@ def main() -> None:
         record("none", math.inf, run_point(base, silos, out / "nonprivate"))
     for eps in (float(e) for e in args.epsilons.split(",")):
         record("dp-popularity", eps, dp_popularity(base, eps, silos, t, int(eps * 1000)))
-        cfg = {**base, **DISTRIBUTED, **preset["distributed"], **extra, "privacy.distributed.target-epsilon": eps}
+        cfg = {**base, **DISTRIBUTED, **preset["distributed"], "privacy.distributed.target-epsilon": eps, **extra}
         record("distributed", eps, run_point(cfg, silos, out / f"distributed-eps{eps:g}"))
     print_table(results, args.preset)
     plot(results, out / "distributed.png", args.preset)
