@@ -222,6 +222,7 @@ def main() -> None:
     parser.add_argument("--encoder", default="all-MiniLM-L6-v2")
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--skip", default="", help="comma list of: centralized,federated,dp")
+    parser.add_argument("--models", default="mf,hybrid-mf", help="learned models to run (comma list)")
     args = parser.parse_args()
     if not 0.10 <= args.cold_fraction <= 0.20:
         parser.error("--cold-fraction: the protocol holds out 10-20% of the items")
@@ -280,16 +281,16 @@ def main() -> None:
 
     learned: list[tuple[str, str, Callable[[str], tuple[Recommender, dict[str, float], int]], int]] = []
     if "centralized" not in skip:
-        for name in ("mf", "hybrid-mf"):
+        for name in args.models.split(","):
             learned.append((name, "centralized", lambda n: centralized(
                 AppConfig.from_run_config({**base, "model.name": n}), args.epochs), int(base["model.dim"])))
     if "federated" not in skip:
-        for name in ("mf", "hybrid-mf"):
+        for name in args.models.split(","):
             learned.append((name, f"federated, {args.silos} silos", lambda n: federated(
                 {**base, "model.name": n, "num-server-rounds": args.rounds, "eval.every": args.rounds},
                 args.silos, work / f"fed-{n}"), int(base["model.dim"])))
     if "dp" not in skip:
-        for name in ("mf", "hybrid-mf"):
+        for name in args.models.split(","):
             learned.append((name, "federated, local DP ε=8", lambda n: federated(
                 {**base, **PRIVATE, "model.name": n, "num-server-rounds": args.dp_rounds, "eval.every": args.dp_rounds},
                 args.silos, work / f"dp-{n}"), int(PRIVATE["model.dim"])))
