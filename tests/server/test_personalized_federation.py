@@ -104,9 +104,11 @@ def test_run_metrics_report_global_and_personalized_hit_rates(runs):
 def test_server_checks_and_pools_personalized_sums_like_the_global_ones():
     # Arrange: one silo, 4 users: 3 hits on validation, 1 on test; personalized 4 and 2.
     protocol = EvalProtocol(k=10, full_ranking=False, personalized=True)
-    base = {"val-users": 4.0, "val-hits@10": 3.0, "val-ndcg@10": 1.5, "test-users": 4.0, "test-hits@10": 1.0,
-            "test-ndcg@10": 0.5, "activity-users": [0.0] * 5 + [4.0] + [0.0] * 995,
-            "activity-hits": [0.0] * 5 + [1.0] + [0.0] * 995}
+    plain = EvalProtocol(k=10, full_ranking=False)
+    base = {key: 0.0 if length is None else [0.0] * length for key, length in sum_shapes(plain, 300).items()}
+    base.update({"val-users": 4.0, "val-hits@10": 3.0, "val-ndcg@10": 1.5, "test-users": 4.0, "test-hits@10": 1.0,
+                 "test-ndcg@10": 0.5, "activity-users": [0.0] * 5 + [4.0] + [0.0] * 995,
+                 "activity-hits": [0.0] * 5 + [1.0] + [0.0] * 995})
     personal = {**base, "val-hits@10": 4.0, "test-hits@10": 2.0}
     sums = {**base, **{PERSONALIZED + k: v for k, v in personal.items()}}
     # Act
@@ -114,7 +116,7 @@ def test_server_checks_and_pools_personalized_sums_like_the_global_ones():
     # Assert
     assert sums_problem(sums, protocol, 300) is None
     assert sums_problem(base, protocol, 300) is not None  # personalized sums missing: refused
-    assert sums_problem(sums, EvalProtocol(k=10, full_ranking=False), 300) is not None  # not asked for: refused
+    assert sums_problem(sums, plain, 300) is not None  # not asked for: refused
     too_many = {**sums, PERSONALIZED + "test-hits@10": 5.0}
     assert "exceeds the 4 users" in str(sums_problem(too_many, protocol, 300))
     assert metrics["val-hr@10"] == 0.75 and metrics["test-hr@10"] == 0.25
