@@ -8,8 +8,8 @@ The silo is its users' trusted aggregator (DP-FedAvg with per-user deltas,
 * ``popularity``: stage Σ over the silo's users of their L2-normalised item vectors
   plus the histogram noise share σ_h/√(S − T) for the secure sum;
 * ``train``: refit every user's own rows on their own data (never released), Poisson-sample
-  users at q, compute each sampled user's delta of the shared parameters (one step of
-  ``privacy.distributed.lr`` on the gradient of the user's mean loss), clip it to C, sum,
+  users at q, compute each sampled user's delta of the shared parameters (``train.local-epochs``
+  SGD steps of ``privacy.distributed.lr`` on the user's mean loss), clip it to C, sum,
   add the noise share σ·C/√(S − T) and stage the vector for the secure sum.
 
 The reply carries no arrays: partition id, roster N and :data:`STAGED`. σ, σ_h, q and δ are
@@ -152,10 +152,13 @@ def clipped_delta_sum(
 ) -> tuple[np.ndarray, int]:
     """Σ over ``sampled`` users of their deltas of the shared parameters, each clipped to L2 ≤ C.
 
-    A user's delta is −lr·∇ of their mean loss (their interactions, keyed negatives) w.r.t.
-    the shared parameters (item embeddings, item biases, global bias) at the shared model
-    and the user's own rows. Returned flat in :func:`common.secagg.vectors.flatten` order of
-    the shared state, with the number of users whose delta was clipped.
+    A user's delta is the change of ``train.local-epochs`` full-batch SGD steps of
+    ``privacy.distributed.lr`` on the user's mean loss (their interactions, keyed negatives),
+    starting from the shared model and the user's own rows, of their own copy of the shared
+    rows they read (item embeddings and biases of their positives and negatives, the global
+    bias). Vectorised: one copy per (user, item) pair, so no user's steps see another's data.
+    Returned flat in :func:`common.secagg.vectors.flatten` order of the shared state, with the
+    number of users whose delta was clipped.
     """
     shared = {k: v.numpy() for k, v in shared_state(model).items()}
     num_items, dim = split.num_items, model.item_embedding.weight.shape[1]
@@ -171,41 +174,41 @@ def clipped_delta_sum(
         negatives = interaction_negatives(int(rng.integers(2**63)), users, pos, settings.num_negatives, num_items)
         items = np.concatenate([pos[:, None], negatives], axis=1)
         weights = torch.from_numpy(_weights(split)[mask]).float()
-        users_t, items_t = torch.from_numpy(users), torch.from_numpy(items)
-        g_emb, g_bias, g_glob = [], [], []
-        with torch.no_grad():
-            p_all, bu_all = model.user_embedding.weight.detach(), model.user_bias.weight.detach()
-        for lo in range(0, users.size, _CHUNK):
-            u, it, w = users_t[lo : lo + _CHUNK], items_t[lo : lo + _CHUNK], weights[lo : lo + _CHUNK]
-            q = model.item_embedding.weight.detach()[it].requires_grad_()
-            b = model.item_bias.weight.detach()[it].squeeze(-1).requires_grad_()
-            g = model.global_bias.value.detach().expand(len(u)).clone().requires_grad_()
-            logits = torch.einsum("bd,btd->bt", p_all[u], q) + bu_all[u] + b + g[:, None]
-            per = interaction_loss(logits, settings.loss) + settings.l2 * q.pow(2).sum((-1, -2))
-            (per * w).sum().backward()  # type: ignore[no-untyped-call]
-            assert q.grad is not None and b.grad is not None and g.grad is not None
-            g_emb.append(q.grad.double())
-            g_bias.append(b.grad.double())
-            g_glob.append(g.grad.double())
-        grad_emb, grad_bias, grad_glob = torch.cat(g_emb), torch.cat(g_bias), torch.cat(g_glob)
-        # One row per (user, item) pair: a user's gradient on an item row sums over their interactions.
-        pair = torch.from_numpy(users[:, None] * num_items + items).reshape(-1)
-        uniq, inverse = torch.unique(pair, return_inverse=True)
-        pair_emb = torch.zeros(len(uniq), dim, dtype=torch.float64).index_add_(0, inverse, grad_emb.reshape(-1, dim))
-        pair_bias = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, grad_bias.reshape(-1))
+        users_t = torch.from_numpy(users)
+        pair = torch.from_numpy(users[:, None] * num_items + items)
+        uniq, inverse = torch.unique(pair.reshape(-1), return_inverse=True)
+        inverse = inverse.reshape(pair.shape)
         pair_user, pair_item = uniq // num_items, uniq % num_items
+        emb0 = model.item_embedding.weight.detach()[pair_item].clone()
+        bias0 = model.item_bias.weight.detach()[pair_item].squeeze(-1).clone()
+        glob0 = model.global_bias.value.detach().expand(split.num_users).clone()
+        emb, bias, glob = emb0.clone().requires_grad_(), bias0.clone().requires_grad_(), glob0.clone().requires_grad_()
+        p = model.user_embedding.weight.detach().clone().requires_grad_()
+        bu = model.user_bias.weight.detach().clone().requires_grad_()
+        for _ in range(settings.local_epochs):
+            pu = p[users_t]
+            logits = torch.einsum("bd,btd->bt", pu, emb[inverse]) + bu[users_t] + bias[inverse] + glob[users_t, None]
+            per = interaction_loss(logits, settings.loss) + settings.l2 * emb[inverse].pow(2).sum((-1, -2))
+            grads = torch.autograd.grad((per * weights).sum(), [emb, bias, glob, p, bu])
+            with torch.no_grad():
+                for param, grad in zip((emb, bias, glob, p, bu), grads, strict=True):
+                    param -= lr * grad
+        pair_emb = (emb.detach() - emb0).double()
+        pair_bias = (bias.detach() - bias0).double()
+        user_glob = (glob.detach() - glob0).double()
         n_users = split.num_users
-        user_glob = torch.zeros(n_users, dtype=torch.float64).index_add_(0, users_t, grad_glob)
+        touched = torch.zeros(n_users, dtype=torch.bool)
+        touched[users_t] = True
+        user_glob = torch.where(touched, user_glob, torch.zeros_like(user_glob))
         sq = torch.zeros(n_users, dtype=torch.float64).index_add_(
             0, pair_user, pair_emb.pow(2).sum(-1) + pair_bias.pow(2)
         ) + user_glob.pow(2)
-        norm = lr * sq.sqrt()
+        norm = sq.sqrt()
         scale = torch.where(norm > clip, clip / norm.clamp_min(1e-300), torch.ones_like(norm))
         clipped = int((norm[torch.from_numpy(sampled)] > clip).sum()) if sampled.size else 0
-        factor = -lr * scale
-        sum_emb.index_add_(0, pair_item, factor[pair_user, None] * pair_emb)
-        sum_bias.index_add_(0, pair_item, factor[pair_user] * pair_bias)
-        sum_global = float((factor * user_glob).sum())
+        sum_emb.index_add_(0, pair_item, scale[pair_user, None] * pair_emb)
+        sum_bias.index_add_(0, pair_item, scale[pair_user] * pair_bias)
+        sum_global = float((scale * user_glob).sum())
     out = {
         "item_embedding.weight": sum_emb.numpy(),
         "item_bias.weight": sum_bias.numpy()[:, None],
