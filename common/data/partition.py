@@ -34,9 +34,18 @@ def partition_users(
         platforms.
     skew
         For ``silos``. ``iid``: a uniformly random, equal-size split. ``dirichlet``:
-        each silo draws a taste over item groups from Dirichlet(``alpha``) and each
-        user joins a silo with probability proportional to how well the silo's taste
-        matches the user's training items; small ``alpha`` gives specialised silos.
+        the label-skew construction of federated benchmarks (Hsu et al. 2019; the
+        NIID-Bench partitioner of Li et al. 2022) with a user's *dominant item group*
+        (the group most of its training items fall in) as its label: for each group
+        the silos' shares of that group's users are drawn from Dirichlet(``alpha``)
+        over the silos, and the group's users (in a seeded random order) are cut
+        into consecutive runs of those sizes. Small ``alpha`` sends nearly all of a
+        group's users to one silo (near-disjoint tastes), large ``alpha`` splits every
+        group evenly. The draw is repeated (up to :data:`DIRICHLET_TRIES` times, the
+        same seeded stream) until every silo has at least
+        ``min(DIRICHLET_MIN_USERS, num_users // (2 * num_partitions))`` users (at
+        least 1); if no draw does, the draw with the largest smallest silo is kept and
+        each empty silo takes one user from the largest silo.
     item_category
         Item groups for ``dirichlet`` skew; without it, items are grouped into 10
         popularity deciles of the training counts.
@@ -77,18 +86,55 @@ def partition_users(
         raise DataError(f"dirichlet alpha must be > 0, got {alpha}")
     groups = _item_groups(split, item_category)
     n_groups = int(groups.max()) + 1
-    # (U, G): share of each user's training items in each group
-    profile = np.zeros((n_users, n_groups))
-    np.add.at(profile, (split.train_user, groups[split.train_item]), 1.0)
-    profile /= np.maximum(profile.sum(axis=1, keepdims=True), 1.0)
-    taste = rng.dirichlet(np.full(n_groups, alpha), size=num_partitions)  # (P, G)
-    logits = np.log(profile @ taste.T + 1e-9) + rng.gumbel(size=(n_users, num_partitions))
-    owner = logits.argmax(axis=1)
-    # Guarantee non-empty silos: each empty silo takes the user that prefers it most.
-    for p in np.flatnonzero(np.bincount(owner, minlength=num_partitions) == 0):
-        donors = np.flatnonzero(np.bincount(owner, minlength=num_partitions)[owner] > 1)
-        owner[donors[np.argmax(logits[donors, p] - logits[donors, owner[donors]])]] = p
+    # (U, G): training items of each user in each group; label = the dominant group
+    # (ties: the lowest group index; a user without training items: group 0).
+    counts = np.zeros((n_users, n_groups))
+    np.add.at(counts, (split.train_user, groups[split.train_item]), 1.0)
+    dominant = counts.argmax(axis=1)
+    members = [np.flatnonzero(dominant == g) for g in range(n_groups)]
+    need = max(1, min(DIRICHLET_MIN_USERS, n_users // (2 * num_partitions)))
+    best: NDArray[np.int64] | None = None
+    for _ in range(DIRICHLET_TRIES):
+        owner = _dirichlet_owners(members, n_users, num_partitions, alpha, rng)
+        if best is None or _smallest(owner, num_partitions) > _smallest(best, num_partitions):
+            best = owner
+        if _smallest(best, num_partitions) >= need:
+            break
+    assert best is not None
+    owner = best
+    # If even the best draw left a silo empty: each empty silo takes a user of the largest.
+    for p in range(num_partitions):
+        if not (owner == p).any():
+            largest = int(np.bincount(owner, minlength=num_partitions).argmax())
+            owner[np.flatnonzero(owner == largest)[0]] = p
     return [np.flatnonzero(owner == p).astype(np.int64) for p in range(num_partitions)]
+
+
+#: Draws of the Dirichlet partition tried before the one with the largest smallest silo is kept.
+DIRICHLET_TRIES = 1000
+#: Users every Dirichlet silo should have (capped at ``num_users // (2 * num_partitions)``).
+DIRICHLET_MIN_USERS = 10
+
+
+def _dirichlet_owners(
+    members: list[NDArray[np.int64]], n_users: int, num_partitions: int, alpha: float, rng: np.random.Generator
+) -> NDArray[np.int64]:
+    """One draw: each group's users cut into runs of Dirichlet(alpha)-distributed sizes, one run per silo."""
+    owner = np.empty(n_users, dtype=np.int64)
+    for users in members:
+        if len(users) == 0:
+            continue
+        share = rng.dirichlet(np.full(num_partitions, alpha))
+        order = rng.permutation(users)
+        cuts = np.round(np.cumsum(share)[:-1] * len(users)).astype(np.int64)
+        for p, run in enumerate(np.split(order, cuts)):
+            owner[run] = p
+    return owner
+
+
+def _smallest(owner: NDArray[np.int64], num_partitions: int) -> int:
+    """Users in the smallest silo of ``owner``."""
+    return int(np.bincount(owner, minlength=num_partitions).min())
 
 
 def _item_groups(
