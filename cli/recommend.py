@@ -18,6 +18,14 @@ SiloOpt = Annotated[int | None, typer.Option(min=0, help="The silo (default: the
 ModelPathOpt = Annotated[
     Path | None, typer.Option("--model", help="The final shared model (final.npz) for a silo's state directory.")
 ]
+PersonalizedOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--personalized/--global",
+        help="The silo's personalized copy (personalize.enabled) or the global model "
+        "(default: the copy when the silo kept one).",
+    ),
+]
 
 
 def recommend(
@@ -34,6 +42,7 @@ def recommend(
     include_seen: Annotated[bool, typer.Option("--include-seen", help="Keep the user's training items.")] = False,
     silo: SiloOpt = None,
     model: ModelPathOpt = None,
+    personalized: PersonalizedOpt = None,
 ) -> None:
     """Top-K items for a user of one silo: raw item ids, scores, titles when the data has them."""
     from common.errors import FedrecError
@@ -56,7 +65,7 @@ def recommend(
             if not ids:
                 raise ServingError(f"--users {users} holds no user id")
         first = user if user is not None else (ids[0] if ids else None)
-        rec = Recommender(open_source(path, silo=silo, model=model, user=first))
+        rec = Recommender(open_source(path, silo=silo, model=model, user=first, personalized=personalized))
         if history is not None:
             items = [i.strip() for i in history.split(",") if i.strip()]
             results = [rec.recommend_new_user(items, k, include_seen=include_seen)]
@@ -72,7 +81,10 @@ def recommend(
     if as_json:
         typer.echo(json.dumps(result.to_json()))
         return
-    console.print(f"[bold]top {k} for user {result.user}[/] (silo {rec.silo}, {rec.served.kind}, {rec.served.source})")
+    which = "personalized" if rec.served.personalized else "global"
+    console.print(
+        f"[bold]top {k} for user {result.user}[/] (silo {rec.silo}, {rec.served.kind}, {which}, {rec.served.source})"
+    )
     for rank, entry in enumerate(result.items, 1):
         title = f"  {entry['title']}" if "title" in entry else ""
         console.print(f"{rank:3d}. {entry['item']}  {fmt(entry['score'])}{title}", markup=False)
@@ -100,6 +112,7 @@ def export(
     out: Annotated[Path, typer.Option("--out", help="New directory for the bundle.")],
     silo: SiloOpt = None,
     model: ModelPathOpt = None,
+    personalized: PersonalizedOpt = None,
 ) -> None:
     """Write one silo's bundle: safetensors (shared model, its users' rows), id maps, manifest.json."""
     from common.errors import FedrecError
@@ -107,9 +120,12 @@ def export(
     from serving.sources import open_source
 
     try:
-        served = open_source(path, silo=silo, model=model)
+        served = open_source(path, silo=silo, model=model, personalized=personalized)
         with os_errors(out):
             manifest = write_bundle(served, out)
     except FedrecError as e:
         fail(e)
-    console.print(f"bundle of silo {served.silo} ({served.kind}, {len(served.user_ids)} users): {manifest.parent}")
+    which = "personalized" if served.personalized else "global"
+    console.print(
+        f"bundle of silo {served.silo} ({served.kind}, {which}, {len(served.user_ids)} users): {manifest.parent}"
+    )

@@ -52,9 +52,11 @@ class Run:
     def report(self) -> Path:
         return self.run_dir.report
 
-    def load(self, silo: int | None = None, *, user: object | None = None) -> Recommender:
+    def load(
+        self, silo: int | None = None, *, user: object | None = None, personalized: bool | None = None
+    ) -> Recommender:
         """The recommender of one silo of this run (see :func:`load`)."""
-        return load(self.path, silo=silo, user=user)
+        return load(self.path, silo=silo, user=user, personalized=personalized)
 
 
 def simulate(
@@ -122,15 +124,27 @@ def centralized(
 
 
 def load(
-    path: str | Path, silo: int | None = None, *, model: str | Path | None = None, user: object | None = None
+    path: str | Path,
+    silo: int | None = None,
+    *,
+    model: str | Path | None = None,
+    user: object | None = None,
+    personalized: bool | None = None,
 ) -> Recommender:
     """The recommender of one silo: from a run directory, a silo's state directory (+ ``model``) or a bundle.
 
     In a run directory ``silo`` defaults to the silo of ``user`` (or the only silo).
+    ``personalized``: the silo's personalized copy (``personalize.enabled``; ``True``
+    fails without one), the global model (``False``), or the copy when the silo kept
+    one (``None``).
     """
     from serving.sources import open_source
 
-    return Recommender(open_source(Path(path), silo=silo, model=Path(model) if model else None, user=user))
+    return Recommender(
+        open_source(
+            Path(path), silo=silo, model=Path(model) if model else None, user=user, personalized=personalized
+        )
+    )
 
 
 def _flower(values: dict[str, Scalar], run_dir: str | Path | None, silos: int | None) -> Run:

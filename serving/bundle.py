@@ -56,6 +56,7 @@ def write_bundle(served: ServedSilo, out: Path) -> Path:
             "sha256": served.fingerprint(),
             "of": "item ids (row order), the silo's user ids (row order), seen indptr and items (int64 LE)",
         },
+        "personalized": served.personalized,
         "privacy": served.privacy,
         "train": served.train,
         "config": served.run_config,
@@ -96,6 +97,7 @@ def read_bundle(path: Path) -> ServedSilo:
         run_config=dict(manifest.get("config", {})),
         privacy=dict(manifest.get("privacy", {})),
         train=dict(manifest.get("train", {})),
+        personalized=bool(manifest.get("personalized", False)),
     )
     if served.fingerprint() != manifest["data-fingerprint"]["sha256"]:
         raise ServingError(f"{path}: the ids or seen items do not match the manifest's data fingerprint")

@@ -41,6 +41,7 @@ class ServedSilo:
     run_config: dict[str, Any] = field(default_factory=dict)
     privacy: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)  # loss, l2, num-negatives (fold-in)
+    personalized: bool = False  # shared arrays and rows are the silo's personalized copy
 
     def __post_init__(self) -> None:
         n = scoring.check_rows(self.kind, self.shared, self.users, self.source)

@@ -9,6 +9,12 @@
   ``silo.json`` and ``user-params.npz``) plus the final shared model (``model``, else
   the ``final.npz`` of an enclosing run directory of the same run);
 * a bundle written by ``fedrec export`` (:mod:`serving.bundle`).
+
+A silo that ran with ``personalize.enabled`` keeps its personalized copy (the
+shared model and its users' rows fine-tuned on its own users, never sent) in
+``personalized.npz`` next to ``user-params.npz``; ``personalized`` chooses it
+(``None``: the copy when the silo has one, ``True``: the copy or an error,
+``False``: the global model and the rows).
 """
 
 from __future__ import annotations
@@ -37,12 +43,18 @@ from serving.titles import movielens_titles
 
 USER_PARAMS = "user-params.npz"  # client.durable's names (serving never imports client)
 SILO_INFO = "silo.json"
+PERSONALIZED = "personalized.npz"  # client.personalize.PERSONALIZED_FILE
 LEDGER = "ledger.jsonl"
 POOLED = "pooled"  # silo.json of a centralized run: the rows are every user's, pooled
 
 
 def open_source(
-    path: Path, *, silo: int | None = None, model: Path | None = None, user: object | None = None
+    path: Path,
+    *,
+    silo: int | None = None,
+    model: Path | None = None,
+    user: object | None = None,
+    personalized: bool | None = None,
 ) -> ServedSilo:
     """The served silo at ``path`` (see the module docstring); ``user`` picks the silo of a run."""
     from serving import bundle
@@ -52,12 +64,19 @@ def open_source(
         raise ServingError(f"{path} does not exist")
     try:
         if (path / bundle.MANIFEST).is_file():
-            return bundle.read_bundle(path)
+            served = bundle.read_bundle(path)
+            if personalized is not None and personalized != served.personalized:
+                holds = "personalized copy" if served.personalized else "global model"
+                flag = "--personalized" if personalized else "--global"
+                raise ServingError(
+                    f"{flag}: the bundle {path} holds the silo's {holds} only; export it again with {flag}"
+                )
+            return served
         if RunDir(path).config.is_file():
-            return _from_run(RunDir(path), silo, user)
+            return _from_run(RunDir(path), silo, user, personalized)
         info_dir = _state_dir(path)
         if info_dir is not None:
-            return _from_state_dir(info_dir, model)
+            return _from_state_dir(info_dir, model, personalized)
     except (OSError, ValueError, KeyError) as exc:
         raise ServingError(f"{path}: cannot read ({exc})") from None
     raise ServingError(
@@ -67,7 +86,7 @@ def open_source(
 
 
 # ------------------------------------------------------------ run directories
-def _from_run(run: RunDir, silo: int | None, user: object | None) -> ServedSilo:
+def _from_run(run: RunDir, silo: int | None, user: object | None, personalized: bool | None) -> ServedSilo:
     try:
         saved = run.read_config()
     except RunDirError as exc:
@@ -101,6 +120,7 @@ def _from_run(run: RunDir, silo: int | None, user: object | None) -> ServedSilo:
             saved.run_config,
             _run_privacy(run, 0, cfg.privacy.mode),
             str(run.path),
+            personalized,
         )
     num_silos = int(next(iter(infos.values()))["num-partitions"])
     interactions = load_interactions(cfg.data, cfg.seed)
@@ -127,6 +147,7 @@ def _from_run(run: RunDir, silo: int | None, user: object | None) -> ServedSilo:
         saved.run_config,
         _run_privacy(run, silo, cfg.privacy.mode),
         str(run.path),
+        personalized,
     )
 
 
@@ -208,7 +229,7 @@ def _state_dir(path: Path) -> Path | None:
     return runs[0] if runs else None
 
 
-def _from_state_dir(store: Path, model: Path | None) -> ServedSilo:
+def _from_state_dir(store: Path, model: Path | None, personalized: bool | None) -> ServedSilo:
     info = _read_info(store)
     if not (store / USER_PARAMS).is_file():
         raise ServingError(f"{store / USER_PARAMS} not found: this silo never completed a training round")
@@ -248,7 +269,7 @@ def _from_state_dir(store: Path, model: Path | None) -> ServedSilo:
     shared = _arrays(model)
     train = dict(info["train"]) if "train" in info else _train_settings(None)
     titles = _titles(settings.dataset, settings.path or data_path, item_ids)
-    rows = _arrays(store / USER_PARAMS)
+    shared, rows, used = _personalized(shared, _arrays(store / USER_PARAMS), store, personalized)
     return _checked(
         shared,
         rows,
@@ -262,6 +283,7 @@ def _from_state_dir(store: Path, model: Path | None) -> ServedSilo:
         {"silo.json": info},
         privacy,
         train,
+        used,
     )
 
 
@@ -298,11 +320,13 @@ def _served(
     run_config: dict[str, Any],
     privacy: dict[str, Any],
     source: str,
+    personalized: bool | None,
 ) -> ServedSilo:
     titles = _titles(cfg.data.dataset, cfg.data.path, interactions.item_ids)
+    shared, rows, used = _personalized(shared, _arrays(store / USER_PARAMS), store, personalized)
     return _checked(
         shared,
-        _arrays(store / USER_PARAMS),
+        rows,
         split,
         interactions.user_ids,
         interactions.item_ids,
@@ -313,6 +337,7 @@ def _served(
         run_config,
         privacy,
         _train_settings(cfg),
+        used,
     )
 
 
@@ -329,6 +354,7 @@ def _checked(
     run_config: dict[str, Any],
     privacy: dict[str, Any],
     train: dict[str, Any],
+    personalized: bool = False,
 ) -> ServedSilo:
     kind = scoring.model_kind(shared, source)
     indptr, seen = csr(split.train_user, split.train_item, split.num_users)
@@ -347,7 +373,36 @@ def _checked(
         run_config=dict(run_config),
         privacy=privacy,
         train=train,
+        personalized=personalized,
     )
+
+
+def _personalized(
+    shared: dict[str, Any], rows: dict[str, Any], store: Path, choice: bool | None
+) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    """The silo's personalized shared arrays and rows (``store``/personalized.npz) when chosen; whether used.
+
+    The file holds the fine-tuned copy's whole state: every array named like a shared
+    array replaces it, every array named like a user row replaces that row table.
+    """
+    path = store / PERSONALIZED
+    if choice is False or (choice is None and not path.is_file()):
+        return shared, rows, False
+    if not path.is_file():
+        raise ServingError(
+            f"--personalized: {path} not found: this silo kept no personalized copy "
+            "(a run without personalize.enabled); use --global"
+        )
+    copy = _arrays(path)
+    missing = sorted(set(shared) - set(copy)) + sorted(set(rows) - set(copy))
+    if missing:
+        raise ServingError(f"{path}: not this run's personalized copy (no {', '.join(missing)})")
+    for name, table in {**shared, **rows}.items():
+        if copy[name].shape != table.shape:
+            raise ServingError(
+                f"{path}: {name} has shape {copy[name].shape}, the model {table.shape}: not this run's copy"
+            )
+    return {n: copy[n] for n in shared}, {n: copy[n] for n in rows}, True
 
 
 def _train_settings(cfg: AppConfig | None) -> dict[str, Any]:
