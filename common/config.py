@@ -505,6 +505,11 @@ class AppConfig:
                 f"model.name: hybrid-mf needs item texts; data.dataset {d.dataset!r} has no item file of its "
                 "own, so name one with items.path (and items.id-col, items.text-cols)"
             )
+        if cfg.model.name == "hybrid-mf" and cfg.audit.canaries:
+            raise ConfigError(
+                "audit.canaries: canary items have no text, and the canary audit scores item-table rows only; "
+                "run the canary audit with model.name = \"mf\" or \"neumf\""
+            )
         if cfg.items.path and not cfg.items.text_cols:
             raise ConfigError("items.text-cols: name at least one text column of items.path (e.g. \"title,genres\")")
         if cfg.personalize.enabled and cfg.personalize.params == "item-bias" and cfg.model.name != "mf":

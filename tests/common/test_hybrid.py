@@ -133,7 +133,10 @@ def test_config_requires_item_texts_for_hybrid() -> None:
         AppConfig.from_run_config({**base, "model.name": "hybrid-mf"})  # synthetic: no item file
     with pytest.raises(ConfigError, match="items.text-cols"):
         AppConfig.from_run_config({**base, "items.path": "x.csv", "items.text-cols": " , "})
-    cfg = AppConfig.from_run_config({**base, "model.name": "hybrid-mf", "data.dataset": "ml-100k", "data.path": "d"})
+    ml = {**base, "model.name": "hybrid-mf", "data.dataset": "ml-100k", "data.path": "d"}
+    with pytest.raises(ConfigError, match="audit.canaries: canary items have no text"):
+        AppConfig.from_run_config({**ml, "privacy.mode": "local", "audit.canaries": 4, "strategy.aggregator": "fedavg"})
+    cfg = AppConfig.from_run_config(ml)
     assert cfg.items.text_cols == ("title",) and cfg.items.device == "auto"
 
 
