@@ -22,9 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cli.config import resolve_config
+from common.config import AppConfig
+from common.data.pipeline import load_interactions, partition, split_interactions
 from common.run_config import load_default_run_config, parse_override
 from simulations.centralized import best_epoch, run_centralized
 from simulations.inprocess import run_inprocess
@@ -54,6 +57,54 @@ CENTRALIZED = ["data.dataset=ml-100k", "model.dim=32", "train.lr=0.002", "train.
 SETTINGS = {"iid": {"data.skew": "iid"}} | {
     f"dirichlet-{a}": {"data.skew": "dirichlet", "data.dirichlet-alpha": a} for a in (0.1, 0.5)
 }
+
+
+def js_divergence(p: np.ndarray, q: np.ndarray) -> float:
+    """Jensen–Shannon divergence (nats) of two distributions over the same support."""
+    mid = (p + q) / 2
+
+    def kl(a: np.ndarray) -> float:
+        nz = a > 0
+        return float(np.sum(a[nz] * np.log(a[nz] / mid[nz])))
+
+    return 0.5 * kl(p) + 0.5 * kl(q)
+
+
+def skew(data_dir: Path, setting: dict, silos: int) -> dict:
+    """How far the silos of ``setting`` are from the pool: sizes, mean JS divergences, dominant-genre share.
+
+    Per silo, of its users' *training* interactions: the item-popularity distribution
+    and the category (ML-100K: first genre) mix, each against the pooled one; and the
+    share of its users whose dominant category is the silo's most common one.
+    """
+    run_config = load_default_run_config()
+    run_config.update(FEDERATED | setting | {"data.path": str(data_dir)})
+    cfg = AppConfig.from_run_config(run_config)
+    interactions = load_interactions(cfg.data, cfg.seed)
+    pooled = split_interactions(cfg.data, cfg.seed, interactions)
+    parts = partition(cfg.data, cfg.seed, pooled, interactions, silos)
+    split, category = pooled.split, interactions.item_category
+    assert category is not None
+    category = np.where(category < 0, category.max() + 1, category)
+    n_cat = int(category.max()) + 1
+    items, cats = split.train_item, category[split.train_item]
+    pool_items = np.bincount(items, minlength=split.num_items) / len(items)
+    pool_cats = np.bincount(cats, minlength=n_cat) / len(cats)
+    counts = np.zeros((split.num_users, n_cat))
+    np.add.at(counts, (split.train_user, cats), 1.0)
+    dominant = counts.argmax(axis=1)
+    js_items, js_cats, shares = [], [], []
+    for users in parts:
+        mine = np.isin(split.train_user, users)
+        js_items.append(js_divergence(np.bincount(items[mine], minlength=split.num_items) / mine.sum(), pool_items))
+        js_cats.append(js_divergence(np.bincount(cats[mine], minlength=n_cat) / mine.sum(), pool_cats))
+        shares.append(np.bincount(dominant[users], minlength=n_cat).max() / len(users))
+    return {
+        "sizes": [len(p) for p in parts],
+        "js-items": float(np.mean(js_items)),
+        "js-categories": float(np.mean(js_cats)),
+        "dominant-share": float(np.mean(shares)),
+    }
 
 
 def best_round(rounds: list[dict], prefix: str) -> dict:
@@ -94,6 +145,7 @@ def main() -> None:
     parser.add_argument("--silos", type=int, default=5)
     parser.add_argument("--settings", default=",".join(SETTINGS), help=f"subset of {','.join(SETTINGS)}")
     parser.add_argument("--centralized-epochs", type=int, default=30, help="0 = skip the centralized row")
+    parser.add_argument("--skew-only", action="store_true", help="print the silos' skew table and stop")
     parser.add_argument("-c", "--config", action="append", default=[], help="override key=value of the federated runs")
     parser.add_argument(
         "-g", "--grid", action="append", default=[], help="key=v1,v2,... searched per setting on global validation HR@10"
@@ -103,6 +155,15 @@ def main() -> None:
     data_dir = args.data_dir.resolve()
     extra = dict(parse_override(text) for text in args.config)
     axes = [(key, values.split(",")) for key, _, values in (g.partition("=") for g in args.grid)]
+    print("| silos | silo sizes (users) | JS of item popularity | JS of category mix | users of the silo's top dominant category |")
+    print("|---|---|---|---|---|")
+    for name in args.settings.split(","):
+        sk = skew(data_dir, SETTINGS[name], args.silos)
+        sizes = ", ".join(map(str, sk["sizes"]))
+        print(f"| {name} | {sizes} | {sk['js-items']:.4f} | {sk['js-categories']:.4f} | {sk['dominant-share']:.2f} |")
+    print(flush=True)
+    if args.skew_only:
+        return
     rows = []
     for name in args.settings.split(","):
         tried = []

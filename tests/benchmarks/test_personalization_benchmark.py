@@ -22,3 +22,18 @@ def test_settings_are_iid_and_the_two_dirichlet_alphas():
         "dirichlet-0.1": {"data.skew": "dirichlet", "data.dirichlet-alpha": 0.1},
         "dirichlet-0.5": {"data.skew": "dirichlet", "data.dirichlet-alpha": 0.5},
     }
+
+
+def test_js_divergence_by_hand():
+    import math
+
+    import numpy as np
+
+    from benchmarks.personalization import js_divergence
+
+    # Disjoint supports: ln 2; identical: 0; (1, 0) vs (1/2, 1/2): mid (3/4, 1/4),
+    # 1/2·ln(4/3) + 1/2·(1/2·ln(2/3) + 1/2·ln 2).
+    assert math.isclose(js_divergence(np.array([1.0, 0.0]), np.array([0.0, 1.0])), math.log(2))
+    assert js_divergence(np.array([0.3, 0.7]), np.array([0.3, 0.7])) == 0.0
+    expected = 0.5 * math.log(4 / 3) + 0.5 * (0.5 * math.log(2 / 3) + 0.5 * math.log(2))
+    assert math.isclose(js_divergence(np.array([1.0, 0.0]), np.array([0.5, 0.5])), expected)
