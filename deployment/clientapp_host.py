@@ -66,6 +66,17 @@ PULL_BACKOFF = 0.05
 PULL_BACKOFF_CAP = 1.0
 """Longest wait between such retries."""
 
+PULL_TIMEOUT = 30.0
+"""Seconds after which a task whose message objects the SuperNode still lacks is given up.
+
+The SuperNode creates a task before it pulls the message's objects from the SuperLink;
+when the run stops meanwhile (its ServerApp died), flwr 1.42's SuperNode ignores the
+message but leaves the task claimed, with objects that never arrive, and heartbeats
+for it still succeed. Flower's pull would retry for up to 500 times (minutes), and
+this host runs one task at a time: every later task of the SuperNode (a resumed
+run's round) would wait behind it and miss its round. A live message's objects
+arrive in well under a second (a few seconds under heavy load)."""
+
 _OK = "ok"
 _FAILED = "failed"
 
@@ -178,14 +189,18 @@ def work(runtime_api_address: str, warm: Sequence[str], tasks: IO[str], replies:
     return 0
 
 
-def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, Fab]:
+def pull_task_input(
+    client: RuntimeHttpClient, max_time: float = PULL_TIMEOUT
+) -> tuple[Message, Context, Run, Fab]:
     """Flower's ``run_clientapp.pull_task_input`` (flwr 1.42) with a short retry for the message's objects.
 
     The SuperNode hands out the task before it has all of the message's objects from the
     SuperLink; Flower's pull then retries after 1 s, 2 s, 4 s
     (``flwr.supercore.constant.PULL_INITIAL_BACKOFF = 1``), which a ``flwr-clientapp``'s
     ~2 s start-up used to hide. This one retries after :data:`PULL_BACKOFF` s, doubling
-    up to :data:`PULL_BACKOFF_CAP` s (parameters of Flower's own pull function).
+    up to :data:`PULL_BACKOFF_CAP` s (parameters of Flower's own pull function), and
+    gives up after ``max_time`` s (:data:`PULL_TIMEOUT`): a RuntimeError naming the
+    message, so that the task fails and the SuperNode's next task runs.
     """
     from flwr.app import Message
     from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
@@ -195,7 +210,7 @@ def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, F
         make_confirm_message_received_fn_protobuf,
         make_pull_object_fn_protobuf,
     )
-    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, pull_and_inflate_object_from_tree
     from flwr.supercore.task_identity import TaskIdentity
 
     res = client.PullTaskInput(PullTaskInputRequest())
@@ -210,14 +225,22 @@ def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, F
         raise RuntimeError("No messages received from Runtime API")
     node = Node(node_id=context.node_id)
     tree = pulled.message_object_trees[0]
-    message = pull_and_inflate_object_from_tree(
-        tree,
-        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
-        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
-        return_type=Message,
-        initial_backoff=PULL_BACKOFF,
-        backoff_cap=PULL_BACKOFF_CAP,
-    )
+    try:
+        message = pull_and_inflate_object_from_tree(
+            tree,
+            make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+            make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+            return_type=Message,
+            max_time=max_time,
+            initial_backoff=PULL_BACKOFF,
+            backoff_cap=PULL_BACKOFF_CAP,
+        )
+    except ObjectPullError as exc:
+        raise RuntimeError(
+            f"the SuperNode still lacks the objects of message {tree.object_id} of run {context.run_id} "
+            f"after {max_time:g} s (its run has probably stopped; Flower leaves such a task claimed): "
+            f"giving the task up so that the SuperNode's next task can run ({exc})"
+        ) from None
     message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower's: not in the deflated message
     return message, context, run, fab
 

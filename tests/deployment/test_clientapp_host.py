@@ -4,11 +4,19 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common.serde import context_to_proto, fab_to_proto, message_to_proto, run_to_proto
+from flwr.proto.message_pb2 import PullObjectResponse
+from flwr.proto.runtime_pb2 import PullAppMessagesResponse, PullTaskInputResponse
+from flwr.supercore.fab import Fab
+from flwr.supercore.inflatable.inflatable_object import get_object_tree
+from flwr.supercore.run import Run
 
-from deployment.clientapp_host import Host, Worker
+from deployment.clientapp_host import Host, Worker, pull_task_input
 from deployment.local import LocalDeployment
 from deployment.recipe import multi_machine_commands
 from deployment.tuning import FLOWER_DEFAULTS, TUNED, Tuning
@@ -149,3 +157,42 @@ def test_the_multi_machine_recipe_starts_the_host_beside_each_supernode():
     assert text.count("python -m deployment.clientapp_host --runtime-api-address 127.0.0.1:9094") == 2
     assert "flower-superexec" not in text
     assert "flower-superexec" not in multi_machine_commands(2, superlink_host="h", tuning=FLOWER_DEFAULTS)
+
+
+class _NeverDeliveringSuperNode:
+    """A Runtime API whose task's message objects never become available (its run stopped)."""
+
+    def __init__(self) -> None:
+        msg = Message(RecordDict({"config": ConfigRecord({"server-round": 3})}), dst_node_id=7, message_type="train")
+        msg.metadata.__dict__["_message_id"] = msg.object_id
+        msg.metadata.__dict__["_src_node_id"] = 1
+        self.message, self.tree = msg, get_object_tree(msg)
+        self.pulls = 0
+
+    def PullTaskInput(self, request):
+        run = Run.create_empty(42)
+        ctx = Context(run_id=42, node_id=7, node_config={}, state=RecordDict(), run_config={})
+        return PullTaskInputResponse(
+            task_id=1, run=run_to_proto(run), context=context_to_proto(ctx), fab=fab_to_proto(Fab("h", b"", {}))
+        )
+
+    def PullMessages(self, request):
+        return PullAppMessagesResponse(messages_list=[message_to_proto(self.message)], message_object_trees=[self.tree])
+
+    def PullObject(self, request):
+        self.pulls += 1
+        return PullObjectResponse(object_found=True, object_available=False)
+
+    def ConfirmMessageReceived(self, request):
+        raise AssertionError("nothing was received")
+
+
+def test_a_task_whose_message_objects_never_arrive_is_given_up_after_the_pull_timeout():
+    # flwr 1.42: a SuperNode whose run stopped while it pulled a message leaves the task claimed;
+    # a host that waited for it would make every later task (a resumed run's round) miss its round.
+    supernode = _NeverDeliveringSuperNode()
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=f"lacks the objects of message {supernode.tree.object_id} of run 42 after 0.5 s"):
+        pull_task_input(supernode, max_time=0.5)
+    assert 0.5 <= time.monotonic() - started < 5
+    assert supernode.pulls >= 2  # it retried before giving up
