@@ -126,6 +126,7 @@ def federated(data_dir: Path, setting: dict, rounds: int, every: int, silos: int
     g, p = best_round(history, ""), best_round(history, "personalized-")
     return {
         "seconds": seconds,
+        "personalized-at-global-round": g["evaluate"]["personalized-test-hr@10"],
         "global": (g["round"], g["evaluate"]["val-hr@10"], g["evaluate"]["test-hr@10"], g["evaluate"]["test-ndcg@10"]),
         "personalized": (
             p["round"],
@@ -174,7 +175,8 @@ def main() -> None:
             label = " ".join(f"{k}={v}" for k, v in grid.items()) or "(fixed)"
             print(
                 f"{name} {label}: global round {g[0]} val {g[1]:.4f} test {g[2]:.4f} | personalized round {p[0]} "
-                f"val {p[1]:.4f} test {p[2]:.4f} | {result['seconds']:.0f} s",
+                f"val {p[1]:.4f} test {p[2]:.4f} (at round {g[0]}: {result['personalized-at-global-round']:.4f}) "
+                f"| {result['seconds']:.0f} s",
                 flush=True,
             )
             tried.append((g[1], label, result))
