@@ -116,6 +116,9 @@ def main() -> None:
     parser.add_argument("--modes", default="local,central")
     parser.add_argument("--out", type=Path, default=None, help="output directory")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--local-delta", type=float, default=0.0, help="privacy.local.delta (0 = the default min(1e-5, 1/(10N)))"
+    )
     parser.add_argument("--rounds", type=int, default=0, help="override the preset's num-server-rounds")
     parser.add_argument(
         "--lrs", default="", help="local DP: privacy.local.optimizer.lr values to try per ε; the best validation HR@10 is kept"
@@ -143,7 +146,7 @@ def main() -> None:
         silos = preset.get("central-silos", preset["silos"]) if mode == "central" else preset["silos"]
         for eps in (float(e) for e in args.epsilons.split(",")):
             if mode == "local":
-                over = {**preset["private"], "privacy.mode": "local", "privacy.local.noise-multiplier": 0.0, "privacy.local.target-epsilon": eps}
+                over = {**preset["private"], "privacy.mode": "local", "privacy.local.noise-multiplier": 0.0, "privacy.local.target-epsilon": eps, "privacy.local.delta": args.local_delta}
             else:
                 over = {**preset["central"], "privacy.mode": "central", "privacy.central.noise-multiplier": 0.0, "privacy.central.target-epsilon": eps}
             lrs = [float(x) for x in args.lrs.split(",") if x] if mode == "local" else []
