@@ -14,8 +14,9 @@ inherits an old run's budget or embeddings):
 Each file is replaced atomically (synced temp file + rename); the ledger is only
 appended. Order of writes after a round: reply, parameters, accountant, ledger,
 progress. A crash before the ledger line means the round's output was never sent,
-so it is not counted and may be redone; once the ledger records a round, a repeat
-request for it (after a server resume) gets the saved reply, never a second
+so it is not counted and may be redone; once the ledger records a round (also when
+the crash came before ``progress.json``: :meth:`SiloStore.last_round` reads both), a
+repeat request for it (after a server resume) gets the saved reply, never a second
 training: the budget is spent once.
 """
 
@@ -36,7 +37,7 @@ from flwr.supercore import log
 from common import records
 from common.config import AppConfig, NodeConfig
 from common.errors import FedrecError
-from common.privacy.events import silo_owner
+from common.privacy.events import DP_SGD, silo_owner
 from common.privacy.ledger import LedgerError, LedgerFile
 from common.storage import atomic_write_json, load_arrays, save_arrays
 
@@ -132,8 +133,17 @@ class SiloStore:
 
     # ------------------------------------------------------------ reading
     def last_round(self) -> int:
-        """The last round this silo trained (0 when none)."""
-        return int(self._json(PROGRESS).get("last-round", 0)) if (self.path / PROGRESS).exists() else 0
+        """The last round this silo trained (0 when none).
+
+        ``progress.json`` is written last after a round, so a silo stopped between its
+        ledger line and its progress (a SuperNode killed, or Flower's SIGINT to a task
+        whose run stopped) has a round its ledger already counts: the ledger's last
+        DP-SGD round is taken too, so that round is resent, never trained twice.
+        """
+        progress = int(self._json(PROGRESS).get("last-round", 0)) if (self.path / PROGRESS).exists() else 0
+        if not (self.path / LEDGER).exists():
+            return progress
+        return max([progress, *(int(e["round"]) for e in self.ledger().chain.events(DP_SGD))])
 
     def restore(self, state: RecordDict) -> bool:
         """Fill empty node state from disk (after a restart); True if anything was restored."""

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flwr.app import RecordDict
 
+from client import durable
 from client.app import app as client_app
 from common import records
 from common.errors import ConfigError
@@ -89,6 +90,60 @@ def test_a_resent_round_after_a_server_crash_does_not_spend_budget_twice(tmp_pat
     run_federation(LocalGrid(client_app, resumed, NODES), resumed)
     for pid in range(NODES):
         assert [e[1] for e in _mechanism_events(run, pid)] == [1, 2, 3, 4]
+    assert not audit_run(run, empirical=False).problems
+
+
+@pytest.mark.parametrize("how", ["reply-lost", "stopped-before-progress"])
+def test_a_round_the_silo_trained_but_the_server_never_committed_is_resent_once(tmp_path, monkeypatch, how):
+    # Silo 0 trains round 3 and saves its reply; its reply never reaches the server
+    # ("reply-lost": the server dies as it comes in), or silo 0 is stopped after its ledger
+    # line but before progress.json ("stopped-before-progress": a killed SuperNode, or
+    # Flower's SIGINT to a task whose run stopped). The server dies before committing round 3.
+    run = tmp_path / "run"
+    cfg = _config(run, rounds=3)
+    original = durable.atomic_write_json
+
+    def atomic_write_json(path, data):
+        if how == "stopped-before-progress" and path.name == durable.PROGRESS and data["last-round"] == 3:
+            if "silo-0" in str(path):
+                raise KeyboardInterrupt  # what Flower's heartbeat raises in a task whose run stopped
+        original(path, data)
+
+    def on_reply(reply):
+        if how == "reply-lost" and reply.metadata.message_type.startswith("train"):
+            ledger = reply.content.config_records[records.LEDGER]
+            lines = [json.loads(str(x)) for x in ledger[records.LEDGER_LINES]]  # type: ignore[union-attr]
+            if ledger[records.LEDGER_PARTITION] == 0 and any(line["round"] == 3 for line in lines):
+                raise _ServerKilled
+
+    def record_round(self, record, arrays):
+        if record.server_round == 3:
+            raise _ServerKilled
+        original_record(self, record, arrays)
+
+    original_record = RunRecorder.record_round
+    with monkeypatch.context() as m:
+        m.setattr(durable, "atomic_write_json", atomic_write_json)
+        m.setattr(RunRecorder, "record_round", record_round)
+        with pytest.raises((_ServerKilled, KeyboardInterrupt)):
+            run_federation(LocalGrid(client_app, cfg, NODES, on_reply=on_reply), cfg)
+    assert [e[1] for e in _mechanism_events(run, 0)] == [1, 2]  # the server never got silo 0's round 3
+    (store,) = (run / "silos" / "silo-0").iterdir()
+    trained = [json.loads(x)["round"] for x in (store / durable.LEDGER).read_text().splitlines()]
+    assert trained == [1, 2, 3]  # but silo 0 trained it and its ledger counts it
+    resumed = _config(run, rounds=3, resume=True)
+    run_federation(LocalGrid(client_app, resumed, NODES), resumed)
+    rounds = RunDir(run).read_rounds()
+    assert [r.server_round for r in rounds] == [1, 2, 3]
+    assert {e.partition_id for e in rounds[2].privacy} == set(range(NODES))
+    assert not [why for _, why in rounds[2].rejected if "ledger" in why or "failed" in why]
+    for pid in range(NODES):
+        assert [e[1] for e in _mechanism_events(run, pid)] == [1, 2, 3]  # round 3 counted once
+    trained = [json.loads(x)["round"] for x in (store / durable.LEDGER).read_text().splitlines()]
+    assert trained == [1, 2, 3]  # and never trained twice
+    eps = [next(e.epsilon for e in r.privacy if e.partition_id == 0) for r in rounds]
+    others = [next(e.epsilon for e in r.privacy if e.partition_id == 1) for r in rounds]
+    assert eps == pytest.approx(others)  # the ε of a silo that was never interrupted
     assert not audit_run(run, empirical=False).problems
 
 
