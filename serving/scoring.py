@@ -44,11 +44,37 @@ def model_kind(shared: Arrays, where: str) -> str:
     names = set(shared)
     if set(MF_SHARED) <= names and "item_gmf.weight" not in names:
         if "item_text_projection.weight" in names:
-            raise ModelError(f"{where}: a hybrid-mf model (text item features); serving supports mf and neumf")
+            raise ModelError(
+                f"{where}: a hybrid-mf model (text item features): serve it from its run directory, "
+                "which names the text the items were encoded from"
+            )
         return "mf"
     if {"item_gmf.weight", "item_mlp.weight", "output.weight", "output.bias"} <= names:
         return "neumf"
     raise ModelError(f"{where}: not an mf or neumf shared model (arrays: {', '.join(sorted(names))})")
+
+
+HYBRID_PROJECTION = "item_text_projection.weight"
+
+
+def materialise_hybrid(shared: Arrays, item_text: NDArray[np.float32]) -> dict[str, NDArray[np.float32]]:
+    """A hybrid-mf model as MF: its item vectors ``q_i = e_i + W t_i`` in ``item_embedding.weight``.
+
+    ``item_text`` (I, D_text) are the catalogue's fixed text embeddings the run trained
+    with; the projection ``W`` is dropped, every other array kept. A model without a
+    projection is returned unchanged.
+    """
+    if HYBRID_PROJECTION not in shared:
+        return dict(shared)
+    free, projection = shared["item_embedding.weight"], shared[HYBRID_PROJECTION]
+    if item_text.shape != (free.shape[0], projection.shape[1]):
+        raise ModelError(
+            f"hybrid-mf: the text embeddings have shape {item_text.shape}, the model needs "
+            f"({free.shape[0]}, {projection.shape[1]})"
+        )
+    out = {k: v for k, v in shared.items() if k != HYBRID_PROJECTION}
+    out["item_embedding.weight"] = (free + item_text.astype(np.float32) @ projection.T).astype(np.float32)
+    return out
 
 
 def mlp_weights(shared: Arrays) -> list[tuple[NDArray[np.float32], NDArray[np.float32]]]:

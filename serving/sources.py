@@ -324,6 +324,12 @@ def _served(
 ) -> ServedSilo:
     titles = _titles(cfg.data.dataset, cfg.data.path, interactions.item_ids)
     shared, rows, used = _personalized(shared, _arrays(store / USER_PARAMS), store, personalized)
+    if scoring.HYBRID_PROJECTION in shared:  # served as MF over its item vectors e_i + W t_i
+        from common.content import catalogue_text_embeddings
+
+        num_items = len(shared["item_embedding.weight"])
+        text = catalogue_text_embeddings(cfg, num_items, cfg.data.path).numpy()
+        shared = scoring.materialise_hybrid(shared, text)
     return _checked(
         shared,
         rows,
