@@ -45,6 +45,11 @@ NEIGHBOURING: Final = {
     "client": "replace one silo's entire contribution with none (a zero update); the roster of N silos is public",
 }
 
+# Distributed DP: the server accounts for one population, the union of every silo's users.
+UNION_NEIGHBOURING: Final = (
+    "replace one user's interactions (in any silo) with none; the union roster of N users of all silos is public"
+)
+
 # Ledger envelope keys and constant descriptors that are not fields of a release.
 _NOT_FIELDS = frozenset(
     {"format", "seq", "prev", "time", "versions", "mechanism", "sampling", "relation", "neighbouring"}
@@ -147,7 +152,9 @@ class PrivacyRelease:
 
     @property
     def neighbouring(self) -> str:
-        """The neighbouring relation of the unit."""
+        """The neighbouring relation of the unit (the union of silos' users for the server's user unit)."""
+        if self.owner == SERVER_OWNER and self.unit == "user":  # distributed DP
+            return UNION_NEIGHBOURING
         return NEIGHBOURING[self.unit]
 
     @property

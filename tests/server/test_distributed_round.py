@@ -255,3 +255,17 @@ def test_a_silo_dropping_mid_round_leaves_the_others_sum_and_the_ledger_says_so(
     record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert any("dropped" in r["reason"] for r in record["rejected"])
     assert releases[0]["noise-multiplier"] == 1.0
+
+
+def test_the_servers_user_level_release_names_the_union_relation():
+    from common.privacy.events import UNION_NEIGHBOURING, PrivacyRelease
+
+    rel = PrivacyRelease(
+        owner="server", server_round=1, kind="distributed-dp-fedavg", unit="user", accountant="pld", delta=1e-5,
+        delta_rule="default", epsilon=1.0, target_epsilon=8.0, noise_multiplier=1.0, sample_rate=0.1, clip=1.0,
+        population=943, steps=1, total_steps=1, rounds_trained=1, released="the model",
+    )
+    assert rel.neighbouring == UNION_NEIGHBOURING and "any silo" in rel.to_json()["neighbouring"]
+    import dataclasses
+
+    assert "in one silo" in dataclasses.replace(rel, owner="silo-0", kind="dp-sgd").neighbouring
