@@ -45,7 +45,7 @@ from common.seeding import numpy_rng
 from common.training import interaction_loss, interaction_negatives
 
 if TYPE_CHECKING:
-    from client.rounds import Session
+    from client.session import Session
 
 SILO_REPORT = "silo-report.jsonl"
 _CHUNK = 65_536  # interactions per autograd pass

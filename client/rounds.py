@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
 
@@ -20,41 +19,14 @@ from flwr.supercore import log
 from client import silo, state
 from client.data import silo_data
 from client.durable import SiloStore, StateError, fingerprint
+from client.session import Session
 from common import records
 from common.config import AppConfig, NodeConfig
-from common.data.silo import SiloData
 from common.models import Recommender, shared_state
 from common.privacy import release
 from common.training import TrainStats
 
 SILO_REPORT = "silo-report.jsonl"  # in the silo's state dir: what the release policy keeps in the silo
-
-
-@dataclass(slots=True)
-class Session:
-    """Everything one message of one silo works with."""
-
-    cfg: AppConfig
-    node: NodeConfig
-    context: Context
-    config: ConfigRecord  # the server's instructions for this message
-    data: SiloData
-    model: Recommender
-    store: SiloStore | None
-
-    @property
-    def partition_id(self) -> int:
-        return self.node.partition_id
-
-    @property
-    def server_round(self) -> int:
-        return int(self.config[records.SERVER_ROUND])  # type: ignore[arg-type]
-
-    def held_by_server(self) -> int:
-        """Ledger lines of this silo the server says it holds (0 when it does not say)."""
-        counts = self.config.get(records.LEDGER_COUNTS, [])
-        assert isinstance(counts, list)
-        return int(counts[self.partition_id]) if self.partition_id < len(counts) else 0
 
 
 def open_session(content: RecordDict, context: Context) -> Session:
