@@ -317,28 +317,33 @@ class Accountant:
         ``epsilon_if_trained`` is then what one more round would have cost.
         """
         trained = bool(self.rounds) and self.rounds[-1] == server_round
-        kind = self.kind if trained else BUDGET_DECLINE
         return PrivacyRelease(
-            owner=self.owner,
-            server_round=server_round,
-            kind=kind,
-            unit=self.unit,
-            accountant=self.accountant,
-            delta=self.delta,
-            delta_rule=self.delta_rule,
-            epsilon=self.epsilon(),
-            target_epsilon=self.target_epsilon,
+            **self._shared_fields(server_round),
+            kind=self.kind if trained else BUDGET_DECLINE,
             noise_multiplier=self.noise_multiplier,
             sample_rate=self.sample_rate,
             clip=self.clip,
-            population=self.population,
             steps=self.uses[-1].steps if trained else 0,
-            total_steps=sum(u.steps for u in self.uses),
-            rounds_trained=len(self.rounds),
             released=self.released,
             epsilon_if_trained=None if trained else epsilon_if_trained,
             expected_batch_size=self.expected_batch_size,
         )
+
+    def _shared_fields(self, server_round: int) -> dict[str, Any]:
+        """The fields every release of this owner has in common (ε after every use so far)."""
+        return {
+            "owner": self.owner,
+            "server_round": server_round,
+            "unit": self.unit,
+            "accountant": self.accountant,
+            "delta": self.delta,
+            "delta_rule": self.delta_rule,
+            "epsilon": self.epsilon(),
+            "target_epsilon": self.target_epsilon,
+            "population": self.population,
+            "total_steps": sum(u.steps for u in self.uses),
+            "rounds_trained": len(self.rounds),
+        }
 
     @property
     def kind(self) -> str:
@@ -441,21 +446,11 @@ class Accountant:
         """Compose one noisy evaluation (``use``: σ, q = 1, one step) and return its release."""
         self.uses.append(use)
         return PrivacyRelease(
-            owner=self.owner,
-            server_round=server_round,
+            **self._shared_fields(server_round),
             kind=DP_EVALUATION,
-            unit=self.unit,
-            accountant=self.accountant,
-            delta=self.delta,
-            delta_rule=self.delta_rule,
-            epsilon=self.epsilon(),
-            target_epsilon=self.target_epsilon,
             noise_multiplier=use.noise_multiplier,
             sample_rate=use.sample_rate,
             clip=clip,
-            population=self.population,
             steps=use.steps,
-            total_steps=sum(u.steps for u in self.uses),
-            rounds_trained=len(self.rounds),
             released=released,
         )
