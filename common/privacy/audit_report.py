@@ -10,7 +10,7 @@ from typing import Any
 
 from common.privacy.audit import AuditResult
 from common.privacy.replay import LedgerAudit
-from common.privacy.statement import run_releases, statements
+from common.privacy.statement import ranges, run_releases, statements
 from common.rundir import RunDir
 
 _LAYOUT = RunDir(Path("."))  # the audit's file names; written to any folder
@@ -197,7 +197,7 @@ def _ledger_body(led: LedgerAudit) -> list[str]:
         out.append(
             f"- Mechanism: {m['mechanism']} ({m['sampling']} sampling), noise multiplier σ = "
             f"{m['noise-multiplier']:.4g}, sampling rate q = {m['sample-rate']:.4g}, clip C = "
-            f"{m['clip']:g}; {m['steps']} steps over rounds {_ranges(m['rounds'])}."
+            f"{m['clip']:g}; {m['steps']} steps over rounds {ranges(m['rounds'])}."
         )
     out += [
         "",
@@ -218,20 +218,6 @@ def _ledger_body(led: LedgerAudit) -> list[str]:
             f"become {_f(d['epsilon-if-trained'])} > budget {d['target-epsilon']:g}."
         )
     return [*out, ""]
-
-
-def _ranges(rounds: list[int]) -> str:
-    if not rounds:
-        return "-"
-    parts, start, prev = [], rounds[0], rounds[0]
-    for r in [*rounds[1:], None]:
-        if r is not None and r == prev + 1:
-            prev = r
-            continue
-        parts.append(f"{start}" if start == prev else f"{start}–{prev}")
-        if r is not None:
-            start = prev = r
-    return ", ".join(parts)
 
 
 def _empirical_section(emp: dict[str, Any] | None, cfg: Mapping[str, Any]) -> list[str]:
