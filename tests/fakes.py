@@ -11,6 +11,7 @@ from flwr.clientapp import ClientApp
 from client.app import app as client_app
 from common import records
 from common.config import AppConfig
+from common.privacy.events import PrivacyRelease
 from common.run_config import load_default_run_config
 from server.federation import run_federation
 from simulations.inprocess import InProcessGrid, Scalar
@@ -117,3 +118,32 @@ def train_reply(instruction: Message, arrays: dict[str, np.ndarray], weight: flo
     )
     instruction.metadata.__dict__["_message_id"] = f"m{instruction.metadata.dst_node_id}"
     return Message(content, reply_to=instruction)
+
+
+SGD_RELEASED = "shared model parameters after the round (item tables, score function)"
+
+
+def dp_sgd_release(owner: str, round_: int, epsilon: float, **changes: object) -> PrivacyRelease:
+    """A silo's DP-SGD release of ``round_`` (189 users, σ 1.2, q 0.17, 6 steps a round)."""
+    values: dict = {
+        "owner": owner,
+        "server_round": round_,
+        "kind": "dp-sgd",
+        "unit": "user",
+        "accountant": "pld",
+        "delta": 1e-5,
+        "delta_rule": "min(1e-5, 1/(10N)) for the silo's N users",
+        "epsilon": epsilon,
+        "target_epsilon": 8.0,
+        "noise_multiplier": 1.2,
+        "sample_rate": 0.17,
+        "clip": 1.0,
+        "population": 189,
+        "steps": 6,
+        "total_steps": 6 * round_,
+        "rounds_trained": round_,
+        "released": SGD_RELEASED,
+        "expected_batch_size": 32,
+    }
+    values.update(changes)
+    return PrivacyRelease(**values)

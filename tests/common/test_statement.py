@@ -18,33 +18,12 @@ from common.privacy.statement import (
     statements,
 )
 from common.rundir import RunDir
-
-SGD_RELEASED = "shared model parameters after the round (item tables, score function)"
+from tests.fakes import SGD_RELEASED, dp_sgd_release
 
 
 def _release(round_: int, epsilon: float, **changes) -> PrivacyRelease:
-    values: dict = {
-        "owner": "silo-2",
-        "server_round": round_,
-        "kind": "dp-sgd",
-        "unit": "user",
-        "accountant": "pld",
-        "delta": 1e-5,
-        "delta_rule": "min(1e-5, 1/(10N)) for the silo's N users",
-        "epsilon": epsilon,
-        "target_epsilon": 8.0,
-        "noise_multiplier": 1.2,
-        "sample_rate": 0.17,
-        "clip": 1.0,
-        "population": 189,
-        "steps": 6,
-        "total_steps": 6 * round_,
-        "rounds_trained": round_,
-        "released": SGD_RELEASED,
-        "expected_batch_size": 32,
-    }
-    values.update(changes)
-    return PrivacyRelease(**values)
+    owner = str(changes.pop("owner", "silo-2"))
+    return dp_sgd_release(owner, round_, epsilon, **changes)
 
 
 def _trained(rounds: int, **changes) -> list[PrivacyRelease]:

@@ -18,33 +18,13 @@ from common.round_record import RoundRecord
 from common.rundir import RunDir
 from server.plots import privacy_figure, rounds_figure
 from server.report import render_privacy, render_report, silo_epsilons
+from tests.fakes import dp_sgd_release
 
 K = 10
 
 
 def _release(owner: str, round_: int, epsilon: float, **changes) -> PrivacyRelease:
-    values: dict = {
-        "owner": owner,
-        "server_round": round_,
-        "kind": "dp-sgd",
-        "unit": "user",
-        "accountant": "pld",
-        "delta": 1e-5,
-        "delta_rule": "min(1e-5, 1/(10N)) for the silo's N users",
-        "epsilon": epsilon,
-        "target_epsilon": 8.0,
-        "noise_multiplier": 1.2,
-        "sample_rate": 0.17,
-        "clip": 1.0,
-        "population": 189,
-        "steps": 6,
-        "total_steps": 6 * round_,
-        "rounds_trained": round_,
-        "released": "shared model parameters after the round (item tables, score function)",
-        "expected_batch_size": 32,
-    }
-    values.update(changes)
-    return PrivacyRelease(**values)
+    return dp_sgd_release(owner, round_, epsilon, **changes)
 
 
 def _round(n: int, *, train=None, evaluate=None, privacy=(), central=None) -> RoundRecord:
