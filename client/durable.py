@@ -14,7 +14,9 @@ inherits an old run's budget or embeddings):
 Each file is replaced atomically (synced temp file + rename); the ledger is only
 appended. Order of writes after a round: reply, parameters, accountant, ledger,
 progress. A crash before the ledger line means the round's output was never sent,
-so it is not counted and may be redone; once the ledger records a round (also when
+so it is not counted and may be redone (an accountant written just before that crash
+counts the unsent round: on restore it is cut back to the uses its ledger records);
+once the ledger records a round (also when
 the crash came before ``progress.json``: :meth:`SiloStore.last_round` reads both), a
 repeat request for it (after a server resume) gets the saved reply, never a second
 training: the budget is spent once.
@@ -37,8 +39,8 @@ from flwr.supercore import log
 from common import records
 from common.config import AppConfig, NodeConfig
 from common.errors import FedrecError
-from common.privacy.events import DP_SGD, silo_owner
-from common.privacy.ledger import LedgerError, LedgerFile
+from common.privacy.events import DP_EVALUATION, DP_SGD, silo_owner
+from common.privacy.ledger import LedgerError, LedgerFile, releases
 from common.storage import atomic_write_json, load_arrays, save_arrays
 
 USER_PARAMS = "user-params.npz"
@@ -104,8 +106,13 @@ class SiloStore:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             if fallback:
-                log(WARNING, "silo %d keeps no durable state: cannot create %s (%s); set state-dir",
-                    node.partition_id, path, exc.strerror)
+                log(
+                    WARNING,
+                    "silo %d keeps no durable state: cannot create %s (%s); set state-dir",
+                    node.partition_id,
+                    path,
+                    exc.strerror,
+                )
                 return None
             raise StateError(f"state-dir {root}: cannot create {path} ({exc.strerror})") from None
         store = cls(path, node.partition_id)
@@ -157,7 +164,52 @@ class SiloStore:
         if records.STATE_LEDGER not in state.config_records and (self.path / LEDGER).exists():
             state[records.STATE_LEDGER] = ConfigRecord({records.LEDGER_LINES: self.ledger().chain.lines})
             restored = True
+        if restored and (self.path / ACCOUNTANT).exists() and (self.path / LEDGER).exists():
+            self._reconcile_accountant(state)
         return restored
+
+    def _reconcile_accountant(self, state: RecordDict) -> None:
+        """Make the restored accountant count exactly the uses its ledger records.
+
+        The accountant is written before the ledger line after a round; a silo stopped
+        between the two has an accountant with one use the ledger never recorded (the
+        round's output was never sent, and the round is redone). The ledger is the
+        record of what was released: the extra use is dropped, so the redone round is
+        counted once. An accountant that does not extend its ledger's uses is refused.
+        """
+        from common.privacy.accounting import Accountant  # the DP stack only when a DP run restores
+
+        on_disk = self._json(ACCOUNTANT)
+        if "use-noise-multipliers" not in on_disk:  # not an accountant this code wrote
+            return
+        try:
+            acc = Accountant.from_json(on_disk)
+        except ValueError as exc:
+            raise StateError(f"silo state file {self.path / ACCOUNTANT}: {exc}") from None
+        try:
+            released = [r for r in releases(self.ledger().chain) if r.owner == acc.owner and r.use is not None]
+        except LedgerError as exc:
+            raise StateError(f"silo state: {exc}") from None
+        ledger_uses = [use for r in released if (use := r.use) is not None]
+        if acc.uses == ledger_uses:
+            return
+        if len(acc.uses) > len(ledger_uses) and acc.uses[: len(ledger_uses)] == ledger_uses:
+            extra = len(acc.uses) - len(ledger_uses)
+            trained = [r.server_round for r in released if r.kind != DP_EVALUATION]
+            log(
+                WARNING,
+                "silo %d: its accountant counted %d mechanism use(s) its ledger never recorded "
+                "(stopped between the two writes; the output was never sent): dropped, the round is redone",
+                self.partition_id,
+                extra,
+            )
+            fixed = dataclasses.replace(acc, uses=list(ledger_uses), rounds=trained)
+            state[records.STATE_PRIVACY] = ConfigRecord(fixed.to_json())
+            return
+        raise StateError(
+            f"silo state: {self.path / ACCOUNTANT} counts {len(acc.uses)} mechanism use(s) but "
+            f"{self.path / LEDGER} records {len(ledger_uses)} that the accountant does not extend"
+        )
 
     def ledger(self) -> LedgerFile:
         """The silo's ledger on disk (verified)."""

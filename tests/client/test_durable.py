@@ -1,5 +1,6 @@
 """A silo's durable state on disk: saved rounds, restore after a restart, readable errors."""
 
+import json
 import re
 
 import numpy as np
@@ -8,6 +9,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from client.durable import ACCOUNTANT, SiloStore, StateError, fingerprint
 from common import records
+from common.privacy.events import silo_owner
 
 ACCOUNTANT_STATE = {"noise-multiplier": 1.2, "sample-rate": 0.25, "rounds": [1, 2, 3]}
 ITEM_ROWS = np.array([[1.0, 2.0], [3.0, 4.0]], dtype=np.float32)
@@ -108,3 +110,75 @@ def test_fingerprint_changes_when_one_value_changes():
     assert same_a == same_b
     assert other != same_a
     assert re.fullmatch(r"[0-9a-f]{16}", same_a)
+
+
+def _accountant(uses: int, sigma: float = 1.5):
+    from common.privacy.accounting import Accountant
+    from common.privacy.events import MechanismUse
+
+    acc = Accountant(
+        owner=silo_owner(0),
+        unit="user",
+        population=100,
+        sample_rate=0.1,
+        steps_per_round=10,
+        noise_multiplier=sigma,
+        clip=1.0,
+        delta=1e-5,
+        delta_rule="default",
+        accountant="pld",
+        target_epsilon=0.0,
+        released="shared parameters",
+    )
+    for r in range(1, uses + 1):
+        acc.record(r, MechanismUse(sigma, 0.1, 10))
+    return acc
+
+
+def _state_with_ledger(rounds: int) -> RecordDict:
+    """Node state of a silo that trained ``rounds`` rounds (accountant and ledger agree)."""
+    from common.privacy.ledger import Chain
+
+    chain = Chain(silo_owner(0))
+    for r in range(1, rounds + 1):
+        chain.append_release(_accountant(r).release(r))
+    return RecordDict(
+        {
+            records.STATE_PRIVACY: ConfigRecord(_accountant(rounds).to_json()),
+            records.STATE_LEDGER: ConfigRecord({records.LEDGER_LINES: chain.lines}),
+        }
+    )
+
+
+def test_restore_drops_an_accountant_use_the_ledger_never_recorded(tmp_path):
+    # Arrange: rounds 1-2 saved; round 3's accountant was written, then the silo stopped
+    # before round 3's ledger line (the reply was never sent).
+    store = SiloStore(tmp_path, partition_id=0)
+    store.save_state(_state_with_ledger(2))
+    (tmp_path / ACCOUNTANT).write_text(json.dumps(_accountant(3).to_json()))
+    state = RecordDict()
+    # Act
+    SiloStore(tmp_path, partition_id=0).restore(state)
+    # Assert: the accountant counts the two rounds the ledger records, not three
+    restored = dict(state.config_records[records.STATE_PRIVACY])
+    assert restored["rounds"] == [1, 2]
+    assert restored["use-steps"] == [10, 10]
+
+
+def test_restore_keeps_an_accountant_that_matches_its_ledger(tmp_path):
+    # Arrange
+    SiloStore(tmp_path, partition_id=0).save_state(_state_with_ledger(2))
+    state = RecordDict()
+    # Act
+    SiloStore(tmp_path, partition_id=0).restore(state)
+    # Assert
+    assert dict(state.config_records[records.STATE_PRIVACY]) == dict(ConfigRecord(_accountant(2).to_json()))
+
+
+def test_restore_refuses_an_accountant_that_contradicts_its_ledger(tmp_path):
+    # Arrange: the ledger records σ = 1.5; the accountant on disk says σ = 3.0
+    SiloStore(tmp_path, partition_id=0).save_state(_state_with_ledger(2))
+    (tmp_path / ACCOUNTANT).write_text(json.dumps(_accountant(2, sigma=3.0).to_json()))
+    # Act / Assert
+    with pytest.raises(StateError, match=r"counts 2 mechanism use\(s\) but .*ledger.jsonl records 2"):
+        SiloStore(tmp_path, partition_id=0).restore(RecordDict())
