@@ -220,6 +220,10 @@ class DistributedPrivacySettings:
     server_momentum: float
     popularity: bool  # DP item-popularity histogram at round 1: initialises the item biases
     popularity_epsilon_fraction: float  # share of target_epsilon the histogram spends
+    popularity_bias_scale: float  # item biases = scale · centred log(1 + max(ĉ, 0)) of the DP histogram
+    freeze_item_bias: bool  # item biases stay at that anchor: no user delta or server step moves them
+    item_init_scale: float  # the initial item embeddings are multiplied by this (0 = start at zero)
+    item_shrink: float  # after each server step the item embeddings are multiplied by 1 − item_shrink
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,6 +442,10 @@ class AppConfig:
                     popularity_epsilon_fraction=r.float(
                         "privacy.distributed.popularity-epsilon-fraction", lo=0.0, hi=1.0, lo_open=True
                     ),
+                    popularity_bias_scale=r.float("privacy.distributed.popularity-bias-scale", lo=0.0),
+                    freeze_item_bias=r.bool("privacy.distributed.freeze-item-bias"),
+                    item_init_scale=r.float("privacy.distributed.item-init-scale", lo=0.0),
+                    item_shrink=r.float("privacy.distributed.item-shrink", lo=0.0, hi=1.0),
                 ),
             ),
             audit=AuditSettings(
