@@ -10,11 +10,18 @@ round; the ``collect`` stage reads it, masks it and deletes it, so a vector is n
 sent twice and never outside the round it was made for.
 
 Stochastic rounding draws from the OS's entropy unless a generator is passed (tests).
+
+For tests of real deployments only, :data:`TEST_HOOK_ENV` (unset: off) names a directory:
+the silo writes there a copy of every vector it stages and can be made to hang at a given
+stage, so a test can kill its process at a known point of the protocol.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
@@ -28,6 +35,15 @@ STATE_INPUT = "fedrec.secagg-input"  # ArrayRecord: "round" (one int) and "vecto
 
 VectorSource = Callable[[Context, int], np.ndarray]
 
+TEST_HOOK_ENV = "FEDREC_TEST_SECAGG_DIR"
+"""Test-only fault injection, off unless this environment variable names a directory D.
+
+Silo k (partition id) then saves each vector it stages for round r as ``D/staged-p<k>-r<r>.npy``
+(the last one of the round), and on receiving stage X of round r, if ``D/hang-p<k>-r<r>-<X>``
+exists, writes its node ID to ``D/hung-p<k>-r<r>-<X>`` and stops answering (it sleeps, for at most
+:data:`TEST_HANG_SECONDS`) until the test kills it (tests/integration/test_distributed_deploy.py)."""
+TEST_HANG_SECONDS = 600.0
+
 
 def stage_input(context: Context, server_round: int, vector: np.ndarray) -> None:
     """Keep ``vector`` as this silo's contribution to round ``server_round``'s secure sum."""
@@ -37,6 +53,9 @@ def stage_input(context: Context, server_round: int, vector: np.ndarray) -> None
     context.state[STATE_INPUT] = ArrayRecord(
         {"round": Array(np.array([server_round], dtype=np.int64)), "vector": Array(flat)}
     )
+    hook = os.environ.get(TEST_HOOK_ENV)
+    if hook:
+        np.save(Path(hook) / f"staged-p{context.node_config.get('partition-id')}-r{server_round}.npy", flat)
 
 
 def staged_input(context: Context, server_round: int) -> np.ndarray:
@@ -63,6 +82,9 @@ def handle(
 ) -> Message:
     """Run one stage of the secure sum for this node; reply with the stage's payload."""
     stage, payload = wire.decode(msg.content, f"secagg message to node {context.node_id}")
+    hook = os.environ.get(TEST_HOOK_ENV)
+    if hook:
+        _test_hang(Path(hook), context, stage, payload.get("round"))
     if stage == SETUP:
         protocol = ClientProtocol(context.node_id)
     elif STATE_PROTOCOL in context.state.config_records:
@@ -83,3 +105,17 @@ def handle(
     else:
         context.state[STATE_PROTOCOL] = ConfigRecord(protocol.to_state())  # type: ignore[arg-type]
     return Message(wire.encode(stage, reply), reply_to=msg)
+
+
+def _test_hang(hook: Path, context: Context, stage: str, server_round: object) -> None:
+    """:data:`TEST_HOOK_ENV`'s hang: if the test asked for it, say so and stop answering."""
+    name = f"p{context.node_config.get('partition-id')}-r{server_round}-{stage}"
+    if not (hook / f"hang-{name}").exists():
+        return
+    partial = hook / f".hung-{name}"
+    partial.write_text(str(context.node_id))
+    partial.replace(hook / f"hung-{name}")
+    deadline = time.monotonic() + TEST_HANG_SECONDS
+    while time.monotonic() < deadline:  # until the test kills this process
+        time.sleep(0.5)
+    raise SecAggError(f"{stage}: test hook {TEST_HOOK_ENV}: hung for {TEST_HANG_SECONDS:.0f} s and was not killed")

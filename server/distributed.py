@@ -34,11 +34,11 @@ from common.config import AppConfig
 from common.privacy import distributed as dd
 from common.privacy.events import SERVER_OWNER
 from common.secagg import vectors
-from common.secagg.protocol import SecAggError
+from common.secagg.protocol import UNMASK, SecAggError, SecAggOutcome
 from common.secagg.quantize import QuantSpec, range_for
 from server.ledger import RunLedgers
 from server.protocol import RoundEvents
-from server.secagg import secure_sum
+from server.secagg import DROPOUT_EVENT, dropout_event, missing_stages, secure_sum
 
 MODULUS_BITS = 32
 
@@ -55,6 +55,7 @@ class DistributedDP:
         self.accountant: Any = None
         self.nodes: list[int] = []
         self.rosters: dict[int, int] = {}
+        self.partitions: dict[int, int] = {}  # node → the partition id its replies claim
         self.popularity: np.ndarray | None = None  # the released DP histogram (public)
         self._grid: Grid | None = None
         self._sent: ArrayRecord | None = None
@@ -105,6 +106,9 @@ class DistributedDP:
                 self._reject(server_round, node, f"{what}: no roster N or no vector staged")
             else:
                 out[node] = roster
+                partition = None if metrics is None else metrics.get(records.PARTITION_ID)
+                if isinstance(partition, int):
+                    self.partitions[node] = partition
         return out
 
     def _reject(self, server_round: int, node: int, reason: str) -> None:
@@ -136,7 +140,8 @@ class DistributedDP:
         staged = self._staged(1, grid.send_and_receive(messages, timeout=self.timeout), "popularity")
         num_items = int(arrays["item_bias.weight"].shape[0])
         signal = float(max(self.rosters.values()))  # each user adds at most 1 per item
-        total, dropped = self._secure_sum(1, staged, num_items, signal, m.histogram_share_std)
+        total, dropped = self._secure_sum(1, staged, num_items, signal, m.histogram_share_std,
+                                          m.histogram_noise_multiplier, dd.KIND_HISTOGRAM)
         if total is None:
             return arrays
         use = dd.histogram_use(dd.round_noise_multiplier(m.histogram_noise_multiplier, m.silos, m.max_dishonest,
@@ -149,7 +154,8 @@ class DistributedDP:
         return with_popularity_biases(arrays, total)
 
     def _secure_sum(
-        self, server_round: int, staged: dict[int, int], length: int, signal: float, share_std: float
+        self, server_round: int, staged: dict[int, int], length: int, signal: float, share_std: float,
+        sigma: float, release: str,
     ) -> tuple[np.ndarray | None, int]:
         """The secure sum of the staged silos' vectors and how many of the S silos are missing from it."""
         assert self._grid is not None and self.mech is not None
@@ -171,7 +177,27 @@ class DistributedDP:
         if outcome.dropped:
             self._reject(server_round, 0, f"secure sum: dropped {dict(outcome.dropped)}; the sum has "
                          f"{len(outcome.survivors)} of {self.mech.silos} silos")  # fmt: skip
+        if missing:
+            self._record_dropouts(server_round, staged, outcome, sigma, release)
         return outcome.total, missing
+
+    def _record_dropouts(
+        self, server_round: int, staged: dict[int, int], outcome: SecAggOutcome, sigma: float, release: str
+    ) -> None:
+        """Who is missing from the sum and where each was lost: in the record, and in the ledger before the release."""
+        assert self.mech is not None
+        m, lost = self.mech, missing_stages(self.nodes, staged, outcome)
+        for node, stage in lost.items():
+            self._reject(server_round, node, f"not in the secure sum of {release}: lost at {stage}")
+        event = dropout_event(
+            release=release, silos=m.silos, max_dishonest=m.max_dishonest, noise_multiplier=sigma,
+            accounted_noise_multiplier=dd.round_noise_multiplier(sigma, m.silos, m.max_dishonest, len(lost)),
+            survivors=outcome.survivors, missing=lost, partitions=self.partitions,
+            unmask_dropped=outcome.dropped.get(UNMASK, ()),
+        )  # fmt: skip
+        log(WARNING, "round %d: distributed DP: %s", server_round, event["noise"])
+        if self.ledgers is not None:
+            self.ledgers.server.append(DROPOUT_EVENT, server_round, **event)
 
     # ---------------------------------------------------------------- train
     def configure_train(
@@ -208,7 +234,9 @@ class DistributedDP:
         length = sum(int(np.prod(s)) for s in shapes.values())
         expected_max = max(self.rosters.values()) * m.rate
         signal = m.clip * (expected_max + 6.0 * math.sqrt(expected_max) + 6.0)  # users per silo: P(more) tiny
-        total, missing = self._secure_sum(server_round, staged, length, signal, m.share_std)
+        total, missing = self._secure_sum(
+            server_round, staged, length, signal, m.share_std, m.noise_multiplier, dd.KIND_TRAINING
+        )
         if total is None:
             return sent, MetricRecord({records.TRAIN_SILOS: 0})
         sigma = dd.round_noise_multiplier(m.noise_multiplier, m.silos, m.max_dishonest, missing)

@@ -8,10 +8,15 @@ decoded sum of the surviving silos' vectors with who dropped at which stage. A n
 that does not answer within ``timeout``, or answers with an error, is dropped from
 that stage on; fewer than the threshold at any stage raises
 :class:`~common.secagg.protocol.SecAggError` and no sum is released.
+
+:func:`dropout_event` describes, for the server's ledger, the silos whose vectors (and so
+noise shares) are missing from a released sum, the stage at which each was lost, and what
+that means for the noise the sum carries.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from logging import INFO, WARNING
 from typing import Any, Protocol
@@ -103,3 +108,78 @@ def _exchange(
             )
         replies[node] = payload
     return replies
+
+
+DROPOUT_EVENT = "secure-sum-dropout"
+"""Kind of the server-ledger event written before a release whose secure sum misses silos."""
+NOT_STAGED = "train"
+"""The stage named for a silo that never entered the secure sum (no vector staged: failed or silent)."""
+
+
+def missing_stages(nodes: Sequence[int], staged: Iterable[int], outcome: SecAggOutcome) -> dict[int, str]:
+    """Node → where it was lost, for every node of ``nodes`` whose vector is not in ``outcome``'s sum.
+
+    :data:`NOT_STAGED` for a node that never entered the secure sum, else the protocol stage
+    (``setup``, ``share-keys`` or ``collect``) it stopped answering at. A node dropped at
+    ``unmask`` had already sent its masked vector: it is in the sum, not missing.
+    """
+    lost = {n: stage for stage, dropped in outcome.dropped.items() for n in dropped}
+    in_sum, entered = set(outcome.survivors), set(staged)
+    return {n: (lost.get(n, NOT_STAGED) if n in entered else NOT_STAGED) for n in sorted(nodes) if n not in in_sum}
+
+
+def dropout_event(
+    *,
+    release: str,
+    silos: int,
+    max_dishonest: int,
+    noise_multiplier: float,
+    accounted_noise_multiplier: float,
+    survivors: Sequence[int],
+    missing: Mapping[int, str],
+    partitions: Mapping[int, int],
+    unmask_dropped: Sequence[int] = (),
+) -> dict[str, object]:
+    """The fields of a :data:`DROPOUT_EVENT`: who is missing from the sum of ``release``, and the noise left.
+
+    The rule (docs/secure-aggregation.md): each silo adds σ·C/√(S − T), so any S − T shares
+    carry the full σ·C. With d = len(missing) ≤ T silos missing, the sum carries the nominal σ
+    provided at most T − d of the silos in it have their share known to the server; with
+    d > T, σ·√((S − d)/(S − T)) (the σ accounted), and only if none of them is known.
+    ``partitions`` maps node IDs to the partition ids their replies claimed (may be partial).
+    """
+    d = len(missing)
+    if d == 0:
+        raise ValueError("dropout_event: no silo is missing from the sum")
+    if not math.isfinite(accounted_noise_multiplier):
+        raise ValueError(f"dropout_event: accounted noise multiplier {accounted_noise_multiplier!r}")
+    if d <= max_dishonest:
+        meaning = (
+            f"{d} of {silos} silos' noise shares missing ≤ T = {max_dishonest}: the sum carries the full σ·C, "
+            f"σ = {noise_multiplier:.6g}, if at most {max_dishonest - d} of the {silos - d} silos in it also have "
+            f"their noise share known to the server"
+        )
+    else:
+        meaning = (
+            f"{d} of {silos} silos' noise shares missing > T = {max_dishonest}: the sum carries only "
+            f"σ·√((S − d)/(S − T)) = {accounted_noise_multiplier:.6g} (times C), the σ accounted, and only if "
+            f"no silo in it has its noise share known to the server"
+        )
+
+    def named(node: int) -> dict[str, object]:
+        entry: dict[str, object] = {"node": node}
+        if node in partitions:
+            entry["silo"] = f"silo-{partitions[node]}"
+        return entry
+
+    return {
+        "release": release,
+        "silos": silos,
+        "max-dishonest-silos": max_dishonest,
+        "in-sum": [named(n) for n in sorted(survivors)],
+        "missing": [{**named(n), "stage": stage} for n, stage in sorted(missing.items())],
+        "dropped-at-unmask": [named(n) for n in sorted(unmask_dropped)],  # in the sum: their b was rebuilt
+        "nominal-noise-multiplier": noise_multiplier,
+        "accounted-noise-multiplier": accounted_noise_multiplier,
+        "noise": meaning,
+    }
