@@ -7,12 +7,22 @@ keeps that copy in node state (and, with a durable store, in
 ``personalized-`` prefix. :func:`personalized_model` gives a recommender the copy.
 Nothing here builds a reply: the caller adds the returned sums to its evaluation
 reply next to the global model's, and they are released like those.
+
+With ``personalize.method = "ditto"``, :func:`train` runs in every training round
+before the silo's federated training: it trains the silo's personal model
+(:func:`common.personalization.ditto_train`) on a copy of the model the silo
+received, and keeps its parameters in node state (``fedrec.personal``) and, with a
+state directory, in ``<state dir>/personal.npz``; :func:`evaluate` then keeps the
+mix of that model and the global one chosen on validation
+(:func:`common.personalization.ditto_select`). The federated training, and every
+array the silo sends, are those of a run without personalization.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, RecordDict
 
 from client import silo
@@ -21,12 +31,52 @@ from common.config import AppConfig
 from common.data.silo import SiloData
 from common.evaluation import PERSONALIZED, SumValue
 from common.models import Recommender
-from common.personalization import fine_tune
+from common.personalization import ditto_select, ditto_train, fine_tune
 from common.seeding import numpy_rng
-from common.storage import save_arrays
+from common.storage import load_arrays, save_arrays
 
 #: File of the personalized model in a silo's state directory.
 PERSONALIZED_FILE = "personalized.npz"
+#: File of the ditto personal model's parameters in a silo's state directory.
+PERSONAL_FILE = "personal.npz"
+#: Node-state key of the ditto personal model's parameters (never sent).
+STATE_PERSONAL = "fedrec.personal"
+
+
+def train(
+    model: Recommender,
+    cfg: AppConfig,
+    data: SiloData,
+    partition_id: int,
+    server_round: int,
+    state: RecordDict,
+    state_dir: Path | None = None,
+) -> None:
+    """Train the silo's personal model one round (``method = "ditto"``) toward ``model``; keep it.
+
+    ``model`` (the received shared parameters and the users' rows) is not modified, and
+    torch's global random state is left as it was, so the federated training that
+    follows is that of a run without personalization.
+    """
+    rng = numpy_rng(cfg.seed, "personal", partition_id, server_round)
+    with torch.random.fork_rng(devices=[]):
+        personal, _ = ditto_train(
+            _personal(state, state_dir), model, data.split, cfg.personalize, cfg.train, rng=rng, device=silo.device()
+        )
+    arrays = ArrayRecord(torch_state_dict=personal)
+    state[STATE_PERSONAL] = arrays
+    if state_dir is not None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        save_arrays(state_dir / PERSONAL_FILE, arrays)
+
+
+def _personal(state: RecordDict, state_dir: Path | None) -> dict[str, torch.Tensor] | None:
+    """The personal model's parameters from node state, else from the state directory; None before any."""
+    if STATE_PERSONAL not in state.array_records and state_dir is not None and (state_dir / PERSONAL_FILE).exists():
+        state[STATE_PERSONAL] = load_arrays(state_dir / PERSONAL_FILE)
+    if STATE_PERSONAL not in state.array_records:
+        return None
+    return dict(state.array_records[STATE_PERSONAL].to_torch_state_dict())
 
 
 def evaluate(
@@ -40,13 +90,19 @@ def evaluate(
 ) -> dict[str, SumValue]:
     """Fine-tune a copy of ``model`` on the silo's users; keep it; return its sums, prefixed.
 
-    ``model`` (the global shared part and the users' rows) is not modified.
+    With ``method = "ditto"`` the copy is the mix of ``model`` and the silo's personal
+    model kept on validation. ``model`` (the global shared part and the users' rows)
+    is not modified.
     """
-    rng = numpy_rng(cfg.seed, "personalize", partition_id, server_round)
-    result = fine_tune(
-        model, data.split, cfg.personalize, cfg.train, k=cfg.eval.k, rng=rng, device=silo.device()
-    )
-    tuned = result.model.cpu()
+    if cfg.personalize.method == "ditto":
+        personal = _personal(state, state_dir)
+        tuned = ditto_select(model, personal, data.split, cfg.personalize, k=cfg.eval.k, device=silo.device()).model
+    else:
+        rng = numpy_rng(cfg.seed, "personalize", partition_id, server_round)
+        tuned = fine_tune(
+            model, data.split, cfg.personalize, cfg.train, k=cfg.eval.k, rng=rng, device=silo.device()
+        ).model
+    tuned = tuned.cpu()
     arrays = ArrayRecord(torch_state_dict={k: v.detach().clone() for k, v in tuned.state_dict().items()})
     state[records.STATE_PERSONALIZED] = arrays
     if state_dir is not None:

@@ -67,6 +67,12 @@ def train(session: Session) -> RecordDict:
     store = session.store
     if store is not None and session.server_round <= store.last_round():
         return _repeat(session, store)
+    if session.cfg.personalize.enabled and session.cfg.personalize.method == "ditto":
+        from client import personalize  # the personal model: trained on a copy, kept in the silo, never sent
+
+        where = None if store is None else store.path
+        personalize.train(session.model, session.cfg, session.data, session.partition_id, session.server_round,
+                          session.context.state, where)
     content = _private_round(session) if session.cfg.privacy.is_local else _plain_round(session)
     if store is not None and records.ARRAYS in content.array_records:
         store.save_round(session.server_round, content, session.context.state)

@@ -290,6 +290,14 @@ class PersonalizeSettings:
     params: Literal["item-bias", "items", "all"]
     epochs: int
     lr: float
+    #: ``fine-tune``: the copy is fine-tuned when the silo evaluates; ``ditto``: a
+    #: personal model is trained every round with a proximal pull ``prox`` toward the
+    #: received global model, and mixed with it at evaluation (Ditto; APFL's mixing).
+    method: Literal["fine-tune", "ditto"]
+    prox: float
+    #: A candidate replaces the global model in a silo only if its validation hits beat
+    #: the global's by more than ``margin`` paired standard errors (0: any gain).
+    margin: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,6 +468,9 @@ class AppConfig:
                 params=r.choice("personalize.params", ("item-bias", "items", "all")),
                 epochs=r.int("personalize.epochs", lo=1),
                 lr=r.float("personalize.lr", lo=0.0, lo_open=True),
+                method=r.choice("personalize.method", ("fine-tune", "ditto")),
+                prox=r.float("personalize.prox", lo=0.0),
+                margin=r.float("personalize.margin", lo=0.0),
             ),
         )
         r.reject_unknown()

@@ -98,7 +98,7 @@ def test_fine_tune_lowers_the_silos_own_training_loss_and_leaves_the_model_alone
 def test_each_kind_moves_exactly_its_parameters(params, moved, monkeypatch):
     # Arrange: validation that improves every epoch, so the last epoch is kept.
     calls = iter(range(100))
-    monkeypatch.setattr(common.personalization, "_val_hits", lambda *args: float(next(calls)))
+    monkeypatch.setattr(common.personalization, "_val_user_hits", lambda *args: np.full(NUM_USERS, float(next(calls))))
     model = _model()
     # Act
     result = _fine_tune(_cfg(params=params, epochs=2), model)
@@ -178,6 +178,9 @@ def test_silo_keeps_its_personalized_model_and_reports_it_under_the_prefix(tmp_p
         ({"personalize.lr": 0.0}, "personalize.lr"),
         ({"personalize.params": "users"}, "personalize.params"),
         ({"personalize.enabled": "yes"}, "personalize.enabled"),
+        ({"personalize.method": "fedrep"}, "personalize.method"),
+        ({"personalize.prox": -0.1}, "personalize.prox"),
+        ({"personalize.margin": -1.0}, "personalize.margin"),
         ({"personalize.enabled": True, "personalize.params": "item-bias", "model.name": "neumf"}, "personalize.params"),
     ],
 )
@@ -194,4 +197,6 @@ def test_defaults_leave_personalization_off():
     # Arrange / Act
     cfg = AppConfig.from_run_config(load_default_run_config())
     # Assert
-    assert cfg.personalize == PersonalizeSettings(enabled=False, params="all", epochs=5, lr=0.002)
+    assert cfg.personalize == PersonalizeSettings(
+        enabled=False, params="all", epochs=5, lr=0.002, method="fine-tune", prox=0.1, margin=0.0
+    )
