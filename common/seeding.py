@@ -1,9 +1,14 @@
 """Deterministic seeds derived from (run seed, node, round, purpose)."""
 
+from __future__ import annotations
+
 import hashlib
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported by the one function that needs it: the data path runs without it
+    import torch
 
 
 def derive_seed(run_seed: int, *keys: int | str) -> int:
@@ -24,6 +29,8 @@ def numpy_rng(run_seed: int, *keys: int | str) -> np.random.Generator:
 
 def torch_generator(run_seed: int, *keys: int | str) -> torch.Generator:
     """A CPU torch Generator seeded by :func:`derive_seed`."""
+    import torch
+
     gen = torch.Generator()
     gen.manual_seed(derive_seed(run_seed, *keys))
     return gen
