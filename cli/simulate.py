@@ -101,6 +101,7 @@ def simulate(
         run_config = merge_overrides(defaults, values)
         cfg = AppConfig.from_run_config(run_config)
         num_clients = preflight(cfg, silos)
+        num_nodes = simulated_nodes(cfg, num_clients)
     except FedrecError as e:
         fail(e)
     from common.storage import atomic_write_bytes
@@ -117,7 +118,8 @@ def simulate(
         atomic_write_bytes(run.simulation, (json.dumps({"clients": num_clients}) + "\n").encode())
         console.print(
             f"[bold]fedrec simulate[/]: {cfg.data.dataset}, {num_clients} clients "
-            f"({cfg.data.partition}), {cfg.num_server_rounds} rounds, model {cfg.model.name}"
+            f"({cfg.data.partition}{'' if num_nodes == num_clients else f', {num_nodes} nodes'}), "
+            f"{cfg.num_server_rounds} rounds, model {cfg.model.name}"
         )
         console.print(f"run directory: {run.path}")
 
@@ -148,7 +150,7 @@ def simulate(
                     rc = flwr_run(
                         link.flwr_home,
                         run_config=run_config,
-                        federation_config=federation_config(num_clients, cpus_per_client, gpus_per_client),
+                        federation_config=federation_config(num_nodes, cpus_per_client, gpus_per_client),
                         log=run.flower_log,
                         append=False,
                         on_line=show,
@@ -159,6 +161,20 @@ def simulate(
             run, rc, num_rounds=cfg.num_server_rounds, k=cfg.eval.k, privacy_mode=cfg.privacy.mode,
             logs=f"full log: {run.flower_log}",
         )
+
+
+def simulated_nodes(cfg: AppConfig, num_clients: int) -> int:
+    """Flower's ``num-supernodes``: one per client, or ⌈clients / K⌉ with ``simulation.clients-per-node`` K."""
+    k = cfg.simulation.clients_per_node
+    if k == 1:
+        return num_clients
+    nodes = -(-num_clients // k)
+    if nodes < cfg.strategy.min_nodes:
+        raise ConfigError(
+            f"simulation.clients-per-node = {k} packs {num_clients} clients into {nodes} node(s), fewer than "
+            f"strategy.min-nodes = {cfg.strategy.min_nodes} (which counts nodes); lower one of them"
+        )
+    return nodes
 
 
 def federation_config(num_clients: int, cpus_per_client: int, gpus_per_client: float) -> str:

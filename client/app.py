@@ -3,7 +3,7 @@
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from client import rounds, secagg
+from client import packed, rounds, secagg
 from common.run_config import with_defaults
 
 app = ClientApp()
@@ -14,6 +14,8 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     """Train the silo's users on the received shared model; reply with shared params only."""
     context.run_config = with_defaults(context.run_config)
+    if packed.is_packed(context.run_config):  # many by-user clients in this node (simulation.clients-per-node)
+        return Message(content=packed.train(msg.content, context), reply_to=msg)
     session = rounds.open_session(msg.content, context)
     return Message(content=rounds.train(session), reply_to=msg)
 
@@ -22,6 +24,8 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the silo's own users; reply with sums the server can add up."""
     context.run_config = with_defaults(context.run_config)
+    if packed.is_packed(context.run_config):
+        return Message(content=packed.evaluate(msg.content, context), reply_to=msg)
     session = rounds.open_session(msg.content, context)
     return Message(content=rounds.evaluate(session), reply_to=msg)
 

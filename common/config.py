@@ -221,10 +221,9 @@ class DistributedPrivacySettings:
     popularity: bool  # DP item-popularity histogram at round 1: initialises the item biases
     popularity_epsilon_fraction: float  # share of target_epsilon the histogram spends
     popularity_bias_scale: float  # item biases = scale · centred log(1 + max(ĉ, 0)) of the DP histogram
-    freeze_biases: bool  # item biases stay at that anchor and the global bias at its start: nothing moves them
+    freeze_item_bias: bool  # item biases stay at that anchor: no user delta or server step moves them
     item_init_scale: float  # the initial item embeddings are multiplied by this (0 = start at zero)
     item_shrink: float  # after each server step the item embeddings are multiplied by 1 − item_shrink
-    item_step_kappa: float  # > 0: item i's server step × r_i²/(r_i² + κ²), r_i = DP count / noise std (0 = off)
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +301,18 @@ class PersonalizeSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class SimulationSettings:
+    """How simulated clients map onto Flower's simulated nodes (``fedrec simulate``, in-process runs).
+
+    ``clients_per_node`` > 1 packs that many by-user clients into each node
+    (:mod:`client.packed`): node ``p`` hosts users ``p·K .. p·K + K − 1`` and replies
+    with their weighted mean update, so FedAvg gives the result of one node per client.
+    """
+
+    clients_per_node: int
+
+
+@dataclass(frozen=True, slots=True)
 class AppConfig:
     """All settings of one fedrec run."""
 
@@ -319,6 +330,7 @@ class AppConfig:
     privacy: PrivacySettings
     audit: AuditSettings
     personalize: PersonalizeSettings
+    simulation: SimulationSettings
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Scalar]) -> AppConfig:
@@ -452,10 +464,9 @@ class AppConfig:
                         "privacy.distributed.popularity-epsilon-fraction", lo=0.0, hi=1.0, lo_open=True
                     ),
                     popularity_bias_scale=r.float("privacy.distributed.popularity-bias-scale", lo=0.0),
-                    freeze_biases=r.bool("privacy.distributed.freeze-biases"),
+                    freeze_item_bias=r.bool("privacy.distributed.freeze-item-bias"),
                     item_init_scale=r.float("privacy.distributed.item-init-scale", lo=0.0),
                     item_shrink=r.float("privacy.distributed.item-shrink", lo=0.0, hi=1.0),
-                    item_step_kappa=r.float("privacy.distributed.item-step-kappa", lo=0.0),
                 ),
             ),
             audit=AuditSettings(
@@ -474,8 +485,11 @@ class AppConfig:
                 prox=r.float("personalize.prox", lo=0.0),
                 margin=r.float("personalize.margin", lo=0.0),
             ),
+            simulation=SimulationSettings(clients_per_node=r.int("simulation.clients-per-node", lo=1)),
         )
         r.reject_unknown()
+        if cfg.simulation.clients_per_node > 1:
+            cfg = _check_packed(cfg)
         if cfg.strategy.aggregator == "auto":
             # Coordinate-wise trimmed mean bounds one silo's pull on every parameter; under
             # central DP the plain sum has by far the smallest sensitivity (S / (q·N)); an
@@ -591,6 +605,42 @@ class AppConfig:
                 "it needs audit.canaries or audit.central-canaries"
             )
         return cfg
+
+
+def _check_packed(cfg: AppConfig) -> AppConfig:
+    """``simulation.clients-per-node`` > 1: refuse what needs each client's own reply; ``auto`` → FedAvg.
+
+    A packed node replies with the weighted mean of its clients' updates, which
+    FedAvg turns into exactly the average over the clients. Anything that looks at
+    one client's update (a robust aggregator, norm bounds, opposed-update
+    rejection), samples clients, keeps per-client privacy state or a per-silo
+    subset would act on the node instead and change the run's meaning.
+    """
+    k = cfg.simulation.clients_per_node
+    key = "simulation.clients-per-node"
+    s = cfg.strategy
+    refused = [
+        (cfg.data.partition != "by-user", f'data.partition is {cfg.data.partition!r}; packing needs "by-user"'),
+        (cfg.privacy.mode != "none",
+         f"privacy.mode is {cfg.privacy.mode!r}: per-client DP accounting and client-level DP need each "
+         'client\'s own reply; use privacy.mode = "none"'),
+        (s.aggregator not in ("auto", "fedavg"),
+         f"strategy.aggregator is {s.aggregator!r}, a robust aggregator over each client's update; use \"fedavg\""),
+        (s.norm_action != "none",
+         f'strategy.norm-action is {s.norm_action!r}, a bound on each client\'s update; set it to "none"'),
+        (s.reject_opposed, "strategy.reject-opposed is true, a test of each client's update; set it to false"),
+        (s.fraction_train != 1.0, f"strategy.fraction-train is {s.fraction_train:g}: sampling would pick nodes, "
+                                  "not clients; use 1.0"),
+        (s.fraction_evaluate not in (0.0, 1.0),
+         f"strategy.fraction-evaluate is {s.fraction_evaluate:g}: sampling would pick nodes; use 0 or 1"),
+        (cfg.eval.val_users > 0, f"eval.val-users is {cfg.eval.val_users}: a per-silo subset; use 0"),
+        (cfg.personalize.enabled, "personalize.enabled is true: personal models are per client; use false"),
+        (cfg.resume, "resume is true: packed nodes keep no durable per-client state"),
+    ]
+    for bad, why in refused:
+        if bad:
+            raise ConfigError(f"{key} = {k} packs {k} clients into each simulated node, but {why}")
+    return dataclasses.replace(cfg, strategy=dataclasses.replace(s, aggregator="fedavg"))
 
 
 def _check_distributed(cfg: AppConfig) -> None:

@@ -42,6 +42,10 @@ def registered_weights(cfg: AppConfig, num_partitions: int) -> dict[int, int]:
         log(WARNING, "silos' weights are capped only by strategy.max-weight: %s", exc)
         return {}
     pooled = split_interactions(cfg.data, cfg.seed, interactions)
+    k = cfg.simulation.clients_per_node
+    if k > 1:  # packed by-user clients: node p hosts users p·k .. p·k + k − 1 (client.packed); no local DP
+        per_user = pooled.split.train_counts()
+        return {pid: int(per_user[pid * k : (pid + 1) * k].sum()) for pid in range(num_partitions)}
     parts = partition(cfg.data, cfg.seed, pooled, interactions, num_partitions)
     out = {}
     for pid, users in enumerate(parts):
