@@ -4,6 +4,8 @@
     python -m benchmarks.dp_step --markdown  # the same as a markdown table (README)
     python -m benchmarks.dp_step --models mf --items 3706 --steps 10
     python -m benchmarks.dp_step --interleave --methods plain-sparse,fedrec --steps 40  # ratios in one process
+    python -m benchmarks.dp_step --interleave --markdown --steps 30 --models mf \
+        --methods plain,plain-sparse,plain-sparse-closed-form,fedrec,fedrec-autograd  # where fedrec's speed comes from
 
 What is measured
 ----------------
@@ -28,6 +30,14 @@ Methods (every cell of the table is one (model, catalogue, method)):
     three non-private methods for a (model, catalogue) is the *best non-private*
     step; every method's ``× best non-private`` is its median step time divided by
     that one.
+``plain-sparse-closed-form``
+    ``plain-sparse`` with MF's score back-propagating through fedrec's closed-form
+    gradient (:func:`common.models.closed_form_row_gradients`, as fedrec's DP step
+    does) instead of autograd's ``einsum`` backward. Not a stock PyTorch step, so
+    it is not a candidate for the best non-private step; fedrec's ratio to it is
+    printed with the targets (it shows how much of fedrec's speed is that closed
+    form, which a non-private step could use too). NeuMF has no closed form: there
+    it is ``plain-sparse``.
 ``opacus-hooks``
     Opacus 1.6 ``PrivacyEngine.make_private(grad_sample_mode="hooks")``: per-sample
     gradients from hooks, flat clipping and Gaussian noise in ``DPOptimizer``.
@@ -42,6 +52,9 @@ Methods (every cell of the table is one (model, catalogue, method)):
 ``fedrec``
     :class:`common.privacy.dpsgd.SparseDPSGD`: sparse duplicate-aware per-sample
     clipping and lazy table noise (the default).
+``fedrec-autograd``
+    The same engine with ``closed_form=False``: MF's score back-propagates through
+    autograd's ``einsum`` backward (batched matrix products).
 ``fedrec-dense-noise``
     The same engine with ``lazy=False``: every row of every noised table gets
     fresh noise each step, which is what lazy noise avoids at large catalogues.
@@ -72,6 +85,8 @@ Targets (checked from the measured numbers after the table)
 * MF: fedrec's step ≤ 1.3× the best non-private step (in practice plain-sparse)
   at the small catalogue (≤ 10,000 items) and ≤ 1.5× at larger catalogues (up to 1M items).
 * NeuMF: fedrec's step ≤ 2× the best non-private step at every catalogue.
+* With ``plain-sparse-closed-form`` in ``--methods``, fedrec's ratio to it is printed
+  too (no target: it is the non-private step given fedrec's closed-form MF gradient).
 * Memory O(B·d), never O(B·V·d): fedrec's peak extra memory stays within
   ``64 MiB + 4 × 4 bytes × B·(Σd_user + (1+T)·Σd_item + P_dense)``, four times
   the per-sample working set (the table rows a batch reads and the per-sample
@@ -104,8 +119,22 @@ from common.models import Recommender, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
-METHODS = ("plain", "plain-adam", "plain-sparse", "opacus-hooks", "opacus-ghost", "fedrec", "fedrec-dense-noise")
-NON_PRIVATE = ("plain", "plain-adam", "plain-sparse")
+METHODS = (
+    "plain",
+    "plain-adam",
+    "plain-sparse",
+    "plain-sparse-closed-form",
+    "opacus-hooks",
+    "opacus-ghost",
+    "fedrec",
+    "fedrec-autograd",
+    "fedrec-dense-noise",
+)
+NON_PRIVATE = ("plain", "plain-adam", "plain-sparse")  # stock PyTorch steps: the "best non-private" is one of these
+# Non-private, but with fedrec's closed-form MF score gradient: not a stock PyTorch step, so
+# not a candidate for "best non-private"; fedrec's ratio to it is printed with the targets.
+CLOSED_FORM_BASELINE = "plain-sparse-closed-form"
+NOT_PRIVATE = (*NON_PRIVATE, CLOSED_FORM_BASELINE)
 SLOW_SKIPPABLE = ("opacus-ghost", "fedrec-dense-noise")  # skipped above --max-step-s
 NEGATIVES = 4  # one positive + NEGATIVES random items per sample
 NEUMF_MLP = (128, 64, 32)
@@ -212,8 +241,8 @@ def _make_step(cell: Cell, model: Recommender, labels: Tensor) -> Callable[[Tens
 
     lr = 0.05
     method = cell.method
-    if method in NON_PRIVATE:
-        if method == "plain-sparse":
+    if method in NOT_PRIVATE:
+        if method.startswith("plain-sparse"):
             for module in model.modules():
                 if isinstance(module, nn.Embedding):
                     module.sparse = True
@@ -228,9 +257,17 @@ def _make_step(cell: Cell, model: Recommender, labels: Tensor) -> Callable[[Tens
             per_sample_bce(model(users, items)).mean().backward()
             opt.step()
 
+        if method == CLOSED_FORM_BASELINE:
+            from common.models import closed_form_row_gradients
+
+            def closed_form_step(users: Tensor, items: Tensor) -> None:
+                with closed_form_row_gradients():
+                    plain_step(users, items)
+
+            return closed_form_step
         return plain_step
 
-    if method in ("fedrec", "fedrec-dense-noise"):
+    if method in ("fedrec", "fedrec-autograd", "fedrec-dense-noise"):
         from common.privacy.dpsgd import SparseDPSGD
 
         engine = SparseDPSGD(
@@ -242,7 +279,8 @@ def _make_step(cell: Cell, model: Recommender, labels: Tensor) -> Callable[[Tens
             private_tables=model.user_tables,
             private_lr=lr,
             generator=torch.Generator().manual_seed(cell.seed),
-            lazy=method == "fedrec",
+            lazy=method != "fedrec-dense-noise",
+            closed_form=method != "fedrec-autograd",
         )
 
         def loss(rows: dict[str, Tensor]) -> Tensor:
@@ -297,7 +335,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
     warnings.filterwarnings("ignore", category=UserWarning)  # Opacus' secure-RNG and hook notices
     torch.set_num_threads(cell.threads)
     torch.manual_seed(cell.seed)
-    if cell.method not in NON_PRIVATE:  # import before the memory baseline (scipy etc. are ~100 MiB)
+    if cell.method not in NOT_PRIVATE:  # import before the memory baseline (scipy etc. are ~100 MiB)
         import opacus  # noqa: F401
 
         import common.privacy.dpsgd  # noqa: F401
@@ -484,6 +522,16 @@ def targets(rows: Sequence[Row]) -> list[str]:
                 f"{label}: fedrec {r.ms:.1f} ms = {ratio:.2f}× best non-private ({best.cell.method} {best.ms:.1f} ms), "
                 f"target ≤ {goal:g}× → {verdict}"
             )
+            closed = next(
+                (c for c in rows if c.cell.method == CLOSED_FORM_BASELINE and c.cell.model == r.cell.model
+                 and c.cell.items == r.cell.items and c.ms),
+                None,
+            )
+            if closed is not None and closed.ms is not None:
+                lines.append(
+                    f"{label}: fedrec = {r.ms / closed.ms:.2f}× {CLOSED_FORM_BASELINE} ({closed.ms:.1f} ms: the sparse "
+                    "non-private step with fedrec's closed-form score gradient; not the issue's baseline)"
+                )
         extra = r.result["extra_mib"]
         if extra is None:
             continue
