@@ -94,8 +94,12 @@ def _exchange(
         for n, p in payloads.items()
     ]
     replies: dict[int, dict[str, Any]] = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        node = reply.metadata.src_node_id
+    answers = grid.send_and_receive(messages, timeout=timeout)
+    # The SuperLink's own error replies (e.g. "Node Unavailable" once a node's heartbeat lapsed)
+    # come from node 1, the SuperLink: name the node the instruction went to.
+    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+    for reply in answers:
+        node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
         if reply.has_error():
             reason = reply.error.reason
             log(WARNING, "fedrec secure sum round %d, %s: node %d failed: %s", server_round, stage, node, reason)
