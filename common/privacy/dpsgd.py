@@ -6,9 +6,14 @@ Opacus' per-sample gradients for ``nn.Embedding`` materialise a
 1. The rows a batch reads are gathered from each embedding table and made
    autograd leaves, one copy per sample, so a single ordinary backward pass
    yields each sample's gradient for exactly the rows it touched (O(B·T·d)).
-   Dense layers (NeuMF's MLP and output layer, the global bias) get per-sample
-   gradient *norms* from Opacus' ghost-norm (or grad-sample) functions fed by
-   forward hooks, and their clipped sum from one matmul over all reads.
+   Dense layers (NeuMF's MLP and output layer, the global bias, HybridMF's text
+   projection) get per-sample gradient *norms* from Opacus' ghost-norm (or
+   grad-sample) functions fed by their inputs (kept by forward hooks) and the
+   gradient at their outputs (differentiated in the same backward pass), and
+   their clipped sum from one matmul over all reads. A trainable dense layer the
+   loss does not use exactly once is refused (it would get noise only). MF's
+   score back-propagates to the rows in closed form
+   (:func:`common.models.closed_form_row_gradients`).
 2. Each sample's gradient norm over all *released* parameters is exact and
    duplicate-aware: an item read twice by one sample counts as the sum of both
    reads (‖Σ_{t: id_t = r} g_t‖², summed over distinct rows r).
@@ -31,6 +36,8 @@ leave the silo, and they are updated with their own learning rate.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 from collections.abc import Callable, Iterable
@@ -43,7 +50,7 @@ from numpy.typing import NDArray
 from opacus.grad_sample.linear import compute_linear_grad_sample, compute_linear_norm_sample
 from torch import Tensor, nn
 
-from common.models import GlobalBias, Recommender, feature_rows
+from common.models import GlobalBias, Recommender, closed_form_row_gradients, feature_rows
 
 PerSampleLoss = Callable[[dict[str, Tensor]], Tensor]
 
@@ -164,6 +171,20 @@ class SparseDPSGD:
     lazy : bool
         Lazy table noise (default). ``False`` adds dense noise to every row of every
         noised table each step: the reference the lazy form is tested against.
+    closed_form : bool
+        Run the forward pass inside :func:`common.models.closed_form_row_gradients`
+        (default): MF's score back-propagates to the gathered rows by its closed-form
+        gradient instead of autograd's batched matrix products. The gradients are the
+        same; ``False`` is the plain-autograd path it is tested against.
+
+    Raises
+    ------
+    ValueError
+        At construction, for a parameter outside the embedding tables and the
+        layers with a per-sample rule (:data:`DENSE_LAYERS`); at a step, for a
+        trainable dense layer that the per-sample loss does not call, calls with
+        gradients off, calls more than once, or whose output the loss does not use:
+        its per-sample gradient would be missing and it would get noise only.
     """
 
     def __init__(
@@ -179,6 +200,7 @@ class SparseDPSGD:
         generator: torch.Generator | None = None,
         lazy: bool = True,
         noise: NoiseSource | None = None,
+        closed_form: bool = True,
     ) -> None:
         if noise is not None and generator is not None:
             raise ValueError("pass a noise source or a torch generator, not both")
@@ -194,7 +216,10 @@ class SparseDPSGD:
         self.private = tuple(private_tables)
         self.private_lr = private_lr
         self.noise = noise if noise is not None else TorchNormal(generator)
+        # fedrec's own sources return a new tensor per call; another source's may be shared.
+        self._fresh_noise = type(self.noise) in (TorchNormal, CsprngNormal)
         self.lazy = lazy
+        self.closed_form = closed_form
         self.last_norms = torch.zeros(0)  # per-sample norms of the last step (diagnostics)
         self.user_tables = tuple(model.user_tables)
         self.item_tables = tuple(model.item_tables)
@@ -215,38 +240,66 @@ class SparseDPSGD:
             group: torch.zeros(self._table(tables[0]).num_embeddings, dtype=torch.long, device=device)
             for group, tables in self._groups.items()
         }
+        # Fixed per-engine lists, so a step does no look-ups by name.
+        self._weights = {t: self._table(t).weight for t in (*self.user_tables, *self.item_tables)}
+        self._user_noised = tuple(t for t in self.user_tables if t in self.noised)
+        self._item_noised = tuple(t for t in self.item_tables if t in self.noised)
+        self._grad_names = (*self.noised, *self.private)
         self._dense_layers = self._find_dense_layers()
-        self._captured: dict[nn.Module, tuple[Tensor, Tensor | None]] = {}
+        self._layer_names = {module: name or type(module).__name__ for name, module in model.named_modules()}
+        self._captured: dict[nn.Module, tuple[Tensor, Tensor]] = {}
         self._capturing = False
         self._handles = [m.register_forward_hook(self._capture) for m in self._dense_layers]
+        self._buffers: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------ setup
     def _table(self, name: str) -> nn.Embedding:
         return getattr(self.model, name)
 
     def _find_dense_layers(self) -> list[nn.Module]:
+        """The layers with a per-sample rule that hold trainable parameters."""
         tables = {id(self._table(t).weight) for t in (*self.user_tables, *self.item_tables)}
         covered = set(tables)
         layers = []
         for module in self.model.modules():
             if isinstance(module, DENSE_LAYERS):
-                layers.append(module)
-                covered |= {id(p) for p in module.parameters(recurse=False)}
+                own = list(module.parameters(recurse=False))
+                covered |= {id(p) for p in own}
+                if any(p.requires_grad for p in own):
+                    layers.append(module)
         uncovered = [n for n, p in self.model.named_parameters() if id(p) not in covered]
         if uncovered:
             raise ValueError(f"no per-sample gradient rule for parameters {uncovered}")
         return layers
 
     def _capture(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        if not (self._capturing and output.requires_grad):
+        """Keep a dense layer's input and output of this step's forward pass."""
+        if not self._capturing:
             return
-        activation = inputs[0].detach()
-        self._captured[module] = (activation, None)
+        if module in self._captured:
+            raise ValueError(
+                f"dense layer {self._layer_names[module]!r} is called more than once in one forward pass: "
+                "its per-sample gradient rule needs exactly one call per step (use one call on all reads)"
+            )
+        self._captured[module] = (inputs[0].detach(), output)
 
-        def keep_backprop(grad: Tensor) -> None:
-            self._captured[module] = (activation, grad.detach())
+    def _dense_outputs(self) -> list[Tensor]:
+        """The outputs of every dense layer in this step's forward pass (each must have one)."""
+        outputs = []
+        for module in self._dense_layers:
+            captured = self._captured.get(module)
+            if captured is None or not captured[1].requires_grad:
+                how = "is not called by the per-sample loss" if captured is None else "is called with gradients off"
+                raise self._no_gradient(module, how)
+            outputs.append(captured[1])
+        return outputs
 
-        output.register_hook(keep_backprop)
+    def _no_gradient(self, module: nn.Module, how: str) -> ValueError:
+        return ValueError(
+            f"dense layer {self._layer_names[module]!r} {how}: DP-SGD would get no per-sample gradient for "
+            "it and train it on noise only. Use it in the loss once per step, or freeze its parameters "
+            "(requires_grad=False)."
+        )
 
     def close(self) -> None:
         """Remove the hooks from the model (flush first if the tables are released)."""
@@ -254,23 +307,37 @@ class SparseDPSGD:
             handle.remove()
         self._handles = []
 
+    def _buffer(self, key: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """A reusable scratch tensor of ``shape`` (grown when a larger batch comes)."""
+        size = math.prod(shape)
+        flat = self._buffers.get(key)
+        if flat is None or flat.numel() < size or flat.dtype != like.dtype or flat.device != like.device:
+            flat = torch.empty(size, dtype=like.dtype, device=like.device)
+            self._buffers[key] = flat
+        return flat[:size].view(shape)
+
     # ------------------------------------------------------------------ noise
     def _row_noise_std(self) -> float:
         return self.sigma * self.clip * self.lr / self.expected_batch_size
 
     def _add_owed_noise(self, group: str, rows: Tensor, up_to: int) -> None:
         """Bring ``rows`` (unique ids) of a table group up to date through step ``up_to``."""
+        last = self._noised_up_to[group]
         if self.sigma == 0.0 or rows.numel() == 0:
-            self._noised_up_to[group][rows] = up_to
+            last[rows] = up_to
             return
-        owed = (up_to - self._noised_up_to[group][rows]).clamp(min=0)
+        owed = last.index_select(0, rows).neg_().add_(up_to).clamp_(min=0)
         std = owed.to(torch.float32).sqrt_().mul_(self._row_noise_std())[:, None]
         with torch.no_grad():
             for name in self._groups[group]:
-                weight = self._table(name).weight
+                weight = self._weights[name]
                 noise = self.noise.standard_normal((len(rows), weight.shape[1]), weight.device)
-                _scatter_add_rows(weight, rows, noise, std)
-        self._noised_up_to[group][rows] = up_to
+                if self._fresh_noise:  # scaled in place: the draws are this engine's own tensor
+                    scaled = noise.mul_(std)
+                else:
+                    scaled = torch.mul(noise, std, out=self._buffer("noise", tuple(noise.shape), weight))
+                weight.detach().index_add_(0, rows, scaled)  # distinct rows
+        last[rows] = up_to
 
     def _all_rows(self, group: str) -> Tensor:
         last = self._noised_up_to[group]
@@ -291,8 +358,6 @@ class SparseDPSGD:
         """
         self.step_count += 1
         batch = len(users)
-        ids_of = dict.fromkeys(self.user_tables, users)
-        ids_of.update(dict.fromkeys(self.item_tables, items))
         # 1. rows read this step must hold the noise of every earlier step; this
         #    step's noise stays owed until the row is next read or flushed.
         for group in self._groups:
@@ -309,51 +374,77 @@ class SparseDPSGD:
         #    their gradients without accumulating into .grad (no copies) and skips
         #    the dense parameters' own gradients (their clipped sum comes from the
         #    captured activations).
-        names = (*self.noised, *self.private)
-        rows = {name: _gather(self._table(name).weight, ids).requires_grad_(True) for name, ids in ids_of.items()}
+        user_ids, item_ids = users.reshape(-1), items.reshape(-1)
+        rows = {name: _gather(self._weights[name], user_ids, users.shape) for name in self.user_tables}
+        rows.update({name: _gather(self._weights[name], item_ids, items.shape) for name in self.item_tables})
+        leaves = [rows[n] for n in self._grad_names]
         rows.update(feature_rows(self.model, items))  # fixed item features (HybridMF's text), no gradient
         self._captured.clear()
         self._capturing = True
         try:
-            losses = per_sample_loss(rows)
+            with closed_form_row_gradients() if self.closed_form else contextlib.nullcontext():
+                losses = per_sample_loss(rows)
             if losses.shape != (batch,):
                 raise ValueError(f"per-sample loss must have shape ({batch},), got {tuple(losses.shape)}")
-            found = torch.autograd.grad(losses.sum(), [rows[n] for n in names], allow_unused=True)
+            # The dense layers' outputs are differentiated too: the gradient at a layer's
+            # output is what its per-sample rule needs, whether or not the output lies
+            # on a path to the gathered rows (HybridMF's text projection need not).
+            outputs = self._dense_outputs()
+            found = torch.autograd.grad(losses.sum(), [*leaves, *outputs], allow_unused=True)
         finally:
             self._capturing = False
-        grads = {name: _grad(grad) for name, grad in zip(names, found, strict=True)}
+        grads = dict(zip(self._grad_names, map(_grad, found[: len(leaves)]), strict=True))
+        backprops = found[len(leaves) :]
 
         # 3. exact per-sample norms over released parameters, clip factors
         sq = torch.zeros(batch, device=users.device)
-        for name in self.user_tables:
-            if name in self.noised:
-                sq += _sq_norms(grads[name])
-        item_noised = [n for n in self.item_tables if n in self.noised]
-        if item_noised:
+        for name in self._user_noised:
+            sq += _sq_norms(grads[name])
+        if self._item_noised:
             sq += _duplicate_aware_sq_norms(
-                items, [grads[n] for n in item_noised], self._table(item_noised[0]).num_embeddings
+                items, [grads[n] for n in self._item_noised], self._table(self._item_noised[0]).num_embeddings
             )
-        dense = [self._dense_part(module, batch) for module in self._dense_layers]
+        dense = [
+            self._dense_part(module, backprop, batch)
+            for module, backprop in zip(self._dense_layers, backprops, strict=True)
+        ]
         for part_sq, _ in dense:
             sq += part_sq
-        norms = sq.sqrt()
+        norms = sq.sqrt_()
         self.last_norms = norms
-        factor = (self.clip / (norms + 1e-6)).clamp(max=1.0) if math.isfinite(self.clip) else torch.ones_like(norms)
+        finite = math.isfinite(self.clip)
+        factor = (self.clip / (norms + 1e-6)).clamp_(max=1.0) if finite else torch.ones_like(norms)
 
         # 4. update: clipped sum + noise, scaled by η / B̄
         scale = self.lr / self.expected_batch_size
         with torch.no_grad():
             step_factor = factor * -scale
             for name in self.noised:
-                _scatter_add_rows(self._table(name).weight, ids_of[name], grads[name], step_factor)
-            for name in self.private:
-                _scatter_add_rows(self._table(name).weight, ids_of[name], grads[name], -self.private_lr)
+                self._add_scaled_rows(name, users if name in self.user_tables else items, grads[name], step_factor)
+            for name in self.private:  # one scalar factor: index_add_'s alpha, no scaled copy
+                ids = users if name in self.user_tables else items
+                weight = self._weights[name]
+                grad = grads[name].detach().reshape(ids.numel(), weight.shape[1])
+                weight.detach().index_add_(0, ids.reshape(-1), grad, alpha=-self.private_lr)
             for _, clipped_sum in dense:
                 for param, total in clipped_sum(factor).items():
                     param.sub_(scale * (total + self._dense_noise(param)))
         self._captured.clear()
-        clipped = float((norms > self.clip).float().mean()) if math.isfinite(self.clip) else 0.0
+        clipped = float((norms > self.clip).float().mean()) if finite else 0.0
         return StepStats(batch, float(losses.detach().mean()), clipped)
+
+    def _add_scaled_rows(self, name: str, ids: Tensor, grad: Tensor, factor: Tensor | float) -> None:
+        """``weight[ids[k]] += factor[b] · grad[k]`` for every read k of sample b (see :func:`_scatter_add`).
+
+        ``grad`` (*ids.shape, D) may have any layout (autograd's gradients are often
+        transposed or broadcast views): the product is written once, contiguously,
+        into a reusable buffer.
+        """
+        weight = self._weights[name]
+        if isinstance(factor, Tensor):
+            factor = factor.view(-1, *([1] * (grad.dim() - 1)))
+        out = torch.mul(grad.detach(), factor, out=self._buffer(name, tuple(grad.shape), weight))
+        _scatter_add(weight, ids.reshape(-1), out.view(-1, weight.shape[1]))
 
     def _distinct_rows(self, group: str, ids: Tensor) -> Tensor:
         """The distinct ids in ``ids``, ascending (as ``torch.unique``).
@@ -369,15 +460,16 @@ class SparseDPSGD:
         return marks.nonzero().squeeze(1)
 
     def _dense_part(
-        self, module: nn.Module, batch: int
+        self, module: nn.Module, backprop: Tensor | None, batch: int
     ) -> tuple[Tensor, Callable[[Tensor], dict[nn.Parameter, Tensor]]]:
-        """Per-sample squared norms (B,) of a dense layer and its clipped-sum function."""
-        activation, backprop = self._captured.get(module, (None, None))
-        params = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        if activation is None or backprop is None:
-            # The layer did not take part: its per-sample gradients are zero.
-            zero = torch.zeros(batch, device=params[0].device)
-            return zero, lambda factor: {p: torch.zeros_like(p) for p in params}
+        """Per-sample squared norms (B,) of a dense layer and its clipped-sum function.
+
+        ``backprop`` is the gradient of the summed loss at the layer's output.
+        """
+        if backprop is None:
+            raise self._no_gradient(module, "is called, but the loss does not depend on its output")
+        activation = self._captured[module][0]
+        backprop = backprop.detach()
         if isinstance(module, nn.Linear):
             return _linear_part(module, activation, backprop)
         if isinstance(module, GlobalBias):
@@ -411,27 +503,19 @@ def _sq_norms(grads: Tensor) -> Tensor:
     return torch.linalg.vector_norm(grads, dim=tuple(range(1, grads.dim()))).square_()
 
 
-def _gather(weight: Tensor, ids: Tensor) -> Tensor:
-    """Rows ``weight[ids]`` (ids of any shape) as a new tensor, by ``index_select``."""
-    return weight.detach().index_select(0, ids.reshape(-1)).view(*ids.shape, weight.shape[1])
+def _gather(weight: Tensor, flat_ids: Tensor, shape: torch.Size) -> Tensor:
+    """Rows ``weight[ids]`` (``flat_ids`` the ids of ``shape``, flattened) as a new leaf, by ``index_select``."""
+    return weight.detach().index_select(0, flat_ids).view(*shape, weight.shape[1]).requires_grad_(True)
 
 
-def _scatter_add_rows(weight: Tensor, ids: Tensor, rows: Tensor, factor: Tensor | float) -> None:
-    """``weight[ids[k]] += factor[b] · rows[k]`` for every read k (b its sample), in place.
+def _scatter_add(weight: Tensor, flat_ids: Tensor, rows: Tensor) -> None:
+    """``weight[flat_ids[k]] += rows[k]`` for every k, in place; ``rows`` (K, D) contiguous.
 
-    ``rows`` (*ids.shape, D) may have any layout (autograd's gradients are often
-    transposed or broadcast views): the product is written once, contiguously, and
-    added with one ``scatter_add_`` (torch's CPU ``index_add_`` loops per row, which
-    is several times slower for these shapes). ``factor`` is a scalar or one value
-    per sample (ids.shape[0],). Rows with the same id are added in read order.
+    One ``scatter_add_`` (torch's CPU ``index_add_`` loops per row, which is several
+    times slower for the 1-wide bias tables). Rows with the same id are added in order.
     """
     width = weight.shape[1]
-    flat_ids = ids.reshape(-1)
-    out = torch.empty((len(flat_ids), width), dtype=weight.dtype, device=weight.device)
-    if isinstance(factor, Tensor):
-        factor = factor.view(-1, *([1] * (rows.dim() - 1)))
-    torch.mul(rows.detach(), factor, out=out.view(rows.shape))
-    weight.detach().scatter_add_(0, flat_ids[:, None].expand(-1, width), out)
+    weight.detach().scatter_add_(0, flat_ids[:, None].expand(-1, width), rows)
 
 
 def _linear_part(
@@ -473,13 +557,25 @@ _MARK_MAX_RATIO = 16
 _GRAM_MAX_READS = 32
 
 
+@functools.lru_cache(maxsize=64)
+def _read_pairs(reads: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The positions (t, s), t < s, of every two of ``reads`` reads, in row-major order."""
+    first, second = torch.triu_indices(reads, reads, offset=1, device=device)
+    return first, second
+
+
 def _repeated_read_pairs(ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(sample, t, s) with t < s for every two reads of the same row within a sample."""
-    same = ids[:, :, None] == ids[:, None, :]
-    if int(same.sum()) == ids.numel():  # only the diagonal: no repeated read anywhere
+    """(sample, t, s) with t < s for every two reads of the same row within a sample.
+
+    Compares only the T·(T − 1)/2 pairs t < s (not all T²); sorted by (sample, t, s).
+    """
+    first, second = _read_pairs(ids.shape[1], ids.device)
+    same = ids[:, first] == ids[:, second]  # (B, pairs)
+    if not bool(same.any()):
         empty = torch.zeros(0, dtype=torch.long, device=ids.device)
         return empty, empty, empty
-    return torch.triu(same, diagonal=1).nonzero(as_tuple=True)  # type: ignore[return-value]
+    b, pair = same.nonzero(as_tuple=True)
+    return b, first[pair], second[pair]
 
 
 def _pairwise_sq_norms(pairs: tuple[Tensor, Tensor, Tensor], grads: Tensor) -> Tensor:
