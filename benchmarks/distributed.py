@@ -41,7 +41,9 @@ from common.evaluation import EvalProtocol, evaluation_sums, summarize
 from common.privacy import distributed as dd
 from common.privacy.accounting import calibrate_noise, default_delta
 from common.run_config import Scalar, load_default_run_config
+from common.rundir import RunDir
 from common.silo_reports import pooled_evaluation
+from server.report import append_silo_evaluation
 from simulations.centralized import Popularity
 from simulations.inprocess import run_inprocess
 
@@ -107,6 +109,7 @@ def run_point(cfg: dict[str, Scalar], silos: int, run_dir: Path) -> dict[str, An
     run_inprocess(cfg, num_nodes=silos)
     rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     pooled = pooled_evaluation(run_dir / "silos", 10)  # the silos' own sums: never sent to the server
+    append_silo_evaluation(RunDir(run_dir), pooled, 10)  # report.md: the model beside the DP popularity list
     evaluated = []
     for r in rounds:
         metrics = r["evaluate"] if "val-hr@10" in r["evaluate"] else pooled.get(r["round"])
@@ -118,6 +121,9 @@ def run_point(cfg: dict[str, Scalar], silos: int, run_dir: Path) -> dict[str, An
         "round": best_round,
         "val-hr@10": best["val-hr@10"],
         "test-hr@10": best["test-hr@10"],
+        # the ranking by the histogram this run released (its share of ε), on the same candidates
+        "run-dp-popularity-val-hr@10": best.get("dp-popularity-val-hr@10"),
+        "run-dp-popularity-test-hr@10": best.get("dp-popularity-test-hr@10"),
         "epsilon": server[-1]["epsilon"] if server else None,
         "delta": server[-1]["delta"] if server else None,
         "noise-multiplier": server[-1]["noise-multiplier"] if server else None,

@@ -67,6 +67,17 @@ def print_silo_evaluation(state_root: Path, k: int) -> None:
     console.print(table)
 
 
+def add_silo_evaluation_to_report(run: RunDir, k: int) -> None:
+    """A simulation holds every silo: its report.md also gets their kept evaluation, pooled."""
+    from common.silo_reports import pooled_evaluation
+    from server.report import append_silo_evaluation
+
+    try:
+        append_silo_evaluation(run, pooled_evaluation(run.silo_states, k), k)
+    except (OSError, ValueError) as e:
+        err.print(f"[yellow]warning:[/] report.md: cannot add the silos' own evaluation: {e}")
+
+
 def unwind_on_sigterm() -> None:
     """Make SIGTERM unwind like Ctrl-C, so every Flower process we started is stopped."""
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
@@ -96,6 +107,7 @@ def summarise_run(run: RunDir, rc: int, *, num_rounds: int, k: int, privacy_mode
     print_rounds(rounds_done, k)
     if privacy_mode != "none":
         print_silo_evaluation(run.silo_states, k)
+        add_silo_evaluation_to_report(run, k)
         print_privacy(rounds_done)
     if stop_reason:
         console.print(f"[bold yellow]stopped after round {len(rounds_done)}:[/] {stop_reason}")

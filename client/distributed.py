@@ -37,6 +37,7 @@ from common import records
 from common.config import AppConfig
 from common.data.split import UserSplit
 from common.errors import ConfigError
+from common.evaluation import DP_POPULARITY, ranking_sums
 from common.models import MF, shared_state
 from common.privacy import distributed as dd
 from common.privacy.events import silo_owner
@@ -163,6 +164,7 @@ def clipped_delta_sum(
     shared = {k: v.numpy() for k, v in shared_state(model).items()}
     num_items, dim = split.num_items, model.item_embedding.weight.shape[1]
     lr, settings = cfg.privacy.distributed.lr, cfg.train
+    frozen = cfg.privacy.distributed.freeze_biases  # item biases stay at the DP-popularity anchor, b at its start
     sum_emb = torch.zeros(num_items, dim, dtype=torch.float64)
     sum_bias = torch.zeros(num_items, dtype=torch.float64)
     sum_global = 0.0
@@ -192,7 +194,8 @@ def clipped_delta_sum(
             grads = torch.autograd.grad((per * weights).sum(), [emb, bias, glob, p, bu])
             with torch.no_grad():
                 for param, grad in zip((emb, bias, glob, p, bu), grads, strict=True):
-                    param -= lr * grad
+                    if not (frozen and (param is bias or param is glob)):
+                        param -= lr * grad
         pair_emb = (emb.detach() - emb0).double()
         pair_bias = (bias.detach() - bias0).double()
         user_glob = (glob.detach() - glob0).double()
@@ -217,6 +220,29 @@ def clipped_delta_sum(
     if set(out) != set(shared) or any(out[k].shape != shared[k].shape for k in out):
         raise ConfigError(f"distributed DP: the shared state {sorted(shared)} is not biased MF's")
     return vectors.flatten(out), clipped
+
+
+# ---------------------------------------------------------------- evaluation beside the model
+def popularity_sums(session: Session) -> dict[str, float]:
+    """Sums (``dp-popularity-{val,test}-hits@K``, ``-ndcg@K``) of ranking by the released DP histogram.
+
+    The histogram came with the evaluate message (public since its release: post-processing);
+    the silo ranks the same candidates as the model's, so the sums sit beside the model's in its
+    withheld evaluation. Empty when the run released no histogram.
+    """
+    from client.silo import eval_protocol
+
+    released = session.config.get(dd.RELEASED_POPULARITY)
+    split = session.data.split
+    if not isinstance(released, list):
+        return {}
+    if len(released) != split.num_items:
+        raise ConfigError(
+            f"distributed DP: the server's {dd.RELEASED_POPULARITY} has {len(released)} items, this silo has "
+            f"{split.num_items}"
+        )
+    histogram = np.asarray(released, dtype=np.float64)
+    return ranking_sums(histogram, split, eval_protocol(session.cfg), DP_POPULARITY)
 
 
 # ---------------------------------------------------------------- what stays in the silo

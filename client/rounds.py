@@ -84,6 +84,10 @@ def train(session: Session) -> RecordDict:
 def evaluate(session: Session) -> RecordDict:
     """Evaluate the silo's own users; the reply holds sums the server can add up."""
     sums = silo.evaluate_users(session.model, session.cfg, session.data)
+    if session.cfg.privacy.mode == "distributed":  # the released DP popularity ranking beside the model
+        from client import distributed
+
+        sums.update(distributed.popularity_sums(session))
     if session.cfg.personalize.enabled:  # a fine-tuned copy kept in the silo (client.personalize)
         from client import personalize
 

@@ -54,7 +54,14 @@ def train_round(
 def evaluate_users(model: Recommender, cfg: AppConfig, data: SiloData) -> dict[str, SumValue]:
     """Evaluation sums of this silo's users (validation and test items)."""
     dev = device()
-    protocol = EvalProtocol(
+    sums = evaluation_sums(model.to(dev), data.split, eval_protocol(cfg), data.item_popularity, dev)
+    model.cpu()
+    return sums
+
+
+def eval_protocol(cfg: AppConfig) -> EvalProtocol:
+    """The run's evaluation protocol (the same validation users every round)."""
+    return EvalProtocol(
         k=cfg.eval.k,
         full_ranking=cfg.eval.full_ranking,
         full_ranking_k=cfg.eval.full_ranking_k,
@@ -62,6 +69,3 @@ def evaluate_users(model: Recommender, cfg: AppConfig, data: SiloData) -> dict[s
         val_users=cfg.eval.val_users,
         val_seed=derive_seed(cfg.seed, "val-users"),
     )
-    sums = evaluation_sums(model.to(dev), data.split, protocol, data.item_popularity, dev)
-    model.cpu()
-    return sums

@@ -221,9 +221,10 @@ class DistributedPrivacySettings:
     popularity: bool  # DP item-popularity histogram at round 1: initialises the item biases
     popularity_epsilon_fraction: float  # share of target_epsilon the histogram spends
     popularity_bias_scale: float  # item biases = scale · centred log(1 + max(ĉ, 0)) of the DP histogram
-    freeze_item_bias: bool  # item biases stay at that anchor: no user delta or server step moves them
+    freeze_biases: bool  # item biases stay at that anchor and the global bias at its start: nothing moves them
     item_init_scale: float  # the initial item embeddings are multiplied by this (0 = start at zero)
     item_shrink: float  # after each server step the item embeddings are multiplied by 1 − item_shrink
+    item_step_kappa: float  # > 0: item i's server step × r_i²/(r_i² + κ²), r_i = DP count / noise std (0 = off)
 
 
 @dataclass(frozen=True, slots=True)
@@ -464,9 +465,10 @@ class AppConfig:
                         "privacy.distributed.popularity-epsilon-fraction", lo=0.0, hi=1.0, lo_open=True
                     ),
                     popularity_bias_scale=r.float("privacy.distributed.popularity-bias-scale", lo=0.0),
-                    freeze_item_bias=r.bool("privacy.distributed.freeze-item-bias"),
+                    freeze_biases=r.bool("privacy.distributed.freeze-biases"),
                     item_init_scale=r.float("privacy.distributed.item-init-scale", lo=0.0),
                     item_shrink=r.float("privacy.distributed.item-shrink", lo=0.0, hi=1.0),
+                    item_step_kappa=r.float("privacy.distributed.item-step-kappa", lo=0.0),
                 ),
             ),
             audit=AuditSettings(

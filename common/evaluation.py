@@ -31,6 +31,8 @@ SumValue = float | list[float]
 PERSONALIZED = "personalized-"
 #: Prefix of the popularity ranking's sums (and metrics) on the same candidates.
 POPULARITY = "popularity-"
+#: Prefix of the sums of the ranking by a released DP popularity histogram (distributed DP).
+DP_POPULARITY = "dp-popularity-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,15 +98,7 @@ def evaluation_sums(
     model.eval()
     k = protocol.k
     sums: dict[str, SumValue] = {}
-    for phase, target, negatives in (
-        ("val", split.val_item, split.val_negatives),
-        ("test", split.test_item, split.test_negatives),
-    ):
-        users = np.flatnonzero(target != NO_ITEM)
-        if phase == "val" and 0 < protocol.val_users < len(users):
-            chosen = np.random.default_rng(protocol.val_seed).choice(len(users), protocol.val_users, replace=False)
-            users = users[np.sort(chosen)]
-        items = np.concatenate([target[users, None], negatives[users]], axis=1)
+    for phase, users, items in _candidates(split, protocol):
         batch = max(1, int(protocol.budget_bytes // (items.shape[1] * (activation_bytes(model) + 16))))
         scores = _score(model, users, items, device, batch)
         ranks = metrics.sampled_rank(scores[:, 0], scores[:, 1:])
@@ -124,6 +118,41 @@ def evaluation_sums(
             sums["activity-hits"] = hit_sums.astype(float).tolist()
     if protocol.full_ranking:
         sums.update(_full_ranking_sums(model, split, protocol, item_popularity, device))
+    return sums
+
+
+def _candidates(split: UserSplit, protocol: EvalProtocol) -> list[tuple[str, NDArray[np.int64], NDArray[np.int64]]]:
+    """(phase, users, candidate items (U, 1 + negatives): the held-out item first) for val and test."""
+    out = []
+    for phase, target, negatives in (
+        ("val", split.val_item, split.val_negatives),
+        ("test", split.test_item, split.test_negatives),
+    ):
+        users = np.flatnonzero(target != NO_ITEM)
+        if phase == "val" and 0 < protocol.val_users < len(users):
+            chosen = np.random.default_rng(protocol.val_seed).choice(len(users), protocol.val_users, replace=False)
+            users = users[np.sort(chosen)]
+        out.append((phase, users, np.concatenate([target[users, None], negatives[users]], axis=1)))
+    return out
+
+
+def ranking_sums(
+    item_scores: NDArray[np.float64], split: UserSplit, protocol: EvalProtocol, prefix: str
+) -> dict[str, float]:
+    """``{prefix}{val,test}-hits@K`` and ``-ndcg@K`` of ranking every user's candidates by one score per item.
+
+    The same users and candidates as :func:`evaluation_sums` (ties count against the held-out
+    item), so the sums sit beside the model's; e.g. a released DP popularity histogram.
+    """
+    scores = np.asarray(item_scores, dtype=np.float64).ravel()
+    if scores.size != split.num_items:
+        raise ValueError(f"ranking_sums: {scores.size} item scores for {split.num_items} items")
+    sums: dict[str, float] = {}
+    for phase, _, items in _candidates(split, protocol):
+        ranked = scores[items]
+        ranks = metrics.sampled_rank(ranked[:, 0], ranked[:, 1:])
+        sums[f"{prefix}{phase}-hits@{protocol.k}"] = float(metrics.hits_at_k(ranks, protocol.k).sum())
+        sums[f"{prefix}{phase}-ndcg@{protocol.k}"] = float(metrics.dcg_at_k(ranks, protocol.k).sum())
     return sums
 
 

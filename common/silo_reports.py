@@ -16,6 +16,10 @@ from pathlib import Path
 from typing import Any
 
 REPORT_NAME = "silo-report.jsonl"
+#: Rankings whose sums each silo computes beside the model's on the same candidates: its own
+#: popularity counts (``popularity-``) and, under distributed DP, the released DP histogram
+#: (``dp-popularity-``).
+RANKINGS = ("popularity-val", "popularity-test", "dp-popularity-val", "dp-popularity-test")
 
 
 def report_files(state_root: Path) -> list[Path]:
@@ -61,8 +65,9 @@ def pooled_evaluation(state_root: Path, k: int) -> dict[int, dict[str, float]]:
     out: dict[int, dict[str, float]] = {}
     for rnd, s in sorted(sums.items()):
         metrics = {"silos": s["silos"]}
-        for phase in ("val", "test", "personalized-val", "personalized-test"):
-            users = s.get(f"{phase}-users", 0.0)
+        for phase in ("val", "test", "personalized-val", "personalized-test", *RANKINGS):
+            # a ranking's sums (popularity-, dp-popularity-) are over the model's users and candidates
+            users = s.get(f"{phase}-users", s.get(f"{phase.rsplit('-', 1)[-1]}-users", 0.0))
             for name in (f"hits@{k}", f"ndcg@{k}"):
                 total = s.get(f"{phase}-{name}")
                 if total is not None:

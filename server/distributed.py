@@ -41,6 +41,9 @@ from server.protocol import RoundEvents
 from server.secagg import DROPOUT_EVENT, dropout_event, missing_stages, secure_sum
 
 MODULUS_BITS = 32
+ITEM_BIAS = "item_bias.weight"
+ITEM_EMBEDDING = "item_embedding.weight"
+GLOBAL_BIAS = "global_bias.value"
 
 
 class DistributedDP:
@@ -117,6 +120,7 @@ class DistributedDP:
 
     # ---------------------------------------------------------------- round 1 prelude
     def _prelude(self, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> ArrayRecord:
+        arrays = scaled_item_embeddings(arrays, self.settings.item_init_scale)  # the public initial model
         nodes = sorted(grid.get_node_ids())
         replies = grid.send_and_receive(self._messages(1, arrays, config, "roster", nodes), timeout=self.timeout)
         self.rosters = self._staged(1, replies, "roster")
@@ -151,7 +155,7 @@ class DistributedDP:
             self.ledgers.record_server(release)  # before anything computed from it leaves the server
         self.popularity = total
         log(INFO, "distributed DP: popularity histogram released, ε so far %.4f", release.epsilon)
-        return with_popularity_biases(arrays, total)
+        return with_popularity_biases(arrays, total, self.settings.popularity_bias_scale)
 
     def _secure_sum(
         self, server_round: int, staged: dict[int, int], length: int, signal: float, share_std: float,
@@ -244,9 +248,19 @@ class DistributedDP:
         self._events.central = release
         mean = dd.server_average(total, m.rate * m.population)
         s = self.settings
-        self._velocity = mean if self._velocity is None else s.server_momentum * self._velocity + mean
+        if s.freeze_biases:  # the anchor stays: the noise on the bias coordinates is discarded
+            frozen = {k: np.zeros(shapes[k]) for k in (ITEM_BIAS, GLOBAL_BIAS)}
+            mean = vectors.flatten({**vectors.unflatten(mean, shapes), **frozen})
+        if s.item_step_kappa > 0 and self.popularity is not None:
+            weights = item_step_weights(self.popularity, m.noise_multiplier * dd.noise_price(m.silos, m.max_dishonest),
+                                        s.item_step_kappa)  # fmt: skip
+            parts = vectors.unflatten(mean, shapes)
+            mean = vectors.flatten({**parts, **{k: parts[k] * weights.reshape(-1, *([1] * (parts[k].ndim - 1)))
+                                                for k in (ITEM_EMBEDDING, ITEM_BIAS)}})  # fmt: skip
+        self._velocity = server_step_velocity(self._velocity, mean, s.server_momentum)
         base = vectors.flatten({k: v.numpy() for k, v in sent.items()})
         new = vectors.unflatten(base + s.server_lr * self._velocity, shapes)
+        new[ITEM_EMBEDDING] = new[ITEM_EMBEDDING] * (1.0 - s.item_shrink)
         out = ArrayRecord({k: Array(new[k].astype(sent[k].numpy().dtype)) for k in sent})
         return out, MetricRecord({records.TRAIN_SILOS: m.silos - missing})
 
@@ -254,10 +268,15 @@ class DistributedDP:
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Every silo evaluates its own users (and, under the release policy, keeps the sums)."""
-        content = RecordDict(
-            {records.ARRAYS: arrays, records.CONFIG: ConfigRecord({**config, records.SERVER_ROUND: server_round})}
-        )
+        """Every silo evaluates its own users (and, under the release policy, keeps the sums).
+
+        The message also carries the released DP histogram (public since round 1), so each
+        silo adds the sums of ranking its users' candidates by it (``dp-popularity-*``).
+        """
+        extra: dict[str, Any] = {records.SERVER_ROUND: server_round}
+        if self.popularity is not None:  # public since its release: the silos rank by it beside the model
+            extra[dd.RELEASED_POPULARITY] = [float(x) for x in self.popularity]
+        content = RecordDict({records.ARRAYS: arrays, records.CONFIG: ConfigRecord({**config, **extra})})
         return [
             Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n, group_id=str(server_round))
             for n in sorted(grid.get_node_ids())
@@ -276,16 +295,47 @@ class DistributedDP:
         return MetricRecord({records.EVAL_WITHHELD_SILOS: withheld}) if withheld else None
 
 
-def popularity_biases(histogram: np.ndarray) -> np.ndarray:
-    """Item biases from the DP histogram: log(1 + max(ĉ, 0)), centred (post-processing)."""
+def popularity_biases(histogram: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """Item biases from the DP histogram: ``scale`` · (log(1 + max(ĉ, 0)) − its mean) (post-processing)."""
     logs = np.log1p(np.maximum(np.asarray(histogram, dtype=np.float64), 0.0))
-    return logs - logs.mean()
+    return scale * (logs - logs.mean())
 
 
-def with_popularity_biases(arrays: ArrayRecord, histogram: np.ndarray) -> ArrayRecord:
-    """``arrays`` with ``item_bias.weight`` replaced by :func:`popularity_biases`."""
+def with_popularity_biases(arrays: ArrayRecord, histogram: np.ndarray, scale: float = 1.0) -> ArrayRecord:
+    """``arrays`` with ``item_bias.weight`` replaced by :func:`popularity_biases` (the anchor)."""
     out = ArrayRecord(dict(arrays.items()))
-    ref = arrays["item_bias.weight"].numpy()
-    out["item_bias.weight"] = Array(popularity_biases(histogram).reshape(ref.shape).astype(ref.dtype))
+    ref = arrays[ITEM_BIAS].numpy()
+    out[ITEM_BIAS] = Array(popularity_biases(histogram, scale).reshape(ref.shape).astype(ref.dtype))
     return out
+
+
+def scaled_item_embeddings(arrays: ArrayRecord, scale: float) -> ArrayRecord:
+    """``arrays`` with the item embeddings multiplied by ``scale`` (``item-init-scale``; 1 = unchanged)."""
+    if scale == 1.0:
+        return arrays
+    out = ArrayRecord(dict(arrays.items()))
+    ref = arrays[ITEM_EMBEDDING].numpy()
+    out[ITEM_EMBEDDING] = Array((ref * scale).astype(ref.dtype))
+    return out
+
+
+def item_step_weights(histogram: np.ndarray, noise_std: float, kappa: float) -> np.ndarray:
+    """w_i = r_i²/(r_i² + κ²), r_i = max(ĉ_i, 0)/noise_std: the server's step weight on item i's rows.
+
+    ĉ_i (the released DP histogram, l2 rule) bounds how much the users' clipped deltas can
+    move item i's rows relative to C, and ``noise_std`` = σ·√(S/(S−T)) is the sum's noise
+    relative to C; so r_i is an upper signal-to-noise ratio and w_i a Wiener-style shrinkage.
+    Post-processing of released values only. σ = 0: every weight is 1.
+    """
+    if kappa <= 0:
+        raise ValueError(f"privacy.distributed.item-step-kappa: must be > 0 here, got {kappa}")
+    if noise_std == 0:
+        return np.ones(np.asarray(histogram).size)
+    r2 = (np.maximum(np.asarray(histogram, dtype=np.float64).ravel(), 0.0) / noise_std) ** 2
+    return r2 / (r2 + kappa**2)
+
+
+def server_step_velocity(velocity: np.ndarray | None, mean: np.ndarray, momentum: float) -> np.ndarray:
+    """Heavy-ball velocity v_t = β·v_{t−1} + ū_t (v_1 = ū_1); the server adds server-lr · v_t."""
+    return mean if velocity is None else momentum * velocity + mean
 

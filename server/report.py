@@ -8,14 +8,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from common import records
-from common.privacy.events import DP_EVALUATION, SERVER_OWNER, PrivacyRelease
+from common.privacy.events import DISTRIBUTED_HISTOGRAM, DP_EVALUATION, SERVER_OWNER, PrivacyRelease
 from common.privacy.statement import run_releases, statements
 from common.round_record import RoundRecord
 from common.rundir import RunDir, RunDirError
 
 #: Prefix of a popularity baseline's metrics in a round's evaluation, when it has one.
 POPULARITY = "popularity-"
+#: Prefix of the ranking by the DP popularity histogram a distributed-DP run released.
+DP_POPULARITY = "dp-popularity-"
 WITHHELD = "withheld"
+SILO_EVALUATION = "## Evaluation kept in the silos"
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +191,7 @@ def render_report(rounds: list[RoundRecord], k: int, plot_name: str, *, run_dir:
             "`privacy.release.evaluation = noisy` (local DP) releases noisy, accounted sums instead.",
             "",
         ]
+    lines += dp_popularity_note(facts, run_dir)
     lines += [f"![metrics]({plot_name})", "", "## Rounds", ""]
     keys = [key for key in (f"val-hr@{k}", f"test-hr@{k}", f"test-ndcg@{k}") if any(key in r.evaluate for r in rounds)]
     full = sorted({key for r in rounds for key in r.evaluate if key.startswith("test-full-")})
@@ -207,6 +211,68 @@ def render_report(rounds: list[RoundRecord], k: int, plot_name: str, *, run_dir:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", _evaluation_note(facts), "", *render_cost(rounds, private), *render_anomalies(rounds)]
     return "\n".join(lines)
+
+
+def dp_popularity_note(facts: RunFacts, run_dir: RunDir | None) -> list[str]:
+    """Distributed DP: what the DP popularity baseline is, its ε (server ledger), where its numbers are."""
+    if facts.mode != "distributed":
+        return []
+    histogram = None
+    if run_dir is not None:
+        found, _ = run_releases(run_dir)
+        histogram = next((r for r in found.get(SERVER_OWNER, []) if r.kind == DISTRIBUTED_HISTOGRAM), None)
+    if histogram is None:
+        return ["**DP popularity baseline:** this run released no DP popularity histogram "
+                "(`privacy.distributed.popularity = false`, or its secure sum failed).", ""]  # fmt: skip
+    return [
+        f"**DP popularity baseline:** the item-popularity histogram this run released at round "
+        f"{histogram.server_round} (one Gaussian mechanism over the union of the silos' users, σ_h = "
+        f"{histogram.noise_multiplier:.4f}, ε = {histogram.epsilon:.4f} at δ = {histogram.delta:.2e} of the run's "
+        f"budget {histogram.target_epsilon:g}) is public, so every silo also ranks its users' candidates by it "
+        f"and keeps those sums (`{DP_POPULARITY}*`) beside the model's. The model ≥ this list is the floor a "
+        "private model must clear; a list spending the run's whole ε would be a little better "
+        "(`python -m benchmarks.distributed` measures that one).",
+        "",
+    ]
+
+
+def silo_evaluation_section(pooled: Mapping[int, Mapping[str, float]], k: int) -> list[str]:
+    """Markdown: the silos' kept evaluation pooled (a simulation holds every silo), model beside the rankings."""
+    if not pooled:
+        return []
+    cols = [
+        ("model val", f"val-hr@{k}"), ("model test", f"test-hr@{k}"),
+        ("DP popularity val", f"{DP_POPULARITY}val-hr@{k}"), ("DP popularity test", f"{DP_POPULARITY}test-hr@{k}"),
+        ("popularity test (silo's own counts, not private)", f"{POPULARITY}test-hr@{k}"),
+    ]  # fmt: skip
+    cols = [(name, key) for name, key in cols if any(key in m for m in pooled.values())]
+    best = max(pooled, key=lambda rnd: pooled[rnd].get(f"val-hr@{k}", -math.inf))
+    lines = [
+        SILO_EVALUATION,
+        "",
+        "Each silo's own evaluation sums (never sent to the server under DP), pooled here because this "
+        f"simulation's experimenter holds every silo. HR@{k} per round; the round with the best pooled "
+        f"validation HR@{k} is marked *.",
+        "",
+        "| round | silos | " + " | ".join(f"{name} HR@{k}" for name, _ in cols) + " |",
+        "|---|---|" + "---|" * len(cols),
+    ]
+    for rnd, m in sorted(pooled.items()):
+        cells = [f"{rnd}{'*' if rnd == best else ''}", f"{m.get('silos', 0):.0f}"]
+        cells += [_fmt(m.get(key)) for _, key in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def append_silo_evaluation(run_dir: RunDir, pooled: Mapping[int, Mapping[str, float]], k: int) -> bool:
+    """Add :func:`silo_evaluation_section` to the run's ``report.md`` (once); False when there is nothing to add."""
+    if not pooled or not run_dir.report.exists():
+        return False
+    text = run_dir.report.read_text()
+    if SILO_EVALUATION in text:
+        text = text[: text.index(SILO_EVALUATION)].rstrip("\n") + "\n"
+    run_dir.report.write_text(text + "\n" + "\n".join(silo_evaluation_section(pooled, k)))
+    return True
 
 
 def _evaluation_note(facts: RunFacts) -> str:

@@ -283,6 +283,7 @@ def union_epsilon(rounds: Sequence[MechanismUse], delta: float, histogram: Mecha
 PHASE: Final = "distributed-phase"  # "roster" | "popularity" | "train"
 POPULATION: Final = "distributed-population"  # N_total: the sum of the silos' public rosters
 SILOS: Final = "distributed-silos"  # S: silos in the secure sum
+RELEASED_POPULARITY: Final = "distributed-dp-popularity"  # evaluate config: the released DP histogram (public)
 STAGED: Final = "secagg-staged"  # reply metric: 1 = the silo staged its vector for this round's secure sum
 PHASES: Final = ("roster", "popularity", "train")
 

@@ -152,8 +152,14 @@ class PrivacyRelease:
 
     @property
     def neighbouring(self) -> str:
-        """The neighbouring relation of the unit (the union of silos' users for the server's user unit)."""
-        if self.owner == SERVER_OWNER and self.unit == "user":  # distributed DP
+        """The neighbouring relation of the unit (the union of silos' users under distributed DP).
+
+        The server's user-level releases and every silo's own view of a distributed-DP release
+        (``distributed-dp-*``: the union's mechanism over N_total) name the union roster.
+        """
+        if self.unit == "user" and (
+            self.owner == SERVER_OWNER or self.kind in (DISTRIBUTED_FEDAVG, DISTRIBUTED_HISTOGRAM)
+        ):
             return UNION_NEIGHBOURING
         return NEIGHBOURING[self.unit]
 
