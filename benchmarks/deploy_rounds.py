@@ -17,7 +17,11 @@ Rows, for 1 and 3 SuperNodes:
   per round shows what the second exchange costs;
 - **bare, SuperNode idle poll 0.1 s (patched)**: the SuperNode's hard-coded 3 s idle poll
   capped at 0.1 s in the SuperNode process (measurement only; never used by
-  ``deploy local``): what that constant costs.
+  ``deploy local``): what that constant costs;
+- **fedrec, fused** (``eval.fused = true``, ``deploy local``'s default since it exists):
+  one exchange per round, round r's evaluation in round r+1's train message; its floor
+  is the bare ClientApp with one exchange per round. A fused run's last round has an
+  evaluate exchange of its own, so the table also gives the steady rounds (2..R−1).
 
     python -m benchmarks.deploy_rounds --rounds 4 --repeats 3
 """
@@ -137,6 +141,7 @@ class Row:
     run_config: dict[str, object] = field(default_factory=dict)
     patch_supernode: bool = False
     repeats: int | None = None  # None: --repeats
+    floor: int = 3  # the row (index in rows()) this one is compared with
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +155,11 @@ class Measurement:
     def per_round(self) -> float:
         """Mean seconds per round, round 1 left out."""
         return statistics.fmean(self.seconds[1:] or self.seconds)
+
+    @property
+    def steady(self) -> float:
+        """Mean seconds of rounds 2..R-1 (neither round 1 nor the last round)."""
+        return statistics.fmean(self.seconds[1:-1] or self.seconds[1:] or self.seconds)
 
 
 class _Deployment(LocalDeployment):
@@ -169,13 +179,16 @@ def rows(slow_repeats: int) -> list[Row]:
     return [
         Row("fedrec, Flower's settings (flwr-clientapp per message)", "fedrec", FLOWER_DEFAULTS,
             repeats=slow_repeats),
-        Row("fedrec, `deploy local` default (persistent ClientApp)", "fedrec", TUNED),
+        Row("fedrec, persistent ClientApp, 2 exchanges per round (eval.fused=false)", "fedrec", TUNED,
+            run_config={"eval.fused": False}),
         Row("bare ClientApp, flwr-clientapp per message", "bare", FLOWER_DEFAULTS, repeats=slow_repeats),
         Row("bare ClientApp, persistent (the floor for fedrec's setup)", "bare", TUNED),
-        Row("bare ClientApp, persistent, 1 exchange per round", "bare", TUNED, run_config={"exchanges": 1},
-            repeats=slow_repeats),
+        Row("bare ClientApp, persistent, 1 exchange per round (the floor of fused rounds)", "bare", TUNED,
+            run_config={"exchanges": 1}),
         Row("bare ClientApp, persistent, SuperNode idle poll 0.1 s (patched)", "bare", TUNED,
             patch_supernode=True, repeats=slow_repeats),
+        Row("fedrec, `deploy local` default (persistent ClientApp, eval.fused=true: 1 exchange per round)",
+            "fedrec", TUNED, run_config={"eval.fused": True}, floor=4),
     ]
 
 
@@ -208,25 +221,28 @@ def measure(row: Row, work: Path, *, silos: int, rounds: int, bare: Path) -> Mea
     return Measurement(tuple(float(r["seconds"]) for r in records), os.getloadavg()[0])
 
 
-def table(results: dict[tuple[int, str], list[Measurement]], silo_counts: list[int], names: list[str]) -> str:
-    """Markdown: per row and silo count, best s/round, rounds/s, ratio to the floor, every run, load."""
-    floor_name = names[3]
+def table(results: dict[tuple[int, str], list[Measurement]], silo_counts: list[int], all_rows: list[Row]) -> str:
+    """Markdown: per row and silo count, best s/round, steady rounds, ratio to its floor, every run, load."""
     lines = [
-        "| setting | SuperNodes | s/round (best) | rounds/s | × floor | runs (s/round) | load |",
-        "|---|---:|---:|---:|---:|---|---|",
+        "| setting | SuperNodes | s/round (best) | rounds 2..R−1 (best) | rounds/s | × floor (row) "
+        "| runs (s/round) | load |",
+        "|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for silos in silo_counts:
-        floor_runs = results.get((silos, floor_name))
-        floor = min(m.per_round for m in floor_runs) if floor_runs else None
-        for name in names:
-            runs = results.get((silos, name))
+        for row in all_rows:
+            runs = results.get((silos, row.name))
             if not runs:
                 continue
+            floor_runs = results.get((silos, all_rows[row.floor].name))
+            floor = min(m.per_round for m in floor_runs) if floor_runs else None
             best = min(m.per_round for m in runs)
-            ratio = f"{best / floor:.2f}" if floor else "–"
+            steady = min(m.steady for m in runs)
+            ratio = f"{best / floor:.2f} ({row.floor})" if floor else "–"
             each = ", ".join(f"{m.per_round:.1f}" for m in runs)
             load = ", ".join(f"{m.load:.1f}" for m in runs)
-            lines.append(f"| {name} | {silos} | {best:.1f} | {1 / best:.3f} | {ratio} | {each} | {load} |")
+            lines.append(
+                f"| {row.name} | {silos} | {best:.1f} | {steady:.1f} | {1 / best:.3f} | {ratio} | {each} | {load} |"
+            )
     return "\n".join(lines)
 
 
@@ -256,7 +272,7 @@ def main(
                     m = measure(row, root / f"{rep}-{n}-{i}", silos=n, rounds=rounds, bare=bare)
                     results.setdefault((n, row.name), []).append(m)
                     print(
-                        f"[{rep}] {n} SuperNodes, {row.name}: {m.per_round:.2f} s/round "
+                        f"[{rep}] {n} SuperNodes, {row.name}: {m.per_round:.2f} s/round, {m.steady:.2f} steady "
                         f"(rounds: {', '.join(f'{s:.2f}' for s in m.seconds)}; load {m.load:.1f})",
                         flush=True,
                     )
@@ -267,11 +283,11 @@ def main(
     print(
         f"TLS + node auth on 127.0.0.1, default fedrec run config (MF), {rounds} rounds per run; "
         f"s/round = the ServerApp's round time, mean of rounds 2..{rounds}, best of the runs listed; "
-        f"× floor = against the bare persistent ClientApp with as many SuperNodes; load = 1-min load "
+        f"× floor = against the row named (a bare persistent ClientApp with as many SuperNodes); load = 1-min load "
         f"average after each run ({os.cpu_count()} CPUs); total {time.perf_counter() - started:.0f} s"
     )
     print()
-    print(table(results, counts, [r.name for r in all_rows]))
+    print(table(results, counts, all_rows))
 
 
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:

@@ -79,7 +79,9 @@ def local(
     try:
         if auth and not tls:
             raise ConfigError("SuperNode authentication needs TLS: drop --insecure or add --no-auth")
-        values = collect_overrides(config, {"num-server-rounds": rounds})
+        # One exchange per round (eval.fused; -c eval.fused=false for two): every exchange costs a
+        # deployment ~3 s of Flower's SuperNode idle poll (docs/deployment.md#round-time).
+        values = collect_overrides(config, {"eval.fused": True, "num-server-rounds": rounds})
         if not print_commands:
             values["run-dir"] = str(run.path)
         run_config = merge_overrides(load_default_run_config(), values)

@@ -230,6 +230,8 @@ class SiloStore:
         content[records.METRICS] = MetricRecord(meta["metrics"])
         if meta.get("privacy") is not None:
             content[records.PRIVACY] = ConfigRecord(meta["privacy"])
+        for key, saved in meta.get("evaluation", {}).items():  # eval.fused: the evaluation it carried
+            content[key] = MetricRecord(saved["values"]) if saved["kind"] == "metric" else ConfigRecord(saved["values"])
         return content
 
     # ------------------------------------------------------------ writing
@@ -243,6 +245,11 @@ class SiloStore:
                 "round": server_round,
                 "metrics": dict(reply.metric_records[records.METRICS]),
                 "privacy": None if privacy is None else dict(privacy),
+                "evaluation": {
+                    key: {"kind": "metric" if isinstance(rec, MetricRecord) else "config", "values": dict(rec)}
+                    for key, rec in reply.items()
+                    if key.startswith(records.EVALUATION_PREFIX)
+                },
             },
         )
         self.save_state(state)

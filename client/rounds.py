@@ -7,6 +7,7 @@ and ``RecordDict`` but knows nothing of how messages travel.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Mapping
@@ -52,13 +53,19 @@ def open_session(content: RecordDict, context: Context) -> Session:
     return Session(cfg, node, context, config, data, model, store)
 
 
-def train(session: Session) -> RecordDict:
+def train(session: Session, evaluate_config: ConfigRecord | None = None) -> RecordDict:
     """Train the silo's users on the shared model; the reply holds shared params only.
 
     Under local DP the silo first checks its budget: a round that would take its ε
     above ``privacy.local.target-epsilon`` is declined with a normal reply that says
     so. A round this silo already trained (the server resumed) is answered with the
     saved reply, never retrained.
+
+    ``evaluate_config`` (``eval.fused``: the server's evaluate instructions for the
+    received model, the global model of the previous round): the silo first
+    evaluates that model exactly as an evaluate message would, then trains; the
+    evaluation reply's records travel in the training reply under
+    ``records.EVALUATION_PREFIX`` (and are saved with it, so a repeat resends them).
     """
     if session.cfg.privacy.mode == "distributed":  # per-user deltas into a secure sum: no arrays in the reply
         from client import distributed
@@ -67,6 +74,7 @@ def train(session: Session) -> RecordDict:
     store = session.store
     if store is not None and session.server_round <= store.last_round():
         return _repeat(session, store)
+    evaluation = None if evaluate_config is None else _fused_evaluation(session, evaluate_config)
     if session.cfg.personalize.enabled and session.cfg.personalize.method == "ditto":
         from client import personalize  # the personal model: trained on a copy, kept in the silo, never sent
 
@@ -74,6 +82,8 @@ def train(session: Session) -> RecordDict:
         personalize.train(session.model, session.cfg, session.data, session.partition_id, session.server_round,
                           session.context.state, where)
     content = _private_round(session) if session.cfg.privacy.is_local else _plain_round(session)
+    for key, record in (evaluation or {}).items():
+        content[records.EVALUATION_PREFIX + key] = record
     if store is not None and records.ARRAYS in content.array_records:
         store.save_round(session.server_round, content, session.context.state)
     elif store is not None:
@@ -101,6 +111,13 @@ def evaluate(session: Session) -> RecordDict:
     assert isinstance(users, (int, float))
     metrics = MetricRecord({records.NUM_EXAMPLES: int(users), **sums})
     return RecordDict({records.METRICS: metrics})
+
+
+def _fused_evaluation(session: Session, evaluate_config: ConfigRecord) -> RecordDict:
+    """The evaluate message's reply for ``evaluate_config`` (its round, its ledger counts)."""
+    content = evaluate(dataclasses.replace(session, config=evaluate_config))
+    session.model.cpu().train()  # as a freshly built model: evaluation leaves it in eval mode
+    return content
 
 
 def _private_evaluation(session: Session, sums: dict[str, Any]) -> RecordDict:

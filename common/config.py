@@ -113,6 +113,7 @@ class EvalSettings:
     every: int
     memory_mb: float  # working-memory budget of scoring (common.evaluation.EvalProtocol)
     val_users: int  # validation on a fixed random subset of at most this many users per silo (0 = all)
+    fused: bool  # one exchange per round: the next train message also evaluates (server.loop.run_rounds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,6 +401,7 @@ class AppConfig:
                 every=r.int("eval.every", lo=1),
                 memory_mb=r.float("eval.memory-mb", lo=0.0, lo_open=True),
                 val_users=r.int("eval.val-users", lo=0),
+                fused=r.bool("eval.fused"),
             ),
             strategy=StrategySettings(
                 fraction_train=r.float("strategy.fraction-train", lo=0.0, hi=1.0, lo_open=True),

@@ -115,7 +115,8 @@ def run_federation(grid: Grid, run_config: Mapping[str, Scalar]) -> Path:
     recorder = RunRecorder(run_dir)
     if cfg.resume:
         point = recorder.resume(run_config)
-        arrays, first_round = point.arrays, point.last_round + 1
+        pending = point.pending  # eval.fused: trained, its evaluation still to come
+        arrays, first_round = point.arrays, (point.last_round if pending is None else pending.server_round) + 1
         initial = load_arrays(run_dir.initial_model)
         log(INFO, "fedrec resumes %s after round %d", run_dir.path, point.last_round)
     else:
@@ -124,11 +125,12 @@ def run_federation(grid: Grid, run_config: Mapping[str, Scalar]) -> Path:
         num_items = catalogue_size(cfg) + cfg.audit.canaries
         initial = arrays = initial_shared_arrays(cfg, num_items)
         save_arrays(run_dir.initial_model, initial)
-        first_round = 1
+        first_round, pending = 1, None
         log(INFO, "fedrec run directory: %s", run_dir.path)
     assert recorder.ledgers is not None  # set by start() and resume()
     strategy = build_strategy(cfg, recorder.ledgers, cfg.resume)
     final = arrays
+    fused = cfg.eval.fused and cfg.privacy.mode != "distributed"  # distributed DP: its own phases
     if first_round <= cfg.num_server_rounds and not strategy.stop_reason:
         final = run_rounds(
             strategy,
@@ -141,6 +143,9 @@ def run_federation(grid: Grid, run_config: Mapping[str, Scalar]) -> Path:
             on_round_end=recorder.record_round,
             on_release=recorder.record_release,
             privacy_mode=cfg.privacy.mode,
+            fused=fused,
+            on_trained=recorder.record_trained,
+            pending=pending,
             config=ConfigRecord({records.RUN_UID: recorder.run_uid, records.RUN_DIR: str(run_dir.path)}),
         )
     if isinstance(strategy, ClientLevelDP) and strategy.canaries is not None:

@@ -8,11 +8,14 @@ needs to checkpoint after every round, count traffic, evaluate every N rounds an
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from logging import INFO
+from typing import cast
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
 from flwr.supercore import log
 
 from common import records
@@ -20,7 +23,7 @@ from common.privacy import release
 from common.privacy.events import PrivacyRelease
 from common.round_record import RoundRecord
 from server.metered_grid import MeteredGrid
-from server.protocol import FedrecStrategy
+from server.protocol import FedrecStrategy, RoundEvents
 
 
 def run_rounds(
@@ -36,6 +39,9 @@ def run_rounds(
     on_release: Callable[[PrivacyRelease], None],
     config: ConfigRecord | None = None,
     privacy_mode: str = "none",
+    fused: bool = False,
+    on_trained: Callable[[RoundRecord, ArrayRecord], None] | None = None,
+    pending: RoundRecord | None = None,
 ) -> ArrayRecord:
     """Run rounds ``first_round..last_round``; return the final shared arrays.
 
@@ -44,29 +50,52 @@ def run_rounds(
     next round starts), redacted by the release policy of ``privacy_mode``
     (:func:`common.privacy.release.redact_round`). ``on_release`` receives the server's own privacy release
     (central DP) as soon as it is made, before the new model is sent anywhere.
+
+    ``fused`` (run config ``eval.fused``): one exchange per round. A round whose
+    model is to be evaluated (and that is not the last) is not evaluated at once: the
+    next round's train message asks each silo to evaluate the arrays it carries (this
+    round's model) before training, and the reply carries both. The round's record
+    then waits for that evaluation: ``on_trained`` receives it without evaluation
+    together with the arrays (checkpoint and pending record, written before the next
+    message is sent), ``on_round_end`` the complete record once the evaluation is in,
+    before the next round's updates are aggregated. A round's ``seconds`` and bytes are
+    those of its own exchange (which also carried the previous round's evaluation);
+    nodes that did not answer it count as missing in both rounds. ``pending`` is such a
+    round of a resumed run (trained and checkpointed, not yet evaluated): ``arrays``
+    are its model and ``first_round`` the round after it. The last round, and a round
+    after which the run stops, are evaluated by an evaluate exchange of their own.
     """
     base = config or ConfigRecord()
     for server_round in range(first_round, last_round + 1):
         start = time.perf_counter()
+        evaluation = _configure_evaluate(strategy, pending, arrays, base, grid)
         instructions = list(strategy.configure_train(server_round, arrays, ConfigRecord(dict(base)), grid))  # type: ignore[arg-type]
         if strategy.stop_reason:
             log(INFO, "fedrec stops before round %d: %s", server_round, strategy.stop_reason)
-            break
-        replies = grid.send_and_receive(instructions, timeout=timeout)
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+            if pending is not None:
+                _finish(pending, _evaluate(strategy, grid, pending.server_round, evaluation, timeout),
+                        grid.reset().missing_nodes, arrays, last_round, privacy_mode, on_round_end)
+            return arrays
+        replies = list(grid.send_and_receive(fuse(instructions, evaluation), timeout=timeout))
+        if pending is not None:
+            train_replies, eval_replies = split(replies, evaluation)
+            _finish(pending, _aggregate_evaluate(strategy, pending.server_round, eval_replies),
+                    _unanswered(evaluation, replies), arrays, last_round, privacy_mode, on_round_end)
+            pending = None
+        else:
+            train_replies = replies
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, train_replies)
         if new_arrays is not None:
             arrays = new_arrays
         events = strategy.take_events()
         if events.central is not None:
             on_release(events.central)
         eval_metrics: MetricRecord | None = None
-        if server_round % evaluate_every == 0 or server_round == last_round:
-            eval_replies = grid.send_and_receive(
-                strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(base)), grid),  # type: ignore[arg-type]
-                timeout=timeout,
-            )
-            eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
-            evaluated = strategy.take_events()
+        due = server_round % evaluate_every == 0 or server_round == last_round
+        defer = fused and due and server_round < last_round and not strategy.stop_reason
+        if due and not defer:
+            instructions = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(base)), grid))  # type: ignore[arg-type]
+            eval_metrics, evaluated = _evaluate(strategy, grid, server_round, instructions, timeout)
             events.rejected += evaluated.rejected  # evaluation replies that were rejected
             events.privacy += evaluated.privacy  # noisy evaluations' releases
         traffic = grid.reset()
@@ -85,14 +114,158 @@ def run_rounds(
             silos=tuple(events.silos),
         )
         record = release.redact_round(record, privacy_mode)
+        if defer:
+            pending = record
+            if on_trained is not None:
+                on_trained(record, arrays)
+            log(INFO, "fedrec round %d/%d trained; its evaluation travels with round %d", server_round,
+                last_round, server_round + 1)
+            continue
+        _log_round(record, last_round)
         on_round_end(record, arrays)
-        log(INFO, "fedrec %s", progress_line(record, last_round))
-        for line in privacy_lines(record):
-            log(INFO, "fedrec   %s", line)
         if strategy.stop_reason:
             log(INFO, "fedrec stops after round %d: %s", server_round, strategy.stop_reason)
             break
     return arrays
+
+
+def fuse(instructions: list[Message], evaluation: list[Message]) -> list[Message]:
+    """One message per node: a train message that also carries its node's evaluate instructions.
+
+    A node's evaluate instructions join its train message (as ``records.EVALUATE_CONFIG``)
+    when both carry the same arrays; otherwise, and for a node sampled for only one of
+    the two, its message goes as it is.
+    """
+    if not evaluation:
+        return instructions
+    by_node = {m.metadata.dst_node_id: m for m in evaluation}
+    out = []
+    for msg in instructions:
+        ev = by_node.get(msg.metadata.dst_node_id)
+        if ev is None or not _same_arrays(ev.content, msg.content):
+            out.append(msg)
+            continue
+        del by_node[msg.metadata.dst_node_id]
+        content = RecordDict(dict(msg.content))
+        content[records.EVALUATE_CONFIG] = ev.content.config_records[records.CONFIG]
+        out.append(
+            Message(content, dst_node_id=msg.metadata.dst_node_id, message_type=msg.metadata.message_type,
+                    group_id=msg.metadata.group_id, ttl=msg.metadata.ttl)
+        )
+    return out + list(by_node.values())
+
+
+def _same_arrays(a: RecordDict, b: RecordDict) -> bool:
+    x, y = a.array_records.get(records.ARRAYS), b.array_records.get(records.ARRAYS)
+    if x is None or y is None:
+        return False
+    return x is y or (
+        list(x) == list(y)
+        and all((x[k].dtype, x[k].shape, x[k].data) == (y[k].dtype, y[k].shape, y[k].data) for k in x)
+    )
+
+
+def split(replies: list[Message], evaluation: list[Message]) -> tuple[list[Message], list[Message]]:
+    """The training replies and the evaluation replies of a fused exchange.
+
+    A train reply of a node that was also asked to evaluate gives up its
+    ``records.EVALUATION_PREFIX`` records, which become that node's evaluation reply
+    (with no such records: an evaluation reply without metrics, rejected as such); a
+    node not asked loses them (a resent saved reply of a round evaluated since); an
+    error reply counts as both; an evaluate reply is an evaluation reply. The evaluation
+    replies come in the order of the evaluate instructions (as an evaluate exchange's
+    replies do in process): the server adds their sums in that order.
+    """
+    asked = {m.metadata.dst_node_id for m in evaluation}
+    train, evaluated = [], []
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        if msg.metadata.message_type == MessageType.EVALUATE:
+            evaluated.append(msg)
+            continue
+        train.append(msg)
+        if msg.has_error():
+            if node in asked:
+                evaluated.append(msg)
+            continue
+        keys = [k for k in msg.content if k.startswith(records.EVALUATION_PREFIX)]
+        part = RecordDict({k.removeprefix(records.EVALUATION_PREFIX): msg.content[k] for k in keys})
+        for k in keys:
+            del msg.content[k]
+        if node in asked:
+            evaluated.append(cast(Message, _EvaluationPart(msg.metadata, part)))
+    order = {m.metadata.dst_node_id: i for i, m in enumerate(evaluation)}  # the evaluate instructions' order
+    evaluated.sort(key=lambda m: order.get(m.metadata.src_node_id, len(order)))
+    return train, evaluated
+
+
+@dataclass(frozen=True, slots=True)
+class _EvaluationPart:
+    """The evaluation reply inside a fused train reply, as the strategy reads a reply."""
+
+    metadata: Metadata
+    content: RecordDict
+    error: Error | None = None
+
+    def has_error(self) -> bool:
+        return False
+
+
+def _configure_evaluate(
+    strategy: FedrecStrategy, pending: RoundRecord | None, arrays: ArrayRecord, base: ConfigRecord, grid: MeteredGrid
+) -> list[Message]:
+    if pending is None:
+        return []
+    return list(strategy.configure_evaluate(pending.server_round, arrays, ConfigRecord(dict(base)), grid))  # type: ignore[arg-type]
+
+
+def _evaluate(
+    strategy: FedrecStrategy, grid: MeteredGrid, server_round: int, instructions: list[Message], timeout: float
+) -> tuple[MetricRecord | None, RoundEvents]:
+    """An evaluate exchange of its own; the aggregate and the events it made."""
+    replies = grid.send_and_receive(instructions, timeout=timeout)
+    return _aggregate_evaluate(strategy, server_round, list(replies))
+
+
+def _aggregate_evaluate(
+    strategy: FedrecStrategy, server_round: int, replies: list[Message]
+) -> tuple[MetricRecord | None, RoundEvents]:
+    metrics = strategy.aggregate_evaluate(server_round, replies)
+    return metrics, strategy.take_events()
+
+
+def _unanswered(evaluation: list[Message], replies: list[Message]) -> tuple[int, ...]:
+    answered = {r.metadata.src_node_id for r in replies}
+    return tuple(sorted({m.metadata.dst_node_id for m in evaluation} - answered))
+
+
+def _finish(
+    pending: RoundRecord,
+    evaluated: tuple[MetricRecord | None, RoundEvents],
+    missing: tuple[int, ...],
+    arrays: ArrayRecord,
+    last_round: int,
+    privacy_mode: str,
+    on_round_end: Callable[[RoundRecord, ArrayRecord], None],
+) -> None:
+    """Complete a round whose evaluation came with the next exchange; record it."""
+    metrics, events = evaluated
+    record = dataclasses.replace(
+        pending,
+        evaluate=dict(metrics or {}),  # type: ignore[arg-type]
+        missing_nodes=tuple(sorted({*pending.missing_nodes, *missing})),
+        rejected=(*pending.rejected, *events.rejected),
+        privacy=(*pending.privacy, *events.privacy),
+    )
+    record = release.redact_round(record, privacy_mode)
+    _log_round(record, last_round)
+    on_round_end(record, arrays)
+
+
+def _log_round(record: RoundRecord, last_round: int) -> None:
+    log(INFO, "fedrec %s", progress_line(record, last_round))
+    for line in privacy_lines(record):
+        log(INFO, "fedrec   %s", line)
 
 
 def progress_line(record: RoundRecord, last_round: int) -> str:

@@ -25,6 +25,8 @@ from server.report import render_privacy, render_report
 
 # Settings a resumed run may change; every other one must equal the original run's.
 RESUME_FREE_KEYS = frozenset({"resume", "num-server-rounds", "run-dir", "state-root"})
+# eval.fused: a round trained and checkpointed whose evaluation comes with the next round's message.
+PENDING_ROUND = "pending-round.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +35,8 @@ class ResumePoint:
 
     run_uid: str
     last_round: int
-    arrays: ArrayRecord
+    arrays: ArrayRecord  # the model after ``last_round``, or after ``pending`` when there is one
+    pending: RoundRecord | None = None  # eval.fused: the next round, trained and checkpointed, not evaluated
 
 
 def _load_checkpoint(path: Path, like: ArrayRecord | None) -> ArrayRecord:
@@ -112,9 +115,32 @@ class RunRecorder:
             raise ConfigError(f"resume: settings differ from the run in {self.run_dir.path}: {diffs}")
         last = self.rounds[-1].server_round if self.rounds else 0
         initial = _load_checkpoint(self.run_dir.initial_model, None)
-        arrays = _load_checkpoint(self.run_dir.checkpoint(last), initial) if last else initial
+        pending = self._pending(last)
+        at = pending.server_round if pending is not None else last
+        arrays = _load_checkpoint(self.run_dir.checkpoint(at), initial) if at else initial
         self.ledgers = RunLedgers(self.run_dir)
-        return ResumePoint(self.run_uid, last, arrays)
+        return ResumePoint(self.run_uid, last, arrays, pending)
+
+    def _pending(self, last: int) -> RoundRecord | None:
+        """The round after ``last`` if it was trained and checkpointed awaiting its evaluation (eval.fused)."""
+        path = self.run_dir.path / PENDING_ROUND
+        if not path.exists():
+            return None
+        try:
+            record = RoundRecord.from_json(json.loads(path.read_text()))
+        except (OSError, KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"resume: {path} is unreadable ({type(exc).__name__}: {exc})") from None
+        return record if record.server_round == last + 1 else None  # an older one was completed
+
+    def record_trained(self, record: RoundRecord, arrays: ArrayRecord) -> None:
+        """eval.fused: a round trained whose evaluation comes with the next message; checkpoint it.
+
+        The checkpoint, then the pending record (atomically); resume continues after
+        this round, sending its evaluation with the next round's training. The round
+        is complete (ledger commit, ``metrics.jsonl`` line) only in :meth:`record_round`.
+        """
+        save_arrays(self.run_dir.checkpoint(record.server_round), arrays)
+        atomic_write_json(self.run_dir.path / PENDING_ROUND, record.to_json())
 
     def record_release(self, release: PrivacyRelease) -> None:
         """Write one of the server's releases (central DP) to its ledger at once.
