@@ -30,6 +30,7 @@ def audit(
     """
     from common.privacy.audit import EXIT_CODES, AuditInputError, audit_run
     from common.privacy.audit_report import write_audit
+    from common.privacy.replay import dropout_text
 
     # Wide enough for the ε table when output is not a terminal (logs, CI).
     console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 150)
@@ -53,6 +54,9 @@ def audit(
             f"{led.no_amplification:.3g}", f"{led.target_epsilon:g}" if led.target_epsilon else "-",
         )
     console.print(table)
+    for led in result.ledgers:
+        for d in led.dropouts:  # distributed DP: a secure sum that missed silos (what its noise still gives)
+            console.print(f"{led.owner}: {dropout_text(d)}")
     emp = result.empirical or {}
     if "one-run" in emp:
         one = emp["one-run"]

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from flwr.app import Message
 from flwr.supercore import log
 
-from common.secagg import wire
+from common.secagg import DROPOUT_EVENT, wire
 from common.secagg.protocol import (
     COLLECT,
     SETUP,
@@ -114,8 +114,8 @@ def _exchange(
     return replies
 
 
-DROPOUT_EVENT = "secure-sum-dropout"
-"""Kind of the server-ledger event written before a release whose secure sum misses silos."""
+__all__ = ["DROPOUT_EVENT", "NOT_STAGED", "dropout_event", "missing_stages", "secure_sum"]
+
 NOT_STAGED = "train"
 """The stage named for a silo that never entered the secure sum (no vector staged: failed or silent)."""
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from common.privacy.audit import AuditResult
-from common.privacy.replay import LedgerAudit
+from common.privacy.replay import LedgerAudit, dropout_text
 from common.privacy.statement import ranges, run_releases, statements
 from common.rundir import RunDir
 
@@ -217,6 +217,8 @@ def _ledger_body(led: LedgerAudit) -> list[str]:
             f"\nBudget: declined round {d['round']} (line {d['line']}): ε {_f(d['epsilon'])} would have "
             f"become {_f(d['epsilon-if-trained'])} > budget {d['target-epsilon']:g}."
         )
+    for d in led.dropouts:
+        out.append(f"\n{dropout_text(d, capital=True)}.")
     return [*out, ""]
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from common.privacy.accounting import Accountant, epsilon, epsilon_delta_curve, merged
 from common.privacy.events import MECHANISM, RELEASE_KINDS, SAMPLING, MechanismUse, PrivacyRelease, ReleaseError
 from common.privacy.ledger import Chain
+from common.secagg import DROPOUT_EVENT
 
 # Replayed ε must equal the claimed ε to this precision (same accountant, same events).
 EPS_TOLERANCE = 1e-6
@@ -75,6 +76,7 @@ class LedgerAudit:
     mechanisms: list[dict[str, Any]] = field(default_factory=list)  # distinct (σ, q, C)
     trajectory: list[RoundEpsilon] = field(default_factory=list)
     declines: list[dict[str, Any]] = field(default_factory=list)
+    dropouts: list[dict[str, Any]] = field(default_factory=list)  # secure sums that missed silos (distributed DP)
     final_pld: float = 0.0
     final_rdp: float = 0.0
     final_prv: float | None = None
@@ -82,6 +84,16 @@ class LedgerAudit:
     no_amplification: float = 0.0
     epsilon_delta_curve: list[tuple[float, float]] = field(default_factory=list)
     total_steps: int = 0
+
+
+def dropout_text(dropout: Mapping[str, Any], *, capital: bool = False) -> str:
+    """One line for a :data:`~common.secagg.DROPOUT_EVENT` of :attr:`LedgerAudit.dropouts`."""
+    missing = ", ".join(f"{m.get('silo', 'node')} (node {m.get('node')}) at {m.get('stage')}"
+                        for m in dropout["missing"])  # fmt: skip
+    return (
+        f"{'S' if capital else 's'}ecure sum of round {dropout['round']} (line {dropout['line']}) without {missing}: "
+        f"{dropout['noise']}"
+    )
 
 
 # ---------------------------------------------------------------- replay
@@ -94,6 +106,10 @@ def replay(
     mechanisms: dict[tuple[float, float, float], dict[str, Any]] = {}
     round_end: dict[int, tuple[int, float]] = {}
     for entry in chain.entries:
+        if entry.event["kind"] == DROPOUT_EVENT:
+            event = entry.event
+            audit.dropouts.append({"round": event["round"], "line": entry.seq + 1, "missing": event.get("missing", []),
+                                   "noise": event.get("noise", "")})  # fmt: skip
         if entry.event["kind"] not in RELEASE_KINDS:
             continue
         rnd, line = int(entry.event["round"]), entry.seq + 1

@@ -11,6 +11,10 @@ from typing import Any
 
 from common.errors import ConfigError
 
+DROPOUT_EVENT = "secure-sum-dropout"
+"""Kind of the server-ledger event naming the silos missing from a released secure sum and what its
+noise still guarantees (:func:`server.secagg.dropout_event`); not a release: replays skip it."""
+
 
 def check_compatible(settings: Any, *, secure_aggregation: bool | None = None) -> None:
     """Refuse a config that combines secure aggregation with anything that reads single silos' updates.

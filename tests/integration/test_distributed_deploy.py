@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 from dp_accounting import pld
 from flwr.app import Message
+from typer.testing import CliRunner
 
+from cli.main import app as cli_app
 from client.app import app as client_app
 from client.secagg import TEST_HOOK_ENV
 from common.privacy import distributed as dd
@@ -31,6 +33,7 @@ from common.secagg import vectors, wire
 from common.storage import load_arrays
 from deployment.launcher import flower_bin
 from deployment.local import LocalDeployment
+from deployment.processes import processes_using
 from server.federation import run_federation
 from server.secagg import DROPOUT_EVENT
 from tests.fakes import LocalGrid
@@ -119,7 +122,16 @@ def test_a_silo_lost_at_collect_is_named_in_the_ledger_before_the_release(tmp_pa
     (record,) = RunDir(run_dir).read_rounds()
     assert (SILOS, "not in the secure sum of distributed-dp-fedavg: lost at collect") in record.rejected
     assert record.train["silos"] == SILOS - 1
-    assert not audit_run(run_dir, empirical=False).problems
+    audit = audit_run(run_dir, empirical=False)
+    assert not audit.problems
+    (server,) = [led for led in audit.ledgers if led.owner == "server"]
+    assert server.dropouts == [{"round": 1, "line": 1, "missing": dropout["missing"], "noise": dropout["noise"]}]
+    result = CliRunner().invoke(cli_app, ["audit", str(run_dir), "--no-empirical"])
+    assert result.exit_code == 0, result.output
+    assert "server: secure sum of round 1 (line 1) without silo-2 (node 3) at collect: 1 of 3 silos'" in " ".join(
+        result.output.split()
+    )
+    assert "Secure sum of round 1 (line 1) without silo-2 (node 3) at collect" in (run_dir / "audit.md").read_text()
 
 
 # ---------------------------------------------------------------- real processes
@@ -150,6 +162,9 @@ def test_a_supernode_killed_inside_the_secure_sum_leaves_the_survivors_sum_and_t
         waited = time.monotonic() - killed_at
         output = "".join(app.lines)
         node_ids = dep.node_ids
+        addresses = [dep.address, *(n.runtime_address for n in dep.supernodes.values())]
+    # Every process we started is gone (SuperLink, ServerApp, SuperNodes, ClientApp hosts, workers).
+    assert [pid for a in addresses for pid in processes_using(a)] == []
     assert "fedrec round 2/2" in output, output[-3000:]
     assert waited < 4 * timeout  # collect and the final evaluation each wait at most `timeout` for it
 
