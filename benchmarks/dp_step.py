@@ -261,7 +261,7 @@ def _make_step(cell: Cell, model: Recommender, labels: Tensor) -> Callable[[Tens
             from common.models import closed_form_row_gradients
 
             def closed_form_step(users: Tensor, items: Tensor) -> None:
-                with closed_form_row_gradients():
+                with closed_form_row_gradients(model):
                     plain_step(users, items)
 
             return closed_form_step

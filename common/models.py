@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from contextvars import ContextVar
 from typing import Any, Literal
 
 import torch
@@ -19,22 +18,21 @@ PRIVATE_PREFIX = "user_"
 ModelName = Literal["mf", "neumf", "hybrid-mf"]
 
 
-_CLOSED_FORM_ROW_GRADIENTS: ContextVar[bool] = ContextVar("closed_form_row_gradients", default=False)
-
-
 @contextmanager
-def closed_form_row_gradients() -> Iterator[None]:
-    """Within this block, MF's scores back-propagate through :class:`RowDot` (see :func:`row_dot`).
+def closed_form_row_gradients(model: nn.Module) -> Iterator[None]:
+    """Within this block, ``model``'s MF score back-propagates through :class:`RowDot`.
 
     The DP-SGD engine (:mod:`common.privacy.dpsgd`) turns it on around its forward
     pass; the gradients are the same (the exact vector-Jacobian product of the
-    score), only computed without batched matrix products.
+    score), only computed without batched matrix products. Models without an MF
+    score (NeuMF) are unaffected.
     """
-    token = _CLOSED_FORM_ROW_GRADIENTS.set(True)
+    previous = getattr(model, "closed_form", False)
+    setattr(model, "closed_form", True)  # noqa: B010 (nn.Module's typed __setattr__ takes tensors and modules)
     try:
         yield
     finally:
-        _CLOSED_FORM_ROW_GRADIENTS.reset(token)
+        setattr(model, "closed_form", previous)  # noqa: B010
 
 
 # Up to this many items per sample, RowDot's ∂L/∂p is summed read by read.
@@ -79,14 +77,13 @@ class RowDot(torch.autograd.Function):
         return grad_p, grad_q
 
 
-def row_dot(p: Tensor, q: Tensor) -> Tensor:
+def row_dot(p: Tensor, q: Tensor, *, closed_form: bool = False) -> Tensor:
     """Scores (B, T): ``<p[b], q[b, t]>`` for ``p`` (B, D), ``q`` (B, T, D).
 
-    Inside :func:`closed_form_row_gradients` (and with gradients on) through
-    :class:`RowDot`; otherwise plain ``einsum``, whose autograd backward is the
-    reference the closed form is tested against.
+    With ``closed_form`` (and gradients on) through :class:`RowDot`; otherwise plain
+    ``einsum``, whose autograd backward is the reference the closed form is tested against.
     """
-    if _CLOSED_FORM_ROW_GRADIENTS.get() and torch.is_grad_enabled():
+    if closed_form and torch.is_grad_enabled():
         out: Tensor = RowDot.apply(p, q)
         return out
     return torch.einsum("bd,btd->bt", p, q)
@@ -134,6 +131,7 @@ class MF(nn.Module):
     user_tables = ("user_embedding", "user_bias")
     item_tables = ("item_embedding", "item_bias")
     l2_tables = ("user_embedding", "item_embedding")
+    closed_form = False  # score back-propagates through RowDot (see closed_form_row_gradients)
 
     def forward(self, users: Tensor, items: Tensor) -> Tensor:
         """Score ``items`` (B, T) for ``users`` (B,); returns logits (B, T)."""
@@ -141,7 +139,7 @@ class MF(nn.Module):
 
     def score_rows(self, rows: dict[str, Tensor]) -> Tensor:
         """Logits (B, T) from looked-up rows: user tables (B, D), item tables (B, T, D)."""
-        dot = row_dot(rows["user_embedding"], rows["item_embedding"])
+        dot = row_dot(rows["user_embedding"], rows["item_embedding"], closed_form=self.closed_form)
         bias = rows["user_bias"] + rows["item_bias"].squeeze(-1)  # (B, T)
         return self.global_bias(dot + bias)
 

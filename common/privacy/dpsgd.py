@@ -37,7 +37,6 @@ leave the silo, and they are updated with their own learning rate.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
 from collections.abc import Callable, Iterable
@@ -382,7 +381,7 @@ class SparseDPSGD:
         self._captured.clear()
         self._capturing = True
         try:
-            with closed_form_row_gradients() if self.closed_form else contextlib.nullcontext():
+            with closed_form_row_gradients(self.model) if self.closed_form else contextlib.nullcontext():
                 losses = per_sample_loss(rows)
             if losses.shape != (batch,):
                 raise ValueError(f"per-sample loss must have shape ({batch},), got {tuple(losses.shape)}")
@@ -557,19 +556,12 @@ _MARK_MAX_RATIO = 16
 _GRAM_MAX_READS = 32
 
 
-@functools.lru_cache(maxsize=64)
-def _read_pairs(reads: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The positions (t, s), t < s, of every two of ``reads`` reads, in row-major order."""
-    first, second = torch.triu_indices(reads, reads, offset=1, device=device)
-    return first, second
-
-
 def _repeated_read_pairs(ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(sample, t, s) with t < s for every two reads of the same row within a sample.
 
     Compares only the T·(T − 1)/2 pairs t < s (not all T²); sorted by (sample, t, s).
     """
-    first, second = _read_pairs(ids.shape[1], ids.device)
+    first, second = torch.triu_indices(ids.shape[1], ids.shape[1], offset=1, device=ids.device)
     same = ids[:, first] == ids[:, second]  # (B, pairs)
     if not bool(same.any()):
         empty = torch.zeros(0, dtype=torch.long, device=ids.device)

@@ -69,17 +69,34 @@ def test_row_dot_gradients_are_the_einsum_gradients(reads: int) -> None:
 
 
 def test_row_dot_is_used_only_inside_the_block_and_with_gradients_on() -> None:
-    p, q = torch.randn(3, 4, requires_grad=True), torch.randn(3, 2, 4, requires_grad=True)
-    outside = row_dot(p, q)
-    with closed_form_row_gradients():
-        inside = row_dot(p, q)
+    model = _model("mf")
+    rows = lookup_rows(model, torch.tensor([0, 3]), torch.tensor([[1, 2, 2], [4, 5, 6]]))
+    outside = model.score_rows(rows)
+    with closed_form_row_gradients(model):
+        inside = model.score_rows(rows)
         with torch.no_grad():
-            untracked = row_dot(p, q)
-    assert type(inside.grad_fn).__name__ == "RowDotBackward"
-    assert "RowDot" not in type(outside.grad_fn).__name__
-    assert untracked.grad_fn is None
+            untracked = model.score_rows(rows)
+    after = model.score_rows(rows)
+    names = [type(fn).__name__ for fn in _graph(inside)]
+    assert "RowDotBackward" in names
+    assert all("RowDot" not in type(fn).__name__ for x in (outside, after) for fn in _graph(x))
+    assert untracked.grad_fn is None and model.closed_form is False  # the block was left
     assert torch.equal(inside, outside) and torch.equal(untracked, outside)  # the same forward values
-    assert type(row_dot(p, q).grad_fn).__name__ != "RowDotBackward"  # the block was left
+    p, q = torch.randn(3, 4, requires_grad=True), torch.randn(3, 2, 4, requires_grad=True)
+    assert type(row_dot(p, q, closed_form=True).grad_fn).__name__ == "RowDotBackward"
+    assert "RowDot" not in type(row_dot(p, q).grad_fn).__name__
+
+
+def _graph(out: Tensor) -> list:
+    """Every autograd node behind ``out``."""
+    seen, todo = [], [out.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.append(fn)
+        todo += [child for child, _ in fn.next_functions]
+    return seen
 
 
 # ----------------------------------------------------------------- closed form == autograd
