@@ -663,6 +663,11 @@ def _check_distributed(cfg: AppConfig) -> None:
             f"model.name: distributed DP computes each sampled user's delta of MF's item tables; "
             f"model.name {cfg.model.name!r} is not supported with privacy.mode = distributed (use \"mf\")"
         )
+    if dist.item_step_kappa > 0 and not dist.popularity:
+        raise ConfigError(
+            "privacy.distributed.item-step-kappa: weights each item's step by its released DP popularity count; "
+            "it needs privacy.distributed.popularity = true (or item-step-kappa = 0)"
+        )
     if cfg.strategy.fraction_train != 1.0:
         raise ConfigError(
             "strategy.fraction-train: distributed DP samples users in every silo itself "

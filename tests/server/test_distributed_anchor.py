@@ -139,3 +139,10 @@ def test_a_silos_view_of_a_distributed_release_names_the_union_roster(kind):
     )  # fmt: skip
     assert rel.neighbouring == UNION_NEIGHBOURING
     assert "union roster" in rel.to_json()["neighbouring"] and "in one silo" not in rel.to_json()["neighbouring"]
+
+
+def test_item_step_kappa_without_the_histogram_is_refused():
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="item-step-kappa.*popularity = true"):
+        settings(**{"privacy.distributed.item-step-kappa": 1.0, "privacy.distributed.popularity": False})
