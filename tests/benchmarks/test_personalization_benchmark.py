@@ -37,3 +37,20 @@ def test_js_divergence_by_hand():
     assert js_divergence(np.array([0.3, 0.7]), np.array([0.3, 0.7])) == 0.0
     expected = 0.5 * math.log(4 / 3) + 0.5 * (0.5 * math.log(2 / 3) + 0.5 * math.log(2))
     assert math.isclose(js_divergence(np.array([1.0, 0.0]), np.array([0.5, 0.5])), expected)
+
+
+def test_table_reports_personalized_at_the_globals_round_and_its_own_round_beside():
+    from benchmarks.personalization import table
+
+    # Global best round 20 (test 0.6352); the kept copies at round 20 score 0.6405; the round with the
+    # best personalized validation, 16, scores 0.6172.
+    result = {
+        "global": (20, 0.6840, 0.6352, 0.3685),
+        "paired": (20, 0.6872, 0.6405, 0.3754),
+        "personalized": (16, 0.6900, 0.6172, 0.3568),
+    }
+    lines = table([("dirichlet-0.5", "(fixed)", result)])
+    assert lines[2] == "| dirichlet-0.5 | (fixed) | global | 20 | 0.6840 | 0.6352 | 0.3685 | | |"
+    assert lines[3] == (
+        "| dirichlet-0.5 | (fixed) | personalized | 20 | 0.6872 | 0.6405 | 0.3754 | +0.0053 | 16, 0.6172 (-0.0180) |"
+    )
