@@ -242,8 +242,9 @@ def silo_evaluation_section(pooled: Mapping[int, Mapping[str, float]], k: int) -
         return []
     cols = [
         ("model val", f"val-hr@{k}"), ("model test", f"test-hr@{k}"),
-        ("DP popularity val", f"{DP_POPULARITY}val-hr@{k}"), ("DP popularity test", f"{DP_POPULARITY}test-hr@{k}"),
-        ("popularity test (silo's own counts, not private)", f"{POPULARITY}test-hr@{k}"),
+        ("DP popularity (this run's histogram) val", f"{DP_POPULARITY}val-hr@{k}"),
+        ("DP popularity (this run's histogram) test", f"{DP_POPULARITY}test-hr@{k}"),
+        ("exact popularity test (the silo's item-popularity array, not private)", f"{POPULARITY}test-hr@{k}"),
     ]  # fmt: skip
     cols = [(name, key) for name, key in cols if any(key in m for m in pooled.values())]
     best = max(pooled, key=lambda rnd: pooled[rnd].get(f"val-hr@{k}", -math.inf))
