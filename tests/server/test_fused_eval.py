@@ -93,9 +93,18 @@ def _same_arrays(a: Path, b: Path) -> None:
         np.testing.assert_array_equal(x[k].numpy(), y[k].numpy())
 
 
-@pytest.mark.parametrize(("rounds", "every", "unfused", "fused"), [(4, 1, 8, 5), (4, 2, 6, 5)])
+@pytest.mark.parametrize(
+    ("rounds", "every", "extra", "unfused", "fused"),
+    [
+        (4, 1, {}, 8, 5),
+        (4, 2, {}, 6, 5),
+        # personalization: the silo's personal model is trained after it evaluated
+        (3, 1, {"personalize.enabled": True, "personalize.method": "ditto"}, 6, 4),
+    ],
+    ids=["every-round", "every-2", "ditto"],
+)
 def test_fused_rounds_give_the_metrics_and_model_of_two_exchanges_with_fewer_exchanges(
-    tmp_path, monkeypatch, rounds, every, unfused, fused
+    tmp_path, monkeypatch, rounds, every, extra, unfused, fused
 ):
     # unfused: a train exchange per round plus an evaluate exchange per evaluated round;
     # fused: a train exchange per round (carrying the previous round's evaluation) plus
@@ -105,7 +114,7 @@ def test_fused_rounds_give_the_metrics_and_model_of_two_exchanges_with_fewer_exc
         run_dir = tmp_path / f"fused-{flag}"
         with monkeypatch.context() as m:
             exchanges = _Exchanges(m)
-            _run(_plain_config(run_dir, rounds, **{"eval.every": every, "eval.fused": flag}))
+            _run(_plain_config(run_dir, rounds, **{"eval.every": every, "eval.fused": flag, **extra}))
         runs[flag] = (run_dir, exchanges.kinds)
     (plain, plain_kinds), (one, one_kinds) = runs[False], runs[True]
     assert len(plain_kinds) == unfused and len(one_kinds) == fused
