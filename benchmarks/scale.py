@@ -117,6 +117,7 @@ class TreeMonitor:
         self.rounds_file = rounds_file
         self.pss = self.rss = 0
         self.at_round: dict[int, float] = {}  # rounds done -> tree CPU seconds when first seen
+        self.wall_at_round: dict[int, float] = {}  # rounds done -> perf_counter when first seen
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -131,6 +132,7 @@ class TreeMonitor:
                 continue
             if done and done not in self.at_round:
                 self.at_round[done] = cpu + children_cpu()
+                self.wall_at_round[done] = time.perf_counter()
 
     def __enter__(self) -> TreeMonitor:
         self._thread.start()
@@ -181,6 +183,7 @@ class Measured:
     pss: int
     rss: int
     at_round: dict[int, float]  # rounds done -> CPU seconds of the tree so far
+    wall_at_round: dict[int, float] | None = None  # rounds done -> wall seconds since the start
 
 
 def measure(cmd: list[str], rounds_file: Path) -> Measured:
@@ -195,7 +198,9 @@ def measure(cmd: list[str], rounds_file: Path) -> Measured:
         sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     if left:
         print(f"note: killed {len(left)} processes still running {120}s after {cmd[2:4]}", file=sys.stderr)
-    return Measured(children_cpu() - before, wall, peak.pss, peak.rss, {r: c - before for r, c in peak.at_round.items()})
+    walls = {r: w - start for r, w in peak.wall_at_round.items()}
+    at_round = {r: c - before for r, c in peak.at_round.items()}
+    return Measured(children_cpu() - before, wall, peak.pss, peak.rss, at_round, walls)
 
 
 # ---------------------------------------------------------------- the children
@@ -340,15 +345,35 @@ class Row:
 
     @property
     def marginal_ms(self) -> float:
-        """CPU ms per client-round between the end of round 1 and the end of the last (NaN if not seen)."""
-        first, last = self.run.at_round.get(1), self.run.at_round.get(self.rounds)
-        if first is None or last is None:
+        """CPU ms per client-round between the end of round 1 and the end of the last.
+
+        Rounds shorter than the 0.25 s sampling can be missed: then from the first
+        round seen (NaN when only the last was seen).
+        """
+        seen = sorted(r for r in self.run.at_round if r < self.rounds)
+        last = self.run.at_round.get(self.rounds)
+        if not seen or last is None:
             return float("nan")
-        return 1000 * (last - first) / (self.n * (self.rounds - 1))
+        return 1000 * (last - self.run.at_round[seen[0]]) / (self.n * (self.rounds - seen[0]))
 
     @property
     def total_ms(self) -> float:
-        return 1000 * self.run.cpu / (self.n * self.rounds)
+        """All CPU up to the end of the last round (or, unseen, all reaped CPU) per client-round.
+
+        The sample at the last round is used because a process whose parent ignores
+        SIGCHLD is reaped by the kernel and its time never reaches any ``cutime``.
+        """
+        cpu = self.run.at_round.get(self.rounds, self.run.cpu)
+        return 1000 * max(cpu, self.run.cpu) / (self.n * self.rounds)
+
+    @property
+    def cores_busy(self) -> float:
+        """CPU seconds per wall second of the tree after round 1 (how many cores it kept busy)."""
+        walls = self.run.wall_at_round or {}
+        first, last = walls.get(1), walls.get(self.rounds)
+        if first is None or last is None or last <= first:
+            return float("nan")
+        return (self.run.at_round[self.rounds] - self.run.at_round[1]) / (last - first)
 
 
 def load() -> str:
@@ -423,12 +448,12 @@ def print_table(rows: list[Row]) -> None:
     """The markdown table: marginal and total CPU ms per client-round, overhead over the floor, peak memory."""
     floors = {r.n: r.marginal_ms for r in rows if r.name.startswith("pure PyTorch")}
     print("| clients | runtime | CPU ms per client-round (marginal) | overhead over the floor, ms | "
-          "CPU ms per client-round (total, incl. start-up) | wall s | peak PSS of the tree | peak RSS sum |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+          "CPU ms per client-round (total, incl. start-up) | cores busy after round 1 | wall s | peak PSS of the tree | peak RSS sum |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         floor = floors.get(r.n)
         over = "—" if floor is None or r.name.startswith("pure PyTorch") else f"{r.marginal_ms - floor:+.2f}"
-        print(f"| {r.n:,} | {r.name} | {r.marginal_ms:.2f} | {over} | {r.total_ms:.2f} | {r.run.wall:.0f} | "
+        print(f"| {r.n:,} | {r.name} | {r.marginal_ms:.2f} | {over} | {r.total_ms:.2f} | {r.cores_busy:.2f} | {r.run.wall:.0f} | "
               f"{r.run.pss / 2**30:.2f} GiB | {r.run.rss / 2**30:.2f} GiB |")
 
 
