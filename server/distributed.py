@@ -125,6 +125,8 @@ class DistributedDP:
         replies = grid.send_and_receive(self._messages(1, arrays, config, "roster", nodes), timeout=self.timeout)
         self.rosters = self._staged(1, replies, "roster")
         self.nodes = sorted(self.rosters)
+        if not self.nodes:  # configure_train stops the run, naming why
+            return arrays
         population = sum(self.rosters.values())
         self.mech = dd.mechanism(
             self.settings, self.cfg.num_server_rounds, population, len(self.nodes), self.cfg.privacy.accountant

@@ -269,3 +269,17 @@ def test_the_servers_user_level_release_names_the_union_relation():
     import dataclasses
 
     assert "in one silo" in dataclasses.replace(rel, owner="silo-0", kind="dp-sgd").neighbouring
+
+
+def test_no_silo_giving_its_roster_stops_the_run_without_a_release(tmp_path):
+    # Arrange: every silo is silent from the first message (the roster request) on
+    run_dir = tmp_path / "run"
+    cfg = distributed_config(run_dir, **{"num-server-rounds": 1})
+    grid = LocalGrid(client_app, cfg, SILOS, drop=lambda node, msg: True)
+    # Act: the server stops before round 1 instead of failing to build a mechanism for 0 silos
+    run_federation(grid, cfg)
+    # Assert: nothing trained, nothing released
+    ledger = run_dir / "ledger" / "server.jsonl"
+    assert not ledger.exists() or not [e for e in server_ledger(run_dir) if e["kind"] in (dd.KIND_TRAINING, dd.KIND_HISTOGRAM)]
+    metrics = run_dir / "metrics.jsonl"
+    assert not metrics.exists() or metrics.read_text().strip() == ""
