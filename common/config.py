@@ -638,6 +638,7 @@ def _check_packed(cfg: AppConfig) -> AppConfig:
         (s.fraction_evaluate not in (0.0, 1.0),
          f"strategy.fraction-evaluate is {s.fraction_evaluate:g}: sampling would pick nodes; use 0 or 1"),
         (cfg.eval.val_users > 0, f"eval.val-users is {cfg.eval.val_users}: a per-silo subset; use 0"),
+        (cfg.eval.fused, "eval.fused is true: a packed node evaluates in its own evaluate message; use false"),
         (cfg.personalize.enabled, "personalize.enabled is true: personal models are per client; use false"),
         (cfg.resume, "resume is true: packed nodes keep no durable per-client state"),
     ]

@@ -67,6 +67,7 @@ def test_node_users_cuts_users_into_consecutive_runs_of_k():
         ({"strategy.fraction-train": 0.5}, "strategy.fraction-train"),
         ({"strategy.fraction-evaluate": 0.5}, "strategy.fraction-evaluate"),
         ({"eval.val-users": 3}, "eval.val-users"),
+        ({"eval.fused": True}, "eval.fused"),
         ({"personalize.enabled": True}, "personalize.enabled"),
     ],
 )
