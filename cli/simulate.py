@@ -123,6 +123,12 @@ def simulate(
         )
         console.print(f"run directory: {run.path}")
 
+        # The simulation process starts Ray (fork + exec) while the ServerApp thread may be in
+        # numpy's OpenBLAS (building the data set): a fork during a multi-threaded BLAS call
+        # deadlocked the process until Flower failed the run ("No heartbeat received from the
+        # task"; 10,000 by-user clients). One BLAS thread there has no pool to deadlock on;
+        # Ray gives the client actors their own thread settings.
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
         if ray_address is not None:
             # Flower's Ray backend calls ray.init() without an address, which joins
             # the cluster named by RAY_ADDRESS; the SuperLink and the simulation it
