@@ -5,6 +5,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -147,3 +148,19 @@ def dp_sgd_release(owner: str, round_: int, epsilon: float, **changes: object) -
     }
     values.update(changes)
     return PrivacyRelease(**values)
+
+
+def bce_l2_loss(model):
+    """Per-sample DP-SGD loss: BCE over each sample's reads (read 0 the positive) + L2 on its rows.
+
+    The rows reach the loss both through the score and directly (the L2 term).
+    """
+
+    def per_sample(rows):
+        logits = model.score_rows(rows)
+        labels = torch.zeros_like(logits)
+        labels[:, 0] = 1
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+        return bce.sum(1) + 0.01 * sum(rows[n].pow(2).sum(tuple(range(1, rows[n].dim()))) for n in model.l2_tables)
+
+    return per_sample

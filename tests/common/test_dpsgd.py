@@ -20,6 +20,7 @@ from common.privacy.dpsgd import (
     _duplicate_aware_sq_norms,
     csprng_standard_normal,
 )
+from tests.fakes import bce_l2_loss as _loss
 
 NUM_USERS, NUM_ITEMS, DIM = 12, 30, 8
 
@@ -37,16 +38,6 @@ def _batch(seed: int = 1, batch: int = 6, reads: int = 7):
     items[0, 5] = items[1, 2]  # shared rows across samples
     return users, items
 
-
-def _loss(model):
-    def per_sample(rows):
-        logits = model.score_rows(rows)
-        labels = torch.zeros_like(logits)
-        labels[:, 0] = 1
-        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
-        return bce.sum(1) + 0.01 * sum(rows[n].pow(2).sum(tuple(range(1, rows[n].dim()))) for n in model.l2_tables)
-
-    return per_sample
 
 
 def _brute_force_grads(model, users, items, released):

@@ -11,6 +11,7 @@ from torch import Tensor
 from common.models import MF, HybridMF, RowDot, build_model, closed_form_row_gradients, lookup_rows, row_dot
 from common.privacy import dpsgd
 from tests.common import dpsgd_reference
+from tests.fakes import bce_l2_loss as _loss
 
 NUM_USERS, NUM_ITEMS, DIM, TEXT_DIM = 12, 30, 8, 6
 
@@ -29,18 +30,6 @@ def _batch(seed: int, batch: int = 6, reads: int = 7):
         items[:, 3] = items[:, 0]  # duplicate reads inside a sample
     return users, items
 
-
-def _loss(model):
-    """BCE over the reads + L2 on the rows: the rows reach the loss by the score and directly."""
-
-    def per_sample(rows):
-        logits = model.score_rows(rows)
-        labels = torch.zeros_like(logits)
-        labels[:, 0] = 1
-        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
-        return bce.sum(1) + 0.01 * sum(rows[n].pow(2).sum(tuple(range(1, rows[n].dim()))) for n in model.l2_tables)
-
-    return per_sample
 
 
 def _engine(module, model, **overrides):
