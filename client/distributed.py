@@ -10,7 +10,9 @@ The silo is its users' trusted aggregator (DP-FedAvg with per-user deltas,
 * ``train``: refit every user's own rows on their own data (never released), Poisson-sample
   users at q, compute each sampled user's delta of the shared parameters (``train.local-epochs``
   SGD steps of ``privacy.distributed.lr`` on the user's mean loss), clip it to C, sum,
-  add the noise share σ·C/√(S − T) and stage the vector for the secure sum.
+  add the noise share σ·C/√(S − T) and stage the vector for the secure sum. With
+  ``privacy.distributed.top-items`` only the rows of the items with the largest released DP
+  counts are in a user's delta (:func:`trainable_items`).
 
 The reply carries no arrays: partition id, roster N and :data:`STAGED`. σ, σ_h, q and δ are
 computed here from the run config and the server's N_total and S
@@ -77,7 +79,7 @@ def train(session: Session) -> RecordDict:
         state.save_user_params(session.context.state, model)
         sampled = dd.poisson_sample(split.num_users, mech.rate, noise)
         total, clipped = clipped_delta_sum(model, split, cfg, sampled, mech.clip, session.partition_id,
-                                           session.server_round)  # fmt: skip
+                                           session.server_round, trainable_items(session))  # fmt: skip
         vector = total + noise.normal(0.0, mech.share_std, total.size)
         kind, use = dd.KIND_TRAINING, dd.training_use(mech.noise_multiplier, mech.rate)
         _keep_own(session, {"kind": "training", "loss": loss, "sampled-users": int(sampled.size),
@@ -99,6 +101,27 @@ def _mechanism(session: Session) -> dd.Mechanism:
         )
     cfg = session.cfg
     return dd.mechanism(cfg.privacy.distributed, cfg.num_server_rounds, population, silos, cfg.privacy.accountant)
+
+
+def trainable_items(session: Session) -> np.ndarray | None:
+    """``top-items``: the mask of the items whose rows train, from the released histogram the server sent.
+
+    The silo computes the set itself (its own ``top-items``, :func:`dd.top_item_mask`). A server
+    that sent another histogram can only change which coordinates the users' clipped deltas
+    cover, never their bound C or the noise. No histogram released (its secure sum aborted):
+    every item trains, as on the server. None when ``top-items`` = 0.
+    """
+    top = session.cfg.privacy.distributed.top_items
+    released = session.config.get(dd.RELEASED_POPULARITY)
+    if top == 0 or released is None:
+        return None
+    num_items = session.data.split.num_items
+    if not isinstance(released, list) or len(released) != num_items:
+        raise ConfigError(
+            f"distributed DP: the server's {dd.RELEASED_POPULARITY} in the train message is not a list of "
+            f"{num_items} counts (this silo's catalogue)"
+        )
+    return dd.top_item_mask(np.asarray(released, dtype=np.float64), top)
 
 
 # ---------------------------------------------------------------- the users' own rows
@@ -149,7 +172,8 @@ def fit_user_rows(model: MF, split: UserSplit, cfg: AppConfig, partition_id: int
 
 # ---------------------------------------------------------------- the sampled users' deltas
 def clipped_delta_sum(
-    model: MF, split: UserSplit, cfg: AppConfig, sampled: np.ndarray, clip: float, partition_id: int, server_round: int
+    model: MF, split: UserSplit, cfg: AppConfig, sampled: np.ndarray, clip: float, partition_id: int, server_round: int,
+    trainable: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
     """Σ over ``sampled`` users of their deltas of the shared parameters, each clipped to L2 ≤ C.
 
@@ -159,7 +183,8 @@ def clipped_delta_sum(
     rows they read (item embeddings and biases of their positives and negatives, the global
     bias). Vectorised: one copy per (user, item) pair, so no user's steps see another's data.
     Returned flat in :func:`common.secagg.vectors.flatten` order of the shared state, with the
-    number of users whose delta was clipped.
+    number of users whose delta was clipped. ``trainable`` (``top-items``): the item rows of
+    other items are dropped from each user's delta before it is clipped.
     """
     shared = {k: v.numpy() for k, v in shared_state(model).items()}
     num_items, dim = split.num_items, model.item_embedding.weight.shape[1]
@@ -198,6 +223,10 @@ def clipped_delta_sum(
                         param -= lr * grad
         pair_emb = (emb.detach() - emb0).double()
         pair_bias = (bias.detach() - bias0).double()
+        if trainable is not None:
+            keep = torch.from_numpy(trainable)[pair_item]
+            pair_emb = pair_emb * keep[:, None]
+            pair_bias = pair_bias * keep
         user_glob = (glob.detach() - glob0).double()
         n_users = split.num_users
         touched = torch.zeros(n_users, dtype=torch.bool)

@@ -226,6 +226,7 @@ class DistributedPrivacySettings:
     item_init_scale: float  # the initial item embeddings are multiplied by this (0 = start at zero)
     item_shrink: float  # after each server step the item embeddings are multiplied by 1 − item_shrink
     item_step_kappa: float  # > 0: item i's server step × r_i²/(r_i² + κ²), r_i = DP count / noise std (0 = off)
+    top_items: int  # > 0: only the M items with the largest released DP counts have item rows that train (0 = all)
 
 
 @dataclass(frozen=True, slots=True)
@@ -471,6 +472,7 @@ class AppConfig:
                     item_init_scale=r.float("privacy.distributed.item-init-scale", lo=0.0),
                     item_shrink=r.float("privacy.distributed.item-shrink", lo=0.0, hi=1.0),
                     item_step_kappa=r.float("privacy.distributed.item-step-kappa", lo=0.0),
+                    top_items=r.int("privacy.distributed.top-items", lo=0),
                 ),
             ),
             audit=AuditSettings(
@@ -668,6 +670,11 @@ def _check_distributed(cfg: AppConfig) -> None:
         raise ConfigError(
             "privacy.distributed.item-step-kappa: weights each item's step by its released DP popularity count; "
             "it needs privacy.distributed.popularity = true (or item-step-kappa = 0)"
+        )
+    if dist.top_items > 0 and not dist.popularity:
+        raise ConfigError(
+            "privacy.distributed.top-items: picks the items that train by their released DP popularity counts; "
+            "it needs privacy.distributed.popularity = true (or top-items = 0)"
         )
     if cfg.strategy.fraction_train != 1.0:
         raise ConfigError(

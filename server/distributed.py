@@ -9,7 +9,8 @@ server's ledger at once. Every round then: the model goes out with phase ``train
 stages its clipped, noised sum of sampled users' deltas and replies without arrays; the
 server runs :func:`server.secagg.secure_sum` over the silos that staged (threshold
 max(⌊S/2⌋+1, S − T): a sum missing more than T silos aborts, nothing is released and the
-model is kept), divides by q·N_total, takes a server step (heavy-ball momentum, post-processing)
+model is kept), divides by q·N_total, takes a server step (heavy-ball momentum, post-processing;
+with ``top-items`` only the rows of the items with the largest released DP counts step)
 and reports the round's release (σ after dropouts, :func:`round_noise_multiplier`) as the
 round's ``central`` event, which the loop writes to the server ledger.
 
@@ -60,6 +61,7 @@ class DistributedDP:
         self.rosters: dict[int, int] = {}
         self.partitions: dict[int, int] = {}  # node → the partition id its replies claim
         self.popularity: np.ndarray | None = None  # the released DP histogram (public)
+        self.trainable: np.ndarray | None = None  # top-items: the items whose rows train (None = all)
         self._grid: Grid | None = None
         self._sent: ArrayRecord | None = None
         self._config: ConfigRecord | None = None
@@ -86,6 +88,8 @@ class DistributedDP:
             extra.update({dd.POPULATION: self.mech.population, dd.SILOS: self.mech.silos})
         if self.ledgers is not None:
             extra[records.LEDGER_COUNTS] = self.ledgers.counts()
+        if phase == "train" and self.settings.top_items > 0 and self.popularity is not None:
+            extra[dd.RELEASED_POPULARITY] = [float(x) for x in self.popularity]  # public: each silo picks the top items
         content = RecordDict({records.ARRAYS: arrays, records.CONFIG: ConfigRecord({**config, **extra})})
         return [
             Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n, group_id=str(server_round))
@@ -157,7 +161,13 @@ class DistributedDP:
             self.ledgers.record_server(release)  # before anything computed from it leaves the server
         self.popularity = total
         log(INFO, "distributed DP: popularity histogram released, ε so far %.4f", release.epsilon)
-        return with_popularity_biases(arrays, total, self.settings.popularity_bias_scale)
+        arrays = with_popularity_biases(arrays, total, self.settings.popularity_bias_scale)
+        if self.settings.top_items > 0:
+            self.trainable = dd.top_item_mask(total, self.settings.top_items)
+            arrays = with_item_rows_zeroed(arrays, ~self.trainable)
+            log(INFO, "distributed DP: the %d items with the largest DP counts train; the other %d rank by bias",
+                int(self.trainable.sum()), int((~self.trainable).sum()))  # fmt: skip
+        return arrays
 
     def _secure_sum(
         self, server_round: int, staged: dict[int, int], length: int, signal: float, share_std: float,
@@ -253,6 +263,10 @@ class DistributedDP:
         if s.freeze_biases:  # the anchor stays: the noise on the bias coordinates is discarded
             frozen = {k: np.zeros(shapes[k]) for k in (ITEM_BIAS, GLOBAL_BIAS)}
             mean = vectors.flatten({**vectors.unflatten(mean, shapes), **frozen})
+        if self.trainable is not None:  # top-items: the other items' coordinates of the sum are discarded
+            parts = vectors.unflatten(mean, shapes)
+            mean = vectors.flatten({**parts, **{k: parts[k] * self.trainable.reshape(-1, *([1] * (parts[k].ndim - 1)))
+                                                for k in (ITEM_EMBEDDING, ITEM_BIAS)}})  # fmt: skip
         if s.item_step_kappa > 0 and self.popularity is not None:
             weights = item_step_weights(self.popularity, m.noise_multiplier * dd.noise_price(m.silos, m.max_dishonest),
                                         s.item_step_kappa)  # fmt: skip
@@ -311,6 +325,14 @@ def with_popularity_biases(arrays: ArrayRecord, histogram: np.ndarray, scale: fl
     return out
 
 
+def with_item_rows_zeroed(arrays: ArrayRecord, items: np.ndarray) -> ArrayRecord:
+    """``arrays`` with the item embeddings of the items where ``items`` is true set to 0 (``top-items``)."""
+    out = ArrayRecord(dict(arrays.items()))
+    ref = arrays[ITEM_EMBEDDING].numpy()
+    out[ITEM_EMBEDDING] = Array(np.where(np.asarray(items, dtype=bool)[:, None], 0.0, ref).astype(ref.dtype))
+    return out
+
+
 def scaled_item_embeddings(arrays: ArrayRecord, scale: float) -> ArrayRecord:
     """``arrays`` with the item embeddings multiplied by ``scale`` (``item-init-scale``; 1 = unchanged)."""
     if scale == 1.0:
@@ -340,4 +362,3 @@ def item_step_weights(histogram: np.ndarray, noise_std: float, kappa: float) -> 
 def server_step_velocity(velocity: np.ndarray | None, mean: np.ndarray, momentum: float) -> np.ndarray:
     """Heavy-ball velocity v_t = β·v_{t−1} + ū_t (v_1 = ū_1); the server adds server-lr · v_t."""
     return mean if velocity is None else momentum * velocity + mean
-

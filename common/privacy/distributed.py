@@ -283,7 +283,7 @@ def union_epsilon(rounds: Sequence[MechanismUse], delta: float, histogram: Mecha
 PHASE: Final = "distributed-phase"  # "roster" | "popularity" | "train"
 POPULATION: Final = "distributed-population"  # N_total: the sum of the silos' public rosters
 SILOS: Final = "distributed-silos"  # S: silos in the secure sum
-RELEASED_POPULARITY: Final = "distributed-dp-popularity"  # evaluate config: the released DP histogram (public)
+RELEASED_POPULARITY: Final = "distributed-dp-popularity"  # evaluate (top-items: also train) config: the DP histogram
 STAGED: Final = "secagg-staged"  # reply metric: 1 = the silo staged its vector for this round's secure sum
 PHASES: Final = ("roster", "popularity", "train")
 
@@ -300,6 +300,24 @@ def user_item_histogram(users: np.ndarray, items: np.ndarray, num_items: int) ->
     pair_user, pair_item = pairs // num_items, pairs % num_items
     _, inverse, counts = np.unique(pair_user, return_inverse=True, return_counts=True)
     return np.bincount(pair_item, weights=1.0 / np.sqrt(counts[inverse]), minlength=num_items).astype(np.float64)
+
+
+def top_item_mask(histogram: np.ndarray, top: int) -> np.ndarray:
+    """Boolean mask of the ``top`` items with the largest released DP counts (``privacy.distributed.top-items``).
+
+    Ties go to the lower item index (a stable sort), so the server and every silo, each
+    computing it from the same released histogram, get the same set; ``top`` = 0 or at least
+    the number of items: every item. Post-processing of a released value.
+    """
+    counts = np.asarray(histogram, dtype=np.float64).ravel()
+    if not np.isfinite(counts).all():
+        raise DistributedDPError("top-items: the released DP histogram has a non-finite count")
+    mask = np.zeros(counts.size, dtype=bool)
+    if top <= 0 or top >= counts.size:
+        mask[:] = True
+    else:
+        mask[np.argsort(-counts, kind="stable")[:top]] = True
+    return mask
 
 
 @dataclass(frozen=True, slots=True)
