@@ -64,13 +64,15 @@ class ModelSettings:
     ``hybrid-mf`` is biased MF whose item vector adds a learned projection of the
     item's fixed text embedding (``[items]``; docs/cold-start.md). ``item_init``
     names a ``.npy`` file (I, dim) that replaces the initial shared item table
-    (``""``: random).
+    (``""``: random), or ``"content"``: the top ``dim`` principal components of the
+    catalogue's text embeddings (public item content), scaled to std ``item_init_std``.
     """
 
     name: Literal["mf", "neumf", "hybrid-mf"]
     dim: int
     mlp_layers: tuple[int, ...]
     item_init: str
+    item_init_std: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,6 +380,7 @@ class AppConfig:
                 dim=r.int("model.dim", lo=1),
                 mlp_layers=r.int_list("model.mlp-layers"),
                 item_init=r.str("model.item-init"),
+                item_init_std=r.float("model.item-init-std", lo=0.0, lo_open=True),
             ),
             items=ItemSettings(
                 path=r.str("items.path"),
@@ -544,6 +547,11 @@ class AppConfig:
         if cfg.model.name == "hybrid-mf" and not cfg.items.path and d.dataset not in ("ml-100k", "ml-1m"):
             raise ConfigError(
                 f"model.name: hybrid-mf needs item texts; data.dataset {d.dataset!r} has no item file of its "
+                "own, so name one with items.path (and items.id-col, items.text-cols)"
+            )
+        if cfg.model.item_init == "content" and not cfg.items.path and d.dataset not in ("ml-100k", "ml-1m"):
+            raise ConfigError(
+                f"model.item-init: content needs item texts; data.dataset {d.dataset!r} has no item file of its "
                 "own, so name one with items.path (and items.id-col, items.text-cols)"
             )
         if cfg.model.name == "hybrid-mf" and cfg.audit.canaries:

@@ -4,7 +4,8 @@ Silos, the server and the centralized baseline build their model through
 :func:`model_for`, so all of them give ``hybrid-mf`` the same fixed text
 embeddings (computed once per process, cached on disk by
 :mod:`common.data.text_embeddings`), and the server starts the shared item table
-from ``model.item-init`` when it is set (:func:`apply_item_init`).
+from ``model.item-init`` when it is set (:func:`apply_item_init`): a ``.npy`` table, or
+``"content"``, the principal components of the catalogue's text embeddings.
 """
 
 from __future__ import annotations
@@ -98,11 +99,39 @@ def load_item_init(path: str, num_items: int, dim: int) -> torch.Tensor:
     return torch.from_numpy(table.astype(np.float32))
 
 
+CONTENT_INIT = "content"  # model.item-init: the item table from the catalogue's text embeddings
+
+
+def content_item_table(embeddings: torch.Tensor, dim: int, std: float) -> torch.Tensor:
+    """The top ``dim`` principal components of the item text embeddings, as a (items, dim) table of std ``std``.
+
+    Centred over the catalogue; the table's scores are each item's coordinates on the
+    embeddings' principal axes (float64 SVD; components beyond the embeddings' rank are 0),
+    scaled so the whole table has standard deviation ``std``. Only public catalogue content
+    goes in, so it costs no privacy. Items without a text (zero rows) get the centred mean's
+    coordinates like any other.
+    """
+    x = embeddings.double()
+    x = x - x.mean(0, keepdim=True)
+    u, s, _ = torch.linalg.svd(x, full_matrices=False)
+    k = min(dim, s.numel())
+    table = torch.zeros(x.shape[0], dim, dtype=torch.float64)
+    table[:, :k] = u[:, :k] * s[:k]
+    spread = float(table.std())
+    if not spread > 0:
+        raise DataError("model.item-init = content: the catalogue's text embeddings are all equal (no content to use)")
+    return (table * (std / spread)).float()
+
+
 def apply_item_init(cfg: AppConfig, model: Recommender) -> None:
     """Overwrite the first item table (MF/hybrid ``item_embedding``, NeuMF ``item_gmf``) from ``model.item-init``."""
     if not cfg.model.item_init:
         return
     table = getattr(model, model.item_tables[0])
-    init = load_item_init(cfg.model.item_init, table.num_embeddings, table.embedding_dim)
+    if cfg.model.item_init == CONTENT_INIT:
+        text = catalogue_text_embeddings(cfg, table.num_embeddings)
+        init = content_item_table(text, table.embedding_dim, cfg.model.item_init_std)
+    else:
+        init = load_item_init(cfg.model.item_init, table.num_embeddings, table.embedding_dim)
     with torch.no_grad():
         table.weight.copy_(init)
