@@ -185,6 +185,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="extra run-config key=value (tuning)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="results.json of benchmarks.privacy_utility: its non-private and local-DP rows join the "
+                             "table and the plot")
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs per distributed point and noise draws per DP popularity point (mean, sd)")
     args = parser.parse_args()
@@ -212,6 +215,12 @@ def main() -> None:
               f"({metrics.get('seconds', '-')} s)", flush=True)  # fmt: skip
 
     record("popularity", math.inf, dp_popularity(base, math.inf, silos, t, 0))
+    if args.reference is not None:  # measured by benchmarks.privacy_utility (its own preset), named as such
+        for row in json.loads(args.reference.read_text()):
+            if row.get("mode") in ("none", "local"):
+                mode = "reference-none" if row["mode"] == "none" else "local"
+                record(mode, float(row["target-epsilon"]), {**row, "delta": row.get("delta-local"),
+                                                            "source": str(args.reference)})  # fmt: skip
     if args.nonprivate:
         record("none", math.inf, run_point(base, silos, out / "nonprivate"))
     for eps in (float(e) for e in args.epsilons.split(",")):
@@ -244,9 +253,10 @@ def repeated(points: list[dict[str, Any]]) -> dict[str, Any]:
 def print_table(results: list[dict[str, Any]], name: str) -> None:
     """Markdown table."""
     print(f"\n{name}: distributed user-level DP (union of silos) vs DP popularity")
+    ref = max((r["test-hr@10"] for r in results if r["mode"] in ("none", "reference-none")), default=None)
     print("| mode | target ε | δ | σ | q | best round | val HR@10 | test HR@10 (mean ± sd over the repeats) | "
-          "run's DP-popularity test HR@10 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "% of non-private | run's DP-popularity test HR@10 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         eps = "∞" if math.isinf(r["target-epsilon"]) else f"{r['target-epsilon']:g}"
         delta = f"{r['delta']:.1e}" if r.get("delta") else "-"
@@ -254,8 +264,10 @@ def print_table(results: list[dict[str, Any]], name: str) -> None:
         q = f"{r['sample-rate']:.3f}" if r.get("sample-rate") else "-"
         own = r.get("run-dp-popularity-test-hr@10")
         sd = f" ± {r['test-hr@10-sd']:.4f}" if len(r.get("test-hr@10-runs", [])) > 1 else ""
+        share = f"{r['test-hr@10'] / ref:.1%}" if ref else "-"
         print(f"| {r['mode']} | {eps} | {delta} | {sigma} | {q} | {r.get('round', '-')} | "
-              f"{r['val-hr@10']:.4f} | {r['test-hr@10']:.4f}{sd} | {'-' if own is None else f'{own:.4f}'} |")  # fmt: skip
+              f"{r['val-hr@10']:.4f} | {r['test-hr@10']:.4f}{sd} | {share} | "
+              f"{'-' if own is None else f'{own:.4f}'} |")  # fmt: skip
 
 
 def plot(results: list[dict[str, Any]], path: Path, name: str) -> None:
@@ -270,10 +282,11 @@ def plot(results: list[dict[str, Any]], path: Path, name: str) -> None:
         pts = [(r["target-epsilon"], r["test-hr@10"]) for r in results if r["mode"] == mode]
         if pts:
             ax.plot(*zip(*pts, strict=True), style, label=f"{mode} DP" if mode != "dp-popularity" else "DP popularity")
-    for mode, style in (("none", "--"), ("popularity", ":")):
+    labels = {"none": "non-private", "reference-none": "non-private (privacy_utility)", "popularity": "popularity"}
+    for mode, style in (("none", "--"), ("reference-none", "--"), ("popularity", ":")):
         value = next((r["test-hr@10"] for r in results if r["mode"] == mode), None)
         if value is not None:
-            ax.axhline(value, linestyle=style, color="grey", label="non-private" if mode == "none" else "popularity")
+            ax.axhline(value, linestyle=style, color="grey", label=labels[mode])
     ax.set_xscale("log", base=2)
     ax.set_xlabel("ε (user-level, union of all silos' users)")
     ax.set_ylabel("test HR@10")

@@ -123,10 +123,14 @@ def main() -> None:
     parser.add_argument(
         "--lrs", default="", help="local DP: privacy.local.optimizer.lr values to try per ε; the best validation HR@10 is kept"
     )
+    parser.add_argument("--set", action="append", default=[], help="extra run-config key=value for every run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     preset = PRESETS[args.preset]
     base = {**load_default_run_config(), **preset["base"]}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        base[key] = json.loads(value) if value[:1] in "-0123456789tf[" else value
     if args.data_dir is not None:
         base["data.path"] = str(args.data_dir.resolve())
     if args.rounds:
