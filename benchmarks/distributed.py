@@ -219,7 +219,8 @@ def main() -> None:
         for row in json.loads(args.reference.read_text()):
             if row.get("mode") in ("none", "local"):
                 mode = "reference-none" if row["mode"] == "none" else "local"
-                record(mode, float(row["target-epsilon"]), {**row, "delta": row.get("delta-local"),
+                record(mode, float(row["target-epsilon"]), {**{k: v for k, v in row.items() if k != "mode"},
+                                                            "delta": row.get("delta-local"),
                                                             "source": str(args.reference)})  # fmt: skip
     if args.nonprivate:
         record("none", math.inf, run_point(base, silos, out / "nonprivate"))
