@@ -1,13 +1,14 @@
 """Distributed user-level DP vs DP popularity vs non-private: test HR@10 at ε ∈ {1, 2, 4, 8}.
 
-    python -m benchmarks.distributed --data-dir ../shared/data/ml-100k
+    python -m benchmarks.distributed --data-dir ../shared/data/ml-100k --repeats 3 \
+        --reference <benchmarks.privacy_utility's results.json>
     python -m benchmarks.distributed --preset synthetic-100k
 
-Each distributed point is one federated run through fedrec's real ServerApp and ClientApps
+Each distributed point is one federated run (``--repeats N``: the mean of N) through fedrec's real ServerApp and ClientApps
 (in-process grid, protobuf round trip of every message, SecAgg+ secure sums) with
 ``privacy.mode = distributed``: unit one user of any silo, population the union of the
 silos' users, δ = min(1e-5, 1/(10·N_total)), σ calibrated (PLD, zero-out) so that the
-popularity histogram (10% of ε) and every planned round end exactly at ε.
+popularity histogram (the preset's share of ε) and every planned round end exactly at ε.
 
 Evaluation: under DP the silos withhold their evaluation sums from the server (the release
 policy). This benchmark's experimenter is every silo, so it pools the sums each silo kept in
@@ -18,8 +19,9 @@ HR@10; the hyperparameters come from the preset (chosen on validation).
 DP popularity: item counts under the same l2 rule (each user adds 1/√k to each of their k
 items: sensitivity 1) plus Gaussian noise of σ_h·√(S/(S−T)) (what the secure sum of S
 honest shares carries), σ_h calibrated so that this one histogram spends the whole ε; items
-ranked by the noisy count. Non-private: ``privacy.mode = none`` with the same preset's
-federated model (``--nonprivate``), else the number of docs/benchmarks.md.
+ranked by the noisy count (``--repeats N``: N noise draws). Non-private: ``privacy.mode = none``
+with the same preset's federated model (``--nonprivate``); ``--reference`` adds the
+non-private and local-DP rows of a ``benchmarks.privacy_utility`` run (its own preset).
 """
 
 from __future__ import annotations
