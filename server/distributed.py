@@ -34,7 +34,7 @@ from common import records
 from common.config import AppConfig
 from common.privacy import distributed as dd
 from common.privacy.events import SERVER_OWNER
-from common.secagg import vectors
+from common.secagg import ABORT_EVENT, vectors
 from common.secagg.protocol import UNMASK, SecAggError, SecAggOutcome
 from common.secagg.quantize import QuantSpec, range_for
 from server.ledger import RunLedgers
@@ -178,8 +178,9 @@ class DistributedDP:
         r = range_for(signal, share_std, length)
         quant = QuantSpec(clip_range=r, modulus_bits=MODULUS_BITS, max_silos=self.mech.silos)
         if len(staged) < self.mech.threshold:
-            self._reject(server_round, 0, f"secure sum not run: {len(staged)} silos staged, threshold "
-                         f"{self.mech.threshold}; nothing released, the model is kept")  # fmt: skip
+            reason = f"{len(staged)} of {self.mech.silos} silos staged, below the threshold {self.mech.threshold}"
+            self._reject(server_round, 0, f"secure sum not run: {reason}; nothing released, the model is kept")
+            self._record_abort(server_round, release, staged, reason)
             return None, self.mech.silos
         try:
             outcome = secure_sum(
@@ -188,6 +189,7 @@ class DistributedDP:
             )  # fmt: skip
         except SecAggError as exc:
             self._reject(server_round, 0, f"secure sum aborted, nothing released, the model is kept: {exc}")
+            self._record_abort(server_round, release, staged, str(exc))
             return None, self.mech.silos
         missing = self.mech.silos - len(outcome.survivors)
         if outcome.dropped:
@@ -196,6 +198,18 @@ class DistributedDP:
         if missing:
             self._record_dropouts(server_round, staged, outcome, sigma, release)
         return outcome.total, missing
+
+    def _record_abort(self, server_round: int, release: str, staged: dict[int, int], reason: str) -> None:
+        """The server ledger's line for a secure sum that did not complete: nothing was released."""
+        assert self.mech is not None
+        if self.ledgers is None:
+            return
+        named = [{"node": n, **({"silo": f"silo-{self.partitions[n]}"} if n in self.partitions else {})}
+                 for n in sorted(staged)]  # fmt: skip
+        self.ledgers.server.append(
+            ABORT_EVENT, server_round, release=release, silos=self.mech.silos, threshold=self.mech.threshold,
+            staged=named, reason=reason, released="nothing: no ε spent",
+        )  # fmt: skip
 
     def _record_dropouts(
         self, server_round: int, staged: dict[int, int], outcome: SecAggOutcome, sigma: float, release: str

@@ -21,7 +21,7 @@ import numpy as np
 from common.privacy.accounting import Accountant, epsilon, epsilon_delta_curve, merged
 from common.privacy.events import MECHANISM, RELEASE_KINDS, SAMPLING, MechanismUse, PrivacyRelease, ReleaseError
 from common.privacy.ledger import Chain
-from common.secagg import DROPOUT_EVENT
+from common.secagg import ABORT_EVENT, DROPOUT_EVENT
 
 # Replayed ε must equal the claimed ε to this precision (same accountant, same events).
 EPS_TOLERANCE = 1e-6
@@ -87,7 +87,13 @@ class LedgerAudit:
 
 
 def dropout_text(dropout: Mapping[str, Any], *, capital: bool = False) -> str:
-    """One line for a :data:`~common.secagg.DROPOUT_EVENT` of :attr:`LedgerAudit.dropouts`."""
+    """One line for a :data:`~common.secagg.DROPOUT_EVENT` (or :data:`~common.secagg.ABORT_EVENT`) of
+    :attr:`LedgerAudit.dropouts`."""
+    if dropout.get("aborted"):
+        return (
+            f"{'S' if capital else 's'}ecure sum of round {dropout['round']} (line {dropout['line']}) for "
+            f"{dropout['release']} aborted: {dropout['reason']}; nothing released, no ε spent"
+        )
     missing = ", ".join(f"{m.get('silo', 'node')} (node {m.get('node')}) at {m.get('stage')}"
                         for m in dropout["missing"])  # fmt: skip
     return (
@@ -110,6 +116,11 @@ def replay(
             event = entry.event
             audit.dropouts.append({"round": event["round"], "line": entry.seq + 1, "missing": event.get("missing", []),
                                    "noise": event.get("noise", "")})  # fmt: skip
+        if entry.event["kind"] == ABORT_EVENT:
+            event = entry.event
+            audit.dropouts.append({"round": event["round"], "line": entry.seq + 1, "aborted": True,
+                                   "release": event.get("release", "?"),
+                                   "reason": event.get("reason", "")})  # fmt: skip
         if entry.event["kind"] not in RELEASE_KINDS:
             continue
         rnd, line = int(entry.event["round"]), entry.seq + 1

@@ -15,6 +15,11 @@ DROPOUT_EVENT = "secure-sum-dropout"
 """Kind of the server-ledger event naming the silos missing from a released secure sum and what its
 noise still guarantees (:func:`server.secagg.dropout_event`); not a release: replays skip it."""
 
+ABORT_EVENT = "secure-sum-aborted"
+"""Kind of the server-ledger event for a secure sum that did not complete (fewer silos than its
+threshold, or the protocol failed): which release it was for, who had staged, why; nothing was
+released, so no ε is spent; not a release: replays skip it."""
+
 
 def check_compatible(settings: Any, *, secure_aggregation: bool | None = None) -> None:
     """Refuse a config that combines secure aggregation with anything that reads single silos' updates.

@@ -283,3 +283,39 @@ def test_no_silo_giving_its_roster_stops_the_run_without_a_release(tmp_path):
     assert not ledger.exists() or not [e for e in server_ledger(run_dir) if e["kind"] in (dd.KIND_TRAINING, dd.KIND_HISTOGRAM)]
     metrics = run_dir / "metrics.jsonl"
     assert not metrics.exists() or metrics.read_text().strip() == ""
+
+
+def test_an_aborted_secure_sum_is_in_the_ledger_and_releases_nothing(tmp_path):
+    from common.privacy.audit import audit_run
+    from common.privacy.replay import dropout_text
+    from common.secagg import ABORT_EVENT
+
+    # Arrange: round 2's training message reaches only node 1 of 3 (threshold max(2, 3 − 1) = 2)
+    run_dir = tmp_path / "run"
+    cfg = distributed_config(run_dir, **{"privacy.distributed.popularity": False})
+    first = []
+
+    def drop(node, msg):
+        config = msg.content.config_records.get(records.CONFIG)
+        if msg.metadata.message_type == "train" and config is not None and config.get(dd.PHASE) == "train":
+            first.append(node)
+            return config.get(records.SERVER_ROUND) == 2 and node != min(first)
+        return False
+
+    # Act
+    run_federation(LocalGrid(client_app, cfg, SILOS, drop=drop), cfg)
+    # Assert: round 1 released, round 2 aborted with a ledger line naming the one silo that staged
+    events = server_ledger(run_dir)
+    assert [e["round"] for e in events if e["kind"] == dd.KIND_TRAINING] == [1]
+    aborts = [e for e in events if e["kind"] == ABORT_EVENT]
+    assert len(aborts) == 1
+    abort = aborts[0]
+    assert abort["round"] == 2 and abort["release"] == dd.KIND_TRAINING and abort["threshold"] == 2
+    assert [s["node"] for s in abort["staged"]] == [min(first)] and abort["staged"][0]["silo"].startswith("silo-")
+    assert "1 of 3 silos staged, below the threshold 2" in abort["reason"]
+    # fedrec audit replays the one release and names the abort
+    result = audit_run(run_dir, empirical=False)
+    server = next(led for led in result.ledgers if led.owner == "server")
+    assert [t.round for t in server.trajectory] == [1]
+    (line,) = [dropout_text(d) for d in server.dropouts]
+    assert "round 2" in line and "aborted" in line and "no ε spent" in line
