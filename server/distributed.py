@@ -39,7 +39,7 @@ from common.secagg.protocol import UNMASK, SecAggError, SecAggOutcome
 from common.secagg.quantize import QuantSpec, range_for
 from server.ledger import RunLedgers
 from server.protocol import RoundEvents
-from server.secagg import DROPOUT_EVENT, dropout_event, missing_stages, secure_sum
+from server.secagg import DROPOUT_EVENT, dropout_event, missing_stages, named_node, secure_sum
 
 MODULUS_BITS = 32
 ITEM_BIAS = "item_bias.weight"
@@ -204,11 +204,10 @@ class DistributedDP:
         assert self.mech is not None
         if self.ledgers is None:
             return
-        named = [{"node": n, **({"silo": f"silo-{self.partitions[n]}"} if n in self.partitions else {})}
-                 for n in sorted(staged)]  # fmt: skip
         self.ledgers.server.append(
             ABORT_EVENT, server_round, release=release, silos=self.mech.silos, threshold=self.mech.threshold,
-            staged=named, reason=reason, released="nothing: no ε spent",
+            staged=[named_node(n, self.partitions) for n in sorted(staged)], reason=reason,
+            released="nothing: no ε spent",
         )  # fmt: skip
 
     def _record_dropouts(
@@ -277,16 +276,16 @@ class DistributedDP:
         if s.freeze_biases:  # the anchor stays: the noise on the bias coordinates is discarded
             frozen = {k: np.zeros(shapes[k]) for k in (ITEM_BIAS, GLOBAL_BIAS)}
             mean = vectors.flatten({**vectors.unflatten(mean, shapes), **frozen})
+        weights = np.ones(shapes[ITEM_BIAS][0])  # the server's step on each item's rows
         if self.trainable is not None:  # top-items: the other items' coordinates of the sum are discarded
-            parts = vectors.unflatten(mean, shapes)
-            mean = vectors.flatten({**parts, **{k: parts[k] * self.trainable.reshape(-1, *([1] * (parts[k].ndim - 1)))
-                                                for k in (ITEM_EMBEDDING, ITEM_BIAS)}})  # fmt: skip
+            weights = weights * self.trainable
         if s.item_step_kappa > 0 and self.popularity is not None:
-            weights = item_step_weights(self.popularity, m.noise_multiplier * dd.noise_price(m.silos, m.max_dishonest),
-                                        s.item_step_kappa)  # fmt: skip
-            parts = vectors.unflatten(mean, shapes)
-            mean = vectors.flatten({**parts, **{k: parts[k] * weights.reshape(-1, *([1] * (parts[k].ndim - 1)))
-                                                for k in (ITEM_EMBEDDING, ITEM_BIAS)}})  # fmt: skip
+            weights = weights * item_step_weights(
+                self.popularity, m.noise_multiplier * dd.noise_price(m.silos, m.max_dishonest), s.item_step_kappa
+            )
+        parts = vectors.unflatten(mean, shapes)
+        mean = vectors.flatten({**parts, **{k: parts[k] * weights.reshape(-1, *([1] * (parts[k].ndim - 1)))
+                                            for k in (ITEM_EMBEDDING, ITEM_BIAS)}})  # fmt: skip
         self._velocity = server_step_velocity(self._velocity, mean, s.server_momentum)
         base = vectors.flatten({k: v.numpy() for k, v in sent.items()})
         new = vectors.unflatten(base + s.server_lr * self._velocity, shapes)

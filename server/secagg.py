@@ -114,7 +114,7 @@ def _exchange(
     return replies
 
 
-__all__ = ["DROPOUT_EVENT", "NOT_STAGED", "dropout_event", "missing_stages", "secure_sum"]
+__all__ = ["DROPOUT_EVENT", "NOT_STAGED", "dropout_event", "missing_stages", "named_node", "secure_sum"]
 
 NOT_STAGED = "train"
 """The stage named for a silo that never entered the secure sum (no vector staged: failed or silent)."""
@@ -130,6 +130,14 @@ def missing_stages(nodes: Sequence[int], staged: Iterable[int], outcome: SecAggO
     lost = {n: stage for stage, dropped in outcome.dropped.items() for n in dropped}
     in_sum, entered = set(outcome.survivors), set(staged)
     return {n: (lost.get(n, NOT_STAGED) if n in entered else NOT_STAGED) for n in sorted(nodes) if n not in in_sum}
+
+
+def named_node(node: int, partitions: Mapping[int, int]) -> dict[str, object]:
+    """A node of a ledger event: ``{"node": id}``, with ``"silo": "silo-<k>"`` when its replies claimed partition k."""
+    entry: dict[str, object] = {"node": node}
+    if node in partitions:
+        entry["silo"] = f"silo-{partitions[node]}"
+    return entry
 
 
 def dropout_event(
@@ -170,19 +178,14 @@ def dropout_event(
             f"no silo in it has its noise share known to the server"
         )
 
-    def named(node: int) -> dict[str, object]:
-        entry: dict[str, object] = {"node": node}
-        if node in partitions:
-            entry["silo"] = f"silo-{partitions[node]}"
-        return entry
-
     return {
         "release": release,
         "silos": silos,
         "max-dishonest-silos": max_dishonest,
-        "in-sum": [named(n) for n in sorted(survivors)],
-        "missing": [{**named(n), "stage": stage} for n, stage in sorted(missing.items())],
-        "dropped-at-unmask": [named(n) for n in sorted(unmask_dropped)],  # in the sum: their b was rebuilt
+        "in-sum": [named_node(n, partitions) for n in sorted(survivors)],
+        "missing": [{**named_node(n, partitions), "stage": stage} for n, stage in sorted(missing.items())],
+        # in the sum: their b was rebuilt
+        "dropped-at-unmask": [named_node(n, partitions) for n in sorted(unmask_dropped)],
         "nominal-noise-multiplier": noise_multiplier,
         "accounted-noise-multiplier": accounted_noise_multiplier,
         "noise": meaning,
