@@ -220,7 +220,10 @@ class DistributedPrivacySettings:
     user_lr: float
     lr: float  # learning rate of one user's local step on the shared parameters
     server_lr: float
-    server_momentum: float
+    server_momentum: float  # heavy-ball β (sgd) or Adam's β1 (adam)
+    server_optimizer: str  # "sgd" (heavy-ball) or "adam" (bias-corrected Adam on the released mean delta)
+    server_beta2: float  # Adam's β2
+    server_adam_eps: float  # Adam's τ, added to √v
     popularity: bool  # DP item-popularity histogram at round 1: initialises the item biases
     popularity_epsilon_fraction: float  # share of target_epsilon the histogram spends
     popularity_bias_scale: float  # item biases = scale · centred log(1 + max(ĉ, 0)) of the DP histogram
@@ -466,6 +469,9 @@ class AppConfig:
                     lr=r.float("privacy.distributed.lr", lo=0.0, lo_open=True),
                     server_lr=r.float("privacy.distributed.server-lr", lo=0.0, lo_open=True),
                     server_momentum=r.float("privacy.distributed.server-momentum", lo=0.0, hi=1.0),
+                    server_optimizer=r.choice("privacy.distributed.server-optimizer", ("sgd", "adam")),
+                    server_beta2=r.float("privacy.distributed.server-beta2", lo=0.0, hi=1.0),
+                    server_adam_eps=r.float("privacy.distributed.server-adam-eps", lo=0.0, lo_open=True),
                     popularity=r.bool("privacy.distributed.popularity"),
                     popularity_epsilon_fraction=r.float(
                         "privacy.distributed.popularity-epsilon-fraction", lo=0.0, hi=1.0, lo_open=True
@@ -678,6 +684,12 @@ def _check_distributed(cfg: AppConfig) -> None:
         raise ConfigError(
             "privacy.distributed.item-step-kappa: weights each item's step by its released DP popularity count; "
             "it needs privacy.distributed.popularity = true (or item-step-kappa = 0)"
+        )
+    if dist.server_optimizer == "adam" and (dist.server_momentum >= 1.0 or dist.server_beta2 >= 1.0):
+        bad = "server-momentum" if dist.server_momentum >= 1.0 else "server-beta2"
+        raise ConfigError(
+            f"privacy.distributed.{bad}: Adam's bias correction divides by 1 − β^t; with "
+            f"server-optimizer = \"adam\" it must be < 1"
         )
     if dist.top_items > 0 and not dist.popularity:
         raise ConfigError(

@@ -66,6 +66,7 @@ class DistributedDP:
         self._sent: ArrayRecord | None = None
         self._config: ConfigRecord | None = None
         self._velocity: np.ndarray | None = None
+        self._adam: ServerAdam | None = None
         self._stop_reason: str | None = None
         self._events = RoundEvents()
 
@@ -286,12 +287,21 @@ class DistributedDP:
         parts = vectors.unflatten(mean, shapes)
         mean = vectors.flatten({**parts, **{k: parts[k] * weights.reshape(-1, *([1] * (parts[k].ndim - 1)))
                                             for k in (ITEM_EMBEDDING, ITEM_BIAS)}})  # fmt: skip
-        self._velocity = server_step_velocity(self._velocity, mean, s.server_momentum)
         base = vectors.flatten({k: v.numpy() for k, v in sent.items()})
-        new = vectors.unflatten(base + s.server_lr * self._velocity, shapes)
+        new = vectors.unflatten(base + self._step(mean), shapes)
         new[ITEM_EMBEDDING] = new[ITEM_EMBEDDING] * (1.0 - s.item_shrink)
         out = ArrayRecord({k: Array(new[k].astype(sent[k].numpy().dtype)) for k in sent})
         return out, MetricRecord({records.TRAIN_SILOS: m.silos - missing})
+
+    def _step(self, mean: np.ndarray) -> np.ndarray:
+        """The server's step on the released mean delta (post-processing): heavy-ball SGD or Adam."""
+        s = self.settings
+        if s.server_optimizer == "adam":
+            if self._adam is None:
+                self._adam = ServerAdam(s.server_lr, s.server_momentum, s.server_beta2, s.server_adam_eps)
+            return self._adam.step(mean)
+        self._velocity = server_step_velocity(self._velocity, mean, s.server_momentum)
+        return s.server_lr * self._velocity
 
     # ---------------------------------------------------------------- evaluate
     def configure_evaluate(
@@ -375,3 +385,37 @@ def item_step_weights(histogram: np.ndarray, noise_std: float, kappa: float) -> 
 def server_step_velocity(velocity: np.ndarray | None, mean: np.ndarray, momentum: float) -> np.ndarray:
     """Heavy-ball velocity v_t = β·v_{t−1} + ū_t (v_1 = ū_1); the server adds server-lr · v_t."""
     return mean if velocity is None else momentum * velocity + mean
+
+
+class ServerAdam:
+    """Bias-corrected Adam on the released mean delta ū_t (FedAdam's server step; post-processing).
+
+    m_t = β1·m_{t−1} + (1 − β1)·ū_t, v_t = β2·v_{t−1} + (1 − β2)·ū_t², and the step is
+    lr · m̂_t/(√v̂_t + τ) with m̂_t = m_t/(1 − β1^t), v̂_t = v_t/(1 − β2^t). The delta is the
+    direction to move in (users' local descent), so the step is added. Coordinates whose mean
+    is 0 (frozen biases, discarded items) never move. τ bounds the step of a coordinate that
+    carries mostly noise: one whose |ū| ≪ τ moves by about lr·ū/τ.
+    """
+
+    def __init__(self, lr: float, beta1: float, beta2: float, tau: float) -> None:
+        if lr <= 0 or tau <= 0 or not (0 <= beta1 < 1 and 0 <= beta2 < 1):
+            raise ValueError(
+                f"server Adam: need lr > 0, tau > 0 and 0 <= beta1, beta2 < 1; got {lr}, {tau}, {beta1}, {beta2}"
+            )
+        self.lr, self.beta1, self.beta2, self.tau = lr, beta1, beta2, tau
+        self.t = 0
+        self.m: np.ndarray | None = None
+        self.v: np.ndarray | None = None
+
+    def step(self, mean: np.ndarray) -> np.ndarray:
+        """The step to add to the shared parameters for this round's mean delta."""
+        if self.m is None or self.v is None:
+            self.m, self.v = np.zeros_like(mean), np.zeros_like(mean)
+        if mean.shape != self.m.shape:
+            raise ValueError(f"server Adam: the mean delta has shape {mean.shape}, the state {self.m.shape}")
+        self.t += 1
+        self.m = self.beta1 * self.m + (1.0 - self.beta1) * mean
+        self.v = self.beta2 * self.v + (1.0 - self.beta2) * mean * mean
+        m_hat = self.m / (1.0 - self.beta1**self.t)
+        v_hat = self.v / (1.0 - self.beta2**self.t)
+        return self.lr * m_hat / (np.sqrt(v_hat) + self.tau)

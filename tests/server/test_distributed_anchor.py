@@ -7,11 +7,13 @@ import pytest
 from flwr.app import Array, ArrayRecord
 
 from common.config import AppConfig
+from common.errors import ConfigError
 from common.privacy import distributed as dd
 from common.privacy.events import DISTRIBUTED_FEDAVG, DISTRIBUTED_HISTOGRAM, UNION_NEIGHBOURING, PrivacyRelease
 from common.run_config import load_default_run_config
 from server.distributed import (
     DistributedDP,
+    ServerAdam,
     item_step_weights,
     popularity_biases,
     scaled_item_embeddings,
@@ -100,6 +102,39 @@ def test_heavy_ball_momentum_by_hand():
     assert second["item_embedding.weight"].ravel() == pytest.approx(np.arange(1.0, 7.0) + 0.5 * v2[4:], rel=1e-6)
     assert server_step_velocity(None, np.array([1.0]), 0.9) == pytest.approx([1.0])
     assert server_step_velocity(np.array([1.0]), np.array([2.0]), 0.5) == pytest.approx([2.5])
+
+
+def test_server_adam_by_hand():
+    adam = ServerAdam(lr=0.1, beta1=0.5, beta2=0.5, tau=1.0)
+    # t = 1: m = [1, 0], v = [2, 0]; m̂ = m/0.5 = [2, 0], v̂ = v/0.5 = [4, 0]; step = 0.1·2/(2 + 1)
+    assert adam.step(np.array([2.0, 0.0])) == pytest.approx([0.2 / 3.0, 0.0])
+    # t = 2: m = 0.5·1 − 0.5·2 = −0.5, v = 0.5·2 + 0.5·4 = 3; m̂ = −0.5/0.75, v̂ = 3/0.75 = 4
+    assert adam.step(np.array([-2.0, 0.0])) == pytest.approx([0.1 * (-0.5 / 0.75) / 3.0, 0.0])
+    with pytest.raises(ValueError, match="shape"):
+        adam.step(np.zeros(3))
+    with pytest.raises(ValueError, match="tau"):
+        ServerAdam(lr=0.1, beta1=0.9, beta2=0.99, tau=0.0)
+
+
+def test_the_strategy_steps_with_adam_on_the_released_mean_and_keeps_frozen_biases():
+    cfg = settings(**{"privacy.distributed.server-optimizer": "adam", "privacy.distributed.server-lr": 0.1,
+                      "privacy.distributed.server-momentum": 0.9, "privacy.distributed.server-beta2": 0.99,
+                      "privacy.distributed.server-adam-eps": 0.5, "privacy.distributed.freeze-biases": True})  # fmt: skip
+    s = strategy(cfg, [SUM, SUM])
+    first = step(s, 1, model())
+    mean = SUM[4:] / 10.0  # bias-corrected first step: m̂ = ū, v̂ = ū², step = lr·ū/(|ū| + τ)
+    assert first["item_embedding.weight"].ravel() == pytest.approx(np.arange(1.0, 7.0) + 0.1 * mean / (mean + 0.5),
+                                                                    rel=1e-6)  # fmt: skip
+    assert first["item_bias.weight"].ravel() == pytest.approx([0.1, 0.2, 0.3])
+    second = step(s, 2, model())  # the same ū again: m̂ = ū, v̂ = ū², the same step from the same model
+    assert second["item_embedding.weight"] == pytest.approx(first["item_embedding.weight"], rel=1e-6)
+
+
+def test_adam_refuses_a_beta_of_one():
+    with pytest.raises(ConfigError, match="server-beta2"):
+        settings(**{"privacy.distributed.server-optimizer": "adam", "privacy.distributed.server-beta2": 1.0})
+    with pytest.raises(ConfigError, match="server-optimizer"):
+        settings(**{"privacy.distributed.server-optimizer": "adagrad"})
 
 
 def test_frozen_biases_stay_where_they_were_and_the_embeddings_step():
