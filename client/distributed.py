@@ -42,6 +42,7 @@ from common.errors import ConfigError
 from common.evaluation import DP_POPULARITY, ranking_sums
 from common.models import MF, shared_state
 from common.privacy import distributed as dd
+from common.privacy import dp_als
 from common.privacy.events import silo_owner
 from common.secagg import vectors
 from common.seeding import numpy_rng
@@ -72,6 +73,10 @@ def train(session: Session) -> RecordDict:
         vector = dd.user_item_histogram(split.train_user, split.train_item, split.num_items)
         vector = vector + noise.normal(0.0, mech.histogram_share_std, vector.size)
         kind, use = dd.KIND_HISTOGRAM, dd.histogram_use(mech.histogram_noise_multiplier)
+    elif cfg.privacy.distributed.algorithm == "als":
+        vector, line = als_statistics(session, mech, noise)
+        kind, use = dd.KIND_TRAINING, dd.training_use(mech.noise_multiplier, mech.rate)
+        _keep_own(session, line)
     else:
         model = session.model
         assert isinstance(model, MF)
@@ -122,6 +127,37 @@ def trainable_items(session: Session) -> np.ndarray | None:
             f"{num_items} counts (this silo's catalogue)"
         )
     return dd.top_item_mask(np.asarray(released, dtype=np.float64), top)
+
+
+# ---------------------------------------------------------------- DP-ALS (algorithm = "als")
+def als_user_rows(session: Session) -> None:
+    """Every user's exact ALS row against the received item table, into the model and the node state.
+
+    Each row is a function of its user's own training items and the public item table only
+    (:func:`common.privacy.dp_als.user_rows`); user biases are 0 under ALS. Never released.
+    """
+    model, split, dist = session.model, session.data.split, session.cfg.privacy.distributed
+    assert isinstance(model, MF)
+    q = model.item_embedding.weight.detach().double().numpy()
+    rows = dp_als.user_rows(q, split.train_user, split.train_item, split.num_users, dist.als_reg,
+                            dist.als_unobserved_weight, dist.als_max_items)  # fmt: skip
+    with torch.no_grad():
+        model.user_embedding.weight.copy_(torch.from_numpy(rows))
+        model.user_bias.weight.zero_()
+    state.save_user_params(session.context.state, model)
+
+
+def als_statistics(session: Session, mech: dd.Mechanism, noise: np.random.Generator) -> tuple[np.ndarray, dict]:
+    """The silo's staged DP-ALS vector (its sampled users' bounded statistics + its noise share) and its own line."""
+    als_user_rows(session)
+    model, split, dist = session.model, session.data.split, session.cfg.privacy.distributed
+    assert isinstance(model, MF)
+    sampled = dd.poisson_sample(split.num_users, mech.rate, noise)
+    rows = model.user_embedding.weight.detach().double().numpy()
+    total, mean_norm = dp_als.user_statistics(rows, split.train_user, split.train_item, sampled, split.num_items,
+                                            dist.als_max_items, dist.als_row_clip)  # fmt: skip
+    vector = total + noise.normal(0.0, mech.share_std, total.size)
+    return vector, {"kind": "training-als", "sampled-users": int(sampled.size), "mean-row-norm": mean_norm}
 
 
 # ---------------------------------------------------------------- the users' own rows

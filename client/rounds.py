@@ -93,6 +93,12 @@ def train(session: Session, evaluate_config: ConfigRecord | None = None) -> Reco
 
 def evaluate(session: Session) -> RecordDict:
     """Evaluate the silo's own users; the reply holds sums the server can add up."""
+    if session.cfg.privacy.mode == "distributed" and session.cfg.privacy.distributed.algorithm == "als":
+        from client import distributed  # ALS: each user's exact row against the model being evaluated
+
+        distributed.als_user_rows(session)
+        if session.store is not None:
+            session.store.save_state(session.context.state)
     sums = silo.evaluate_users(session.model, session.cfg, session.data)
     if session.cfg.privacy.mode == "distributed":  # the released DP popularity ranking beside the model
         from client import distributed

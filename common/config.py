@@ -232,6 +232,11 @@ class DistributedPrivacySettings:
     item_shrink: float  # after each server step the item embeddings are multiplied by 1 − item_shrink
     item_step_kappa: float  # > 0: item i's server step × r_i²/(r_i² + κ²), r_i = DP count / noise std (0 = off)
     top_items: int  # > 0: only the M items with the largest released DP counts have item rows that train (0 = all)
+    algorithm: str = "fedavg"  # "fedavg" (per-user clipped deltas) or "als" (DP sufficient statistics, dp_als)
+    als_max_items: int = 40  # k: a user's observed terms weigh min(1, √(k/n_u))
+    als_row_clip: float = 1.0  # B: the L2 bound of a user's row in the statistics
+    als_reg: float = 1.0  # λ
+    als_unobserved_weight: float = 0.001  # w₀
 
 
 @dataclass(frozen=True, slots=True)
@@ -482,6 +487,11 @@ class AppConfig:
                     item_shrink=r.float("privacy.distributed.item-shrink", lo=0.0, hi=1.0),
                     item_step_kappa=r.float("privacy.distributed.item-step-kappa", lo=0.0),
                     top_items=r.int("privacy.distributed.top-items", lo=0),
+                    algorithm=r.choice("privacy.distributed.algorithm", ("fedavg", "als")),
+                    als_max_items=r.int("privacy.distributed.als-max-items", lo=1),
+                    als_row_clip=r.float("privacy.distributed.als-row-clip", lo=0.0, lo_open=True),
+                    als_reg=r.float("privacy.distributed.als-reg", lo=0.0, lo_open=True),
+                    als_unobserved_weight=r.float("privacy.distributed.als-unobserved-weight", lo=0.0),
                 ),
             ),
             audit=AuditSettings(
@@ -690,6 +700,17 @@ def _check_distributed(cfg: AppConfig) -> None:
         raise ConfigError(
             f"privacy.distributed.{bad}: Adam's bias correction divides by 1 − β^t; with "
             f"server-optimizer = \"adam\" it must be < 1"
+        )
+    if dist.algorithm == "als" and dist.item_init_scale == 0:
+        raise ConfigError(
+            "privacy.distributed.item-init-scale: DP-ALS solves the users' rows against the initial item table; "
+            "a table of zeros gives rows of zeros and nothing to learn from (use a scale > 0)"
+        )
+    if dist.algorithm == "als" and (dist.top_items > 0 or dist.item_step_kappa > 0):
+        bad = "top-items" if dist.top_items > 0 else "item-step-kappa"
+        raise ConfigError(
+            f"privacy.distributed.{bad}: shapes DP-FedAvg's server step; privacy.distributed.algorithm = \"als\" "
+            f"solves the item rows from the released statistics instead (set {bad} = 0)"
         )
     if dist.top_items > 0 and not dist.popularity:
         raise ConfigError(

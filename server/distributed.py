@@ -33,6 +33,7 @@ from flwr.supercore import log
 from common import records
 from common.config import AppConfig
 from common.privacy import distributed as dd
+from common.privacy import dp_als
 from common.privacy.events import SERVER_OWNER
 from common.secagg import ABORT_EVENT, vectors
 from common.secagg.protocol import UNMASK, SecAggError, SecAggOutcome
@@ -261,7 +262,9 @@ class DistributedDP:
         self._sent = None
         staged = self._staged(server_round, replies, "train")
         shapes = {k: tuple(v.shape) for k, v in sent.items()}
-        length = sum(int(np.prod(s)) for s in shapes.values())
+        als = self.settings.algorithm == "als"
+        num_items, dim = shapes[ITEM_EMBEDDING]
+        length = dp_als.statistics_length(num_items, dim) if als else sum(int(np.prod(s)) for s in shapes.values())
         expected_max = max(self.rosters.values()) * m.rate
         signal = m.clip * (expected_max + 6.0 * math.sqrt(expected_max) + 6.0)  # users per silo: P(more) tiny
         total, missing = self._secure_sum(
@@ -270,8 +273,12 @@ class DistributedDP:
         if total is None:
             return sent, MetricRecord({records.TRAIN_SILOS: 0})
         sigma = dd.round_noise_multiplier(m.noise_multiplier, m.silos, m.max_dishonest, missing)
-        release = dd.record_release(self.accountant, server_round, dd.KIND_TRAINING, dd.training_use(sigma, m.rate), m)
+        use = dd.training_use(sigma, m.rate)
+        release = dd.record_release(self.accountant, server_round, dd.KIND_TRAINING, use, m,
+                                    dd.RELEASED_ALS if als else dd.RELEASED)  # fmt: skip
         self._events.central = release
+        if als:
+            return self._als_step(sent, total), MetricRecord({records.TRAIN_SILOS: m.silos - missing})
         mean = dd.server_average(total, m.rate * m.population)
         s = self.settings
         if s.freeze_biases:  # the anchor stays: the noise on the bias coordinates is discarded
@@ -292,6 +299,15 @@ class DistributedDP:
         new[ITEM_EMBEDDING] = new[ITEM_EMBEDDING] * (1.0 - s.item_shrink)
         out = ArrayRecord({k: Array(new[k].astype(sent[k].numpy().dtype)) for k in sent})
         return out, MetricRecord({records.TRAIN_SILOS: m.silos - missing})
+
+    def _als_step(self, sent: ArrayRecord, total: np.ndarray) -> ArrayRecord:
+        """DP-ALS's item step from the released statistics (post-processing); the biases are 0 under ALS."""
+        assert self.mech is not None
+        s, m = self.settings, self.mech
+        num_items, dim = sent[ITEM_EMBEDDING].shape
+        rows = dp_als.item_rows(total, num_items, dim, m.population, m.rate, s.als_reg, s.als_unobserved_weight)
+        new = {ITEM_EMBEDDING: rows, ITEM_BIAS: np.zeros((num_items, 1)), GLOBAL_BIAS: np.zeros(1)}
+        return ArrayRecord({k: Array(new[k].astype(sent[k].numpy().dtype)) for k in sent})
 
     def _step(self, mean: np.ndarray) -> np.ndarray:
         """The server's step on the released mean delta (post-processing): heavy-ball SGD or Adam."""

@@ -390,7 +390,7 @@ def mechanism(settings: Any, num_rounds: int, population: int, silos: int, accou
         silos=silos,
         max_dishonest=settings.max_dishonest_silos,
         rate=rate,
-        clip=settings.clip,
+        clip=contribution_bound(settings),
         noise_multiplier=sigma,
         histogram_noise_multiplier=sigma_h,
         delta=chosen.delta,
@@ -400,8 +400,21 @@ def mechanism(settings: Any, num_rounds: int, population: int, silos: int, accou
     )
 
 
+def contribution_bound(settings: Any) -> float:
+    """The L2 bound of one sampled user's contribution to a round's secure sum: C, or DP-ALS's Δ."""
+    if getattr(settings, "algorithm", "fedavg") == "als":
+        from common.privacy.dp_als import sensitivity
+
+        return sensitivity(settings.als_max_items, settings.als_row_clip)
+    return float(settings.clip)
+
+
 RELEASED: Final = "the secure sum of the silos' clipped, noised per-user deltas, divided by q·N_total"
 RELEASED_HISTOGRAM: Final = "the secure sum of the silos' noised item-popularity histograms (l2 rule)"
+RELEASED_ALS: Final = (
+    "the secure sum of the silos' noised DP-ALS statistics (per item: the sampled users' bounded rows and "
+    "weights; the rows' Gram matrix)"
+)
 
 
 def union_accountant(mech: Mechanism, owner: str, accountant: str = "pld") -> Any:
@@ -424,7 +437,9 @@ def union_accountant(mech: Mechanism, owner: str, accountant: str = "pld") -> An
     )
 
 
-def record_release(acc: Any, server_round: int, kind: str, use: MechanismUse, mech: Mechanism) -> Any:
+def record_release(
+    acc: Any, server_round: int, kind: str, use: MechanismUse, mech: Mechanism, released: str = RELEASED
+) -> Any:
     """Compose ``use`` into ``acc`` and return its :class:`~common.privacy.events.PrivacyRelease`.
 
     The release carries this use's own σ and q (the histogram: σ_h, q = 1, sensitivity 1;
@@ -440,5 +455,5 @@ def record_release(acc: Any, server_round: int, kind: str, use: MechanismUse, me
         noise_multiplier=use.noise_multiplier,
         sample_rate=use.sample_rate,
         clip=1.0 if histogram else mech.clip,
-        released=RELEASED_HISTOGRAM if histogram else RELEASED,
+        released=RELEASED_HISTOGRAM if histogram else released,
     )
