@@ -62,6 +62,10 @@ def test_an_als_run_releases_one_accounted_sum_per_round_with_delta_as_the_bound
     assert [e["clip"] for e in releases[1:]] == [pytest.approx(bound)] * 2
     assert all("DP-ALS" in e["released"] for e in releases[1:])
     assert not audit_run(als_run, empirical=False).problems  # the union ε replays from the ledger
+    for path in sorted((als_run / "state").glob("silo-*/*/ledger.jsonl")):  # each silo's own view says the same
+        own = [json.loads(x) for x in path.read_text().splitlines()]
+        assert [e["released"] for e in own[1:]] == [e["released"] for e in releases[1:]]
+        assert [e["clip"] for e in own[1:]] == [pytest.approx(bound)] * 2
 
 
 def test_an_als_run_learns_item_rows_and_keeps_the_users_rows_in_their_silos(als_run):
