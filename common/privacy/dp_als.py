@@ -21,9 +21,11 @@ Each round:
    (Poisson-subsampled) Gaussian release per round, accounted exactly as a DP-FedAvg round.
 3. **Item step (server, post-processing).** From the released sums divided by q:
    Ĝ = sym(G)/η projected onto the PSD cone, ĉ_i = max(c_i/γ, 0), and
-   q_i = ((ĉ_i/N)·Ĝ + w₀·Ĝ + λI)⁻¹ b̂_i (:func:`item_rows`). The item-specific Gram
-   Σ_{u∈I_u} w_u p_u p_uᵀ is approximated by ĉ_i times the population's mean Ĝ/N, so no
-   per-item d×d matrix has to be released.
+   q_i = (Â_i + w₀·Ĝ + λI)⁻¹ b̂_i (:func:`item_rows`). The item's own Gram
+   A_i = Σ_{u∋i} w_u p̃_u p̃_uᵀ is never released (a d×d matrix per item would multiply the
+   noise); it is estimated by its first two moments, Â_i = ĉ_i·Σ̂ + b̂_i b̂_iᵀ/max(ĉ_i, 1):
+   the rows of item i's users have mean b̂_i/ĉ_i and, approximately, the population's
+   covariance Σ̂ = PSD(Ĝ/N − μ̄μ̄ᵀ), μ̄ = Σ_i b̂_i / Σ_i ĉ_i.
 
 γ = :data:`COUNT_SCALE` and η = :data:`GRAM_SCALE` shrink the counts' and the Gram's share of
 Δ: both are sums over many users, so their signal dwarfs the noise even at γ, η < 1.
@@ -135,6 +137,12 @@ def split_statistics(vector: np.ndarray, num_items: int, dim: int) -> tuple[np.n
     return vector[:nb].reshape(num_items, dim), vector[nb : nb + num_items], vector[nb + num_items :].reshape(dim, dim)
 
 
+def _psd(matrix: np.ndarray) -> np.ndarray:
+    """The nearest (Frobenius) positive semi-definite matrix to a symmetric ``matrix``."""
+    values, vectors = np.linalg.eigh(matrix)
+    return (vectors * np.maximum(values, 0.0)) @ vectors.T
+
+
 def item_rows(
     released: np.ndarray, num_items: int, dim: int, population: int, rate: float, reg: float, unobserved: float
 ) -> np.ndarray:
@@ -143,9 +151,11 @@ def item_rows(
         raise DPALSError(f"DP-ALS item step: need N_total >= 1 and q in (0, 1], got {population}, {rate}")
     b, c, g = split_statistics(released, num_items, dim)
     b, c, g = b / rate, c / rate, g / rate
-    g = (g + g.T) / (2.0 * GRAM_SCALE)
-    values, vectors = np.linalg.eigh(g)
-    g = (vectors * np.maximum(values, 0.0)) @ vectors.T  # the nearest PSD matrix
+    gram = _psd((g + g.T) / (2.0 * GRAM_SCALE))
     counts = np.maximum(c / COUNT_SCALE, 0.0)
-    lhs = (counts / population + unobserved)[:, None, None] * g[None] + reg * np.eye(dim)[None]
+    mean = b.sum(axis=0) / max(float(counts.sum()), 1e-12)  # μ̄: the interactions' mean row
+    cov = _psd(gram / population - np.outer(mean, mean))  # Σ̂
+    spread = b[:, :, None] * b[:, None, :] / np.maximum(counts, 1.0)[:, None, None]  # ĉ_i·(mean row)(mean row)ᵀ
+    item_gram = counts[:, None, None] * cov[None] + spread
+    lhs = item_gram + unobserved * gram[None] + reg * np.eye(dim)[None]
     return np.linalg.solve(lhs, b[:, :, None])[:, :, 0]

@@ -55,26 +55,34 @@ def test_one_users_contribution_never_exceeds_the_sensitivity_and_reaches_it_at_
 
 def test_the_item_step_by_hand():
     # b = [1, 0], c = γ·[1, 2], G = η·2 over N = 2 users, q = 1: Ĝ = 2, ĉ = [1, 2]
+    # μ̄ = Σb/Σĉ = 1/3, Σ̂ = Ĝ/N − μ̄² = 8/9; Â = ĉ·Σ̂ + b²/max(ĉ, 1) = [8/9 + 1, 16/9]
+    # lhs = Â + w₀·Ĝ + λ = Â + 0.5·2 + 1 → item 0: 17/9 + 2 = 35/9, so q_0 = 9/35; b_1 = 0, so q_1 = 0
     vec = np.array([1.0, 0.0, GAMMA, 2 * GAMMA, ETA * 2.0])
     rows = dp_als.item_rows(vec, 2, 1, population=2, rate=1.0, reg=1.0, unobserved=0.5)
-    # lhs_i = (ĉ_i/N + w₀)·Ĝ + λ = [(0.5 + 0.5)·2 + 1, (1 + 0.5)·2 + 1] = [3, 4]
-    assert rows.ravel() == pytest.approx([1.0 / 3.0, 0.0])
+    assert rows.ravel() == pytest.approx([9.0 / 35.0, 0.0])
     half = dp_als.item_rows(vec / 2.0, 2, 1, population=2, rate=0.5, reg=1.0, unobserved=0.5)
-    assert half.ravel() == pytest.approx([1.0 / 3.0, 0.0])  # sums at rate q are divided by q
+    assert half.ravel() == pytest.approx([9.0 / 35.0, 0.0])  # sums at rate q are divided by q
     noisy = vec.copy()
-    noisy[2] = -5.0  # a negative noisy count is clipped at 0
-    assert dp_als.item_rows(noisy, 2, 1, 2, 1.0, 1.0, 0.5).ravel() == pytest.approx([1.0 / 2.0, 0.0])
+    noisy[2] = -5.0  # a negative noisy count is clipped at 0: μ̄ = 1/2, Σ̂ = 3/4, Â_0 = 0 + 1/max(0, 1)
+    assert dp_als.item_rows(noisy, 2, 1, 2, 1.0, 1.0, 0.5).ravel() == pytest.approx([1.0 / 3.0, 0.0])
     with pytest.raises(dp_als.DPALSError, match="expected 5"):
         dp_als.item_rows(vec[:4], 2, 1, 2, 1.0, 1.0, 0.5)
 
 
-def test_the_item_steps_gram_is_symmetrised_and_projected_onto_the_psd_cone():
+def test_the_item_steps_grams_are_symmetrised_and_projected_onto_the_psd_cone():
+    def psd(m):
+        values, vectors = np.linalg.eigh(m)
+        return (vectors * np.maximum(values, 0)) @ vectors.T
+
     g = np.array([[2.0, 1.0], [-3.0, -4.0]])  # sym: [[2, −1], [−1, −4]], eigenvalues 2.16, −4.16
-    vec = np.concatenate([[1.0, 0.0], [GAMMA * 0.0], ETA * g.ravel()])  # one item, d = 2, count 0
+    b = np.array([1.0, 0.0])
+    vec = np.concatenate([b, [GAMMA * 1.0], ETA * g.ravel()])  # one item (count 1), d = 2, N = 1
     row = dp_als.item_rows(vec, 1, 2, population=1, rate=1.0, reg=1.0, unobserved=1.0)
-    values, vectors = np.linalg.eigh(np.array([[2.0, -1.0], [-1.0, -4.0]]))
-    psd = (vectors * np.maximum(values, 0)) @ vectors.T
-    np.testing.assert_allclose(row[0], np.linalg.solve(psd + np.eye(2), [1.0, 0.0]), rtol=1e-10)
+    gram = psd(np.array([[2.0, -1.0], [-1.0, -4.0]]))
+    cov = psd(gram - np.outer(b, b))  # μ̄ = b/1
+    lhs = cov + np.outer(b, b) + gram + np.eye(2)  # Â = 1·Σ̂ + b bᵀ/1, + w₀·Ĝ + λI
+    np.testing.assert_allclose(row[0], np.linalg.solve(lhs, b), rtol=1e-10)
+    assert np.linalg.eigvalsh(gram).min() >= -1e-12 and np.linalg.eigvalsh(cov).min() >= -1e-12
 
 
 def test_user_rows_are_each_users_exact_weighted_ridge_solution():
