@@ -111,13 +111,18 @@ PRESETS: dict[str, dict[str, Any]] = {
             "eval.full-ranking": False,
             "eval.val-users": 5000,
         },
+        # DP alternating least squares (common.privacy.dp_als): on this population DP-FedAvg's
+        # per-user deltas stay at the DP popularity list (docs/secure-aggregation.md); chosen on
+        # validation in an offline lab of the same two steps (λ, w₀, k, rounds)
         "distributed": {
-            "privacy.distributed.users-per-round": 20_000.0,
-            "privacy.distributed.clip": 0.5,
-            "privacy.distributed.lr": 5.0,
-            "privacy.distributed.server-momentum": 0.5,
-            "privacy.distributed.user-steps": 10,
-            "train.l2": 0.0,
+            "privacy.distributed.algorithm": "als",
+            "privacy.distributed.users-per-round": 100_000.0,  # q = 1: every user, every round
+            "privacy.distributed.als-max-items": 20,
+            "privacy.distributed.als-reg": 1.0,
+            "privacy.distributed.als-unobserved-weight": 0.1,
+            "privacy.distributed.popularity": False,  # the rounds' released item counts are the DP list
+            "num-server-rounds": 2,
+            "eval.every": 1,
         },
     },
 }

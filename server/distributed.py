@@ -301,11 +301,16 @@ class DistributedDP:
         return out, MetricRecord({records.TRAIN_SILOS: m.silos - missing})
 
     def _als_step(self, sent: ArrayRecord, total: np.ndarray) -> ArrayRecord:
-        """DP-ALS's item step from the released statistics (post-processing); the biases are 0 under ALS."""
+        """DP-ALS's item step from the released statistics (post-processing); the biases are 0 under ALS.
+
+        The round's released item counts ĉ become the DP popularity list the silos rank by in
+        their evaluation (the report's list at the model's own ε; no histogram phase needed).
+        """
         assert self.mech is not None
         s, m = self.settings, self.mech
         num_items, dim = sent[ITEM_EMBEDDING].shape
         rows = dp_als.item_rows(total, num_items, dim, m.population, m.rate, s.als_reg, s.als_unobserved_weight)
+        self.popularity = dp_als.released_counts(total, num_items, dim, m.rate)  # the silos rank by it beside the model
         new = {ITEM_EMBEDDING: rows, ITEM_BIAS: np.zeros((num_items, 1)), GLOBAL_BIAS: np.zeros(1)}
         return ArrayRecord({k: Array(new[k].astype(sent[k].numpy().dtype)) for k in sent})
 

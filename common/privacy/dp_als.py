@@ -137,6 +137,12 @@ def split_statistics(vector: np.ndarray, num_items: int, dim: int) -> tuple[np.n
     return vector[:nb].reshape(num_items, dim), vector[nb : nb + num_items], vector[nb + num_items :].reshape(dim, dim)
 
 
+def released_counts(released: np.ndarray, num_items: int, dim: int, rate: float) -> np.ndarray:
+    """ĉ: the released statistics' weighted item counts (c/(γ·q), may be negative): a DP popularity histogram."""
+    _, c, _ = split_statistics(released, num_items, dim)
+    return c / (COUNT_SCALE * rate)
+
+
 def _psd(matrix: np.ndarray) -> np.ndarray:
     """The nearest (Frobenius) positive semi-definite matrix to a symmetric ``matrix``."""
     values, vectors = np.linalg.eigh(matrix)
@@ -149,10 +155,10 @@ def item_rows(
     """The server's item step from the released (noised) sums; post-processing (module docstring)."""
     if population < 1 or not 0 < rate <= 1:
         raise DPALSError(f"DP-ALS item step: need N_total >= 1 and q in (0, 1], got {population}, {rate}")
-    b, c, g = split_statistics(released, num_items, dim)
-    b, c, g = b / rate, c / rate, g / rate
+    b, _, g = split_statistics(released, num_items, dim)
+    b, g = b / rate, g / rate
     gram = _psd((g + g.T) / (2.0 * GRAM_SCALE))
-    counts = np.maximum(c / COUNT_SCALE, 0.0)
+    counts = np.maximum(released_counts(released, num_items, dim, rate), 0.0)
     mean = b.sum(axis=0) / max(float(counts.sum()), 1e-12)  # μ̄: the interactions' mean row
     cov = _psd(gram / population - np.outer(mean, mean))  # Σ̂
     spread = b[:, :, None] * b[:, None, :] / np.maximum(counts, 1.0)[:, None, None]  # ĉ_i·(mean row)(mean row)ᵀ

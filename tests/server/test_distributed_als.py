@@ -27,6 +27,7 @@ def test_the_server_solves_the_item_rows_from_the_released_statistics_and_zeroes
     want = dp_als.item_rows(stats, 3, 2, POPULATION, s.mech.rate, 0.5, 0.1)
     np.testing.assert_allclose(out["item_embedding.weight"], want, rtol=1e-6)
     assert not out["item_bias.weight"].any() and not out["global_bias.value"].any()
+    np.testing.assert_allclose(s.popularity, dp_als.released_counts(stats, 3, 2, s.mech.rate))  # the report's list
 
 
 def test_the_mechanism_bounds_a_user_by_the_als_sensitivity():
