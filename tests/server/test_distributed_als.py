@@ -79,3 +79,15 @@ def test_an_als_run_learns_item_rows_and_keeps_the_users_rows_in_their_silos(als
     lines = [json.loads(x) for x in reports[0].read_text().splitlines()]
     trained = [x for x in lines if x["kind"] == "training-als"]
     assert [x["round"] for x in trained] == [1, 2] and all(x["mean-row-norm"] > 0 for x in trained)
+
+
+def test_without_a_histogram_the_silos_rank_by_the_als_rounds_released_counts(tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = distributed_config(run_dir, **ALS, **{"privacy.distributed.popularity": False, "num-server-rounds": 1,
+                                                "eval.every": 1})  # fmt: skip
+    run_federation(LocalGrid(client_app, cfg, SILOS), cfg)
+    kinds = [e["kind"] for e in server_ledger(run_dir) if e["kind"].startswith("distributed")]
+    assert kinds == [dd.KIND_TRAINING]  # no histogram phase: nothing else spent
+    report = sorted((run_dir / "state").glob("silo-*/*/silo-report.jsonl"))[0]
+    evaluations = [json.loads(x) for x in report.read_text().splitlines() if '"evaluation"' in x]
+    assert evaluations and all("dp-popularity-test-hits@10" in e for e in evaluations)
