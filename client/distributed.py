@@ -334,7 +334,7 @@ def _record_own_view(session: Session, mech: dd.Mechanism, kind: str, use: dd.Me
     for rel in releases(chain):
         if rel.use is not None:
             acc.record(rel.server_round, rel.use)
-    released = dd.RELEASED_ALS if session.cfg.privacy.distributed.algorithm == "als" else dd.RELEASED
+    released = dd.training_released(session.cfg.privacy.distributed)
     chain.append_release(dd.record_release(acc, session.server_round, kind, use, mech, released))
     privacy.save_ledger(node_state, chain)
     if session.store is not None:

@@ -275,10 +275,10 @@ class DistributedDP:
         sigma = dd.round_noise_multiplier(m.noise_multiplier, m.silos, m.max_dishonest, missing)
         use = dd.training_use(sigma, m.rate)
         release = dd.record_release(self.accountant, server_round, dd.KIND_TRAINING, use, m,
-                                    dd.RELEASED_ALS if als else dd.RELEASED)  # fmt: skip
+                                    dd.training_released(self.settings))  # fmt: skip
         self._events.central = release
         if als:
-            return self._als_step(sent, total), MetricRecord({records.TRAIN_SILOS: m.silos - missing})
+            return self._als_step(sent, total, num_items, dim), MetricRecord({records.TRAIN_SILOS: m.silos - missing})
         mean = dd.server_average(total, m.rate * m.population)
         s = self.settings
         if s.freeze_biases:  # the anchor stays: the noise on the bias coordinates is discarded
@@ -300,7 +300,7 @@ class DistributedDP:
         out = ArrayRecord({k: Array(new[k].astype(sent[k].numpy().dtype)) for k in sent})
         return out, MetricRecord({records.TRAIN_SILOS: m.silos - missing})
 
-    def _als_step(self, sent: ArrayRecord, total: np.ndarray) -> ArrayRecord:
+    def _als_step(self, sent: ArrayRecord, total: np.ndarray, num_items: int, dim: int) -> ArrayRecord:
         """DP-ALS's item step from the released statistics (post-processing); the biases are 0 under ALS.
 
         The round's released item counts ĉ become the DP popularity list the silos rank by in
@@ -308,7 +308,6 @@ class DistributedDP:
         """
         assert self.mech is not None
         s, m = self.settings, self.mech
-        num_items, dim = sent[ITEM_EMBEDDING].shape
         rows = dp_als.item_rows(total, num_items, dim, m.population, m.rate, s.als_reg, s.als_unobserved_weight)
         self.popularity = dp_als.released_counts(total, num_items, dim, m.rate)  # the silos rank by it beside the model
         new = {ITEM_EMBEDDING: rows, ITEM_BIAS: np.zeros((num_items, 1)), GLOBAL_BIAS: np.zeros(1)}

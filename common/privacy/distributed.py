@@ -402,7 +402,7 @@ def mechanism(settings: Any, num_rounds: int, population: int, silos: int, accou
 
 def contribution_bound(settings: Any) -> float:
     """The L2 bound of one sampled user's contribution to a round's secure sum: C, or DP-ALS's Δ."""
-    if getattr(settings, "algorithm", "fedavg") == "als":
+    if settings.algorithm == "als":
         from common.privacy.dp_als import sensitivity
 
         return sensitivity(settings.als_max_items, settings.als_row_clip)
@@ -415,6 +415,11 @@ RELEASED_ALS: Final = (
     "the secure sum of the silos' noised DP-ALS statistics (per item: the sampled users' bounded rows and "
     "weights; the rows' Gram matrix)"
 )
+
+
+def training_released(settings: Any) -> str:
+    """What a training round releases under ``settings`` (``algorithm``): the ledger's ``released`` text."""
+    return RELEASED_ALS if settings.algorithm == "als" else RELEASED
 
 
 def union_accountant(mech: Mechanism, owner: str, accountant: str = "pld") -> Any:
