@@ -75,7 +75,7 @@ def train(session: Session) -> RecordDict:
         kind, use = dd.KIND_HISTOGRAM, dd.histogram_use(mech.histogram_noise_multiplier)
     elif cfg.privacy.distributed.algorithm == "als":
         vector, line = als_statistics(session, mech, noise)
-        kind, use = dd.KIND_TRAINING, dd.training_use(mech.noise_multiplier, mech.rate)
+        kind, use = dd.KIND_ALS, dd.training_use(mech.noise_multiplier, mech.rate)
         _keep_own(session, line)
     else:
         model = session.model

@@ -268,13 +268,13 @@ class DistributedDP:
         expected_max = max(self.rosters.values()) * m.rate
         signal = m.clip * (expected_max + 6.0 * math.sqrt(expected_max) + 6.0)  # users per silo: P(more) tiny
         total, missing = self._secure_sum(
-            server_round, staged, length, signal, m.share_std, m.noise_multiplier, dd.KIND_TRAINING
+            server_round, staged, length, signal, m.share_std, m.noise_multiplier, dd.training_kind(self.settings)
         )
         if total is None:
             return sent, MetricRecord({records.TRAIN_SILOS: 0})
         sigma = dd.round_noise_multiplier(m.noise_multiplier, m.silos, m.max_dishonest, missing)
         use = dd.training_use(sigma, m.rate)
-        release = dd.record_release(self.accountant, server_round, dd.KIND_TRAINING, use, m,
+        release = dd.record_release(self.accountant, server_round, dd.training_kind(self.settings), use, m,
                                     dd.training_released(self.settings))  # fmt: skip
         self._events.central = release
         if als:

@@ -45,11 +45,13 @@ import dp_accounting
 import numpy as np
 from dp_accounting import pld
 
-from common.privacy.events import DISTRIBUTED_FEDAVG, DISTRIBUTED_HISTOGRAM, MechanismUse
+from common.privacy.events import DISTRIBUTED_ALS, DISTRIBUTED_FEDAVG, DISTRIBUTED_HISTOGRAM, MechanismUse, mechanism_of
 from common.secagg.protocol import default_threshold
 
 KIND_TRAINING: Final = DISTRIBUTED_FEDAVG
 KIND_HISTOGRAM: Final = DISTRIBUTED_HISTOGRAM
+KIND_ALS: Final = DISTRIBUTED_ALS  # a DP-ALS round (algorithm = "als")
+TRAINING_KINDS: Final = (KIND_TRAINING, KIND_ALS)
 UNIT: Final = "user"
 NEIGHBOURING: Final = "add or remove one user of any silo, with all of their interactions"
 _RELATION = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
@@ -222,16 +224,16 @@ def event_parameters(
     (:func:`round_noise_multiplier` of the dropped count) as ``noise-multiplier`` and
     the nominal one as ``nominal-noise-multiplier``.
     """
-    if kind not in (KIND_TRAINING, KIND_HISTOGRAM):
-        raise DistributedDPError(f"kind: expected {KIND_TRAINING!r} or {KIND_HISTOGRAM!r}, got {kind!r}")
+    if kind not in (*TRAINING_KINDS, KIND_HISTOGRAM):
+        raise DistributedDPError(f"kind: expected one of {', '.join((*TRAINING_KINDS, KIND_HISTOGRAM))}, got {kind!r}")
     accounted = round_noise_multiplier(noise_multiplier, silos, max_dishonest, len(dropped))
     return {
         "kind": kind,
         "round": server_round,
         "unit": UNIT,
         "neighbouring": NEIGHBOURING,
-        "mechanism": "poisson-subsampled-gaussian" if rate < 1 else "gaussian",
-        "sampling": "poisson" if rate < 1 else "none",
+        "mechanism": mechanism_of(rate)[0],
+        "sampling": mechanism_of(rate)[1],
         "noise-multiplier": accounted,
         "nominal-noise-multiplier": noise_multiplier,
         "sample-rate": rate,
@@ -420,6 +422,11 @@ RELEASED_ALS: Final = (
 def training_released(settings: Any) -> str:
     """What a training round releases under ``settings`` (``algorithm``): the ledger's ``released`` text."""
     return RELEASED_ALS if settings.algorithm == "als" else RELEASED
+
+
+def training_kind(settings: Any) -> str:
+    """The ledger kind of a training round under ``settings``: DP-FedAvg's or DP-ALS's."""
+    return KIND_ALS if settings.algorithm == "als" else KIND_TRAINING
 
 
 def union_accountant(mech: Mechanism, owner: str, accountant: str = "pld") -> Any:

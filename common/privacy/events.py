@@ -18,6 +18,19 @@ from typing import Any, Final
 
 MECHANISM: Final = "poisson-subsampled-gaussian"
 SAMPLING: Final = "poisson"
+# At q = 1 every unit is in every step: the mechanism is the plain Gaussian, nothing is sampled.
+FULL_MECHANISM: Final = "gaussian"
+FULL_SAMPLING: Final = "none"
+
+
+def mechanism_of(sample_rate: float) -> tuple[str, str]:
+    """The ledger's ``(mechanism, sampling)`` words for a Gaussian step at sample rate q.
+
+    q < 1: the Poisson-subsampled Gaussian (each unit in each step with probability q);
+    q = 1: the Gaussian mechanism over every unit. The accounting is the same function of
+    (σ, q) either way; only the description differs.
+    """
+    return (MECHANISM, SAMPLING) if sample_rate < 1.0 else (FULL_MECHANISM, FULL_SAMPLING)
 
 # Event kinds.
 DP_SGD: Final = "dp-sgd"  # a silo's local DP-SGD round
@@ -28,8 +41,12 @@ DP_EVALUATION: Final = "dp-evaluation"  # a silo's noisy evaluation sums (Gaussi
 # union of all silos' users through the secure sum, and the DP item-popularity histogram (q = 1).
 DISTRIBUTED_FEDAVG: Final = "distributed-dp-fedavg"
 DISTRIBUTED_HISTOGRAM: Final = "distributed-dp-histogram"
-MECHANISM_KINDS: Final = (DP_SGD, DP_FEDAVG, DP_EVALUATION, DISTRIBUTED_FEDAVG, DISTRIBUTED_HISTOGRAM)
-RELEASE_KINDS: Final = (DP_SGD, BUDGET_DECLINE, DP_FEDAVG, DP_EVALUATION, DISTRIBUTED_FEDAVG, DISTRIBUTED_HISTOGRAM)
+# privacy.distributed.algorithm = "als": one round of DP alternating least squares (the same
+# Gaussian mechanism over the union; what it releases are the users' bounded ALS statistics).
+DISTRIBUTED_ALS: Final = "distributed-dp-als"
+DISTRIBUTED_KINDS: Final = (DISTRIBUTED_FEDAVG, DISTRIBUTED_ALS, DISTRIBUTED_HISTOGRAM)
+MECHANISM_KINDS: Final = (DP_SGD, DP_FEDAVG, DP_EVALUATION, *DISTRIBUTED_KINDS)
+RELEASE_KINDS: Final = (DP_SGD, BUDGET_DECLINE, DP_FEDAVG, DP_EVALUATION, *DISTRIBUTED_KINDS)
 
 SERVER_OWNER: Final = "server"
 
@@ -158,7 +175,7 @@ class PrivacyRelease:
         (``distributed-dp-*``: the union's mechanism over N_total) name the union roster.
         """
         if self.unit == "user" and (
-            self.owner == SERVER_OWNER or self.kind in (DISTRIBUTED_FEDAVG, DISTRIBUTED_HISTOGRAM)
+            self.owner == SERVER_OWNER or self.kind in DISTRIBUTED_KINDS
         ):
             return UNION_NEIGHBOURING
         return NEIGHBOURING[self.unit]
@@ -188,8 +205,8 @@ class PrivacyRelease:
             "delta-rule": self.delta_rule,
             "epsilon": self.epsilon,
             "target-epsilon": self.target_epsilon,
-            "mechanism": MECHANISM,
-            "sampling": SAMPLING,
+            "mechanism": mechanism_of(self.sample_rate)[0],
+            "sampling": mechanism_of(self.sample_rate)[1],
             "noise-multiplier": self.noise_multiplier,
             "sample-rate": self.sample_rate,
             "clip": self.clip,

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from common.privacy.accounting import Accountant, epsilon, epsilon_delta_curve, merged
-from common.privacy.events import MECHANISM, RELEASE_KINDS, SAMPLING, MechanismUse, PrivacyRelease, ReleaseError
+from common.privacy.events import RELEASE_KINDS, MechanismUse, PrivacyRelease, ReleaseError, mechanism_of
 from common.privacy.ledger import Chain
 from common.secagg import ABORT_EVENT, DROPOUT_EVENT
 
@@ -185,8 +185,8 @@ def replay(
                 "clip": mech_key[2],
                 "rounds": [],
                 "steps": 0,
-                "mechanism": MECHANISM,
-                "sampling": SAMPLING,
+                "mechanism": mechanism_of(mech_key[1])[0],
+                "sampling": mechanism_of(mech_key[1])[1],
             },
         )
         mech["rounds"].append(rnd)

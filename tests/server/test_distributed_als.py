@@ -58,7 +58,7 @@ def als_run(tmp_path_factory):
 
 def test_an_als_run_releases_one_accounted_sum_per_round_with_delta_as_the_bound(als_run):
     releases = [e for e in server_ledger(als_run) if e["kind"].startswith("distributed")]
-    assert [e["kind"] for e in releases] == [dd.KIND_HISTOGRAM, dd.KIND_TRAINING, dd.KIND_TRAINING]
+    assert [e["kind"] for e in releases] == [dd.KIND_HISTOGRAM, "distributed-dp-als", "distributed-dp-als"]
     bound = dp_als.sensitivity(40, 1.0)  # the defaults: k = 40, B = 1
     assert [e["clip"] for e in releases[1:]] == [pytest.approx(bound)] * 2
     assert all("DP-ALS" in e["released"] for e in releases[1:])
@@ -66,6 +66,7 @@ def test_an_als_run_releases_one_accounted_sum_per_round_with_delta_as_the_bound
     for path in sorted((als_run / "state").glob("silo-*/*/ledger.jsonl")):  # each silo's own view says the same
         own = [json.loads(x) for x in path.read_text().splitlines()]
         assert [e["released"] for e in own[1:]] == [e["released"] for e in releases[1:]]
+        assert [e["kind"] for e in own] == [e["kind"] for e in releases]
         assert [e["clip"] for e in own[1:]] == [pytest.approx(bound)] * 2
 
 
@@ -87,7 +88,7 @@ def test_without_a_histogram_the_silos_rank_by_the_als_rounds_released_counts(tm
                                                 "eval.every": 1})  # fmt: skip
     run_federation(LocalGrid(client_app, cfg, SILOS), cfg)
     kinds = [e["kind"] for e in server_ledger(run_dir) if e["kind"].startswith("distributed")]
-    assert kinds == [dd.KIND_TRAINING]  # no histogram phase: nothing else spent
+    assert kinds == [dd.KIND_ALS]  # no histogram phase: nothing else spent
     report = sorted((run_dir / "state").glob("silo-*/*/silo-report.jsonl"))[0]
     evaluations = [json.loads(x) for x in report.read_text().splitlines() if '"evaluation"' in x]
     assert evaluations and all("dp-popularity-test-hits@10" in e for e in evaluations)

@@ -96,6 +96,9 @@ def test_union_epsilon_replays_from_the_server_ledger_with_dp_accounting_alone(r
     population = 150
     assert all(e["population"] == population and e["unit"] == "user" and e["owner"] == "server" for e in releases)
     assert releases[0]["sample-rate"] == 1.0 and releases[1]["sample-rate"] == pytest.approx(30 / population)
+    # the words follow q: the histogram covers every user (no sampling), a round samples at q
+    assert (releases[0]["mechanism"], releases[0]["sampling"]) == ("gaussian", "none")
+    assert all((e["mechanism"], e["sampling"]) == ("poisson-subsampled-gaussian", "poisson") for e in releases[1:])
     accountant = pld.PLDAccountant(dp_accounting.NeighboringRelation.REPLACE_SPECIAL)
     for e in releases:
         step = dp_accounting.GaussianDpEvent(e["noise-multiplier"])
