@@ -57,7 +57,7 @@ class MeteredGrid:
     ) -> Iterable[Message]:
         """Send, wait for replies, and count both directions."""
         messages = list(messages)
-        replies = self._push_and_pull(messages, timeout)
+        replies, sent_to = self._push_and_pull(messages, timeout)
         t = self.traffic
         t.sent += sum(payload_bytes(m.content) for m in messages)
         t.received += sum(payload_bytes(r.content) for r in replies if not r.has_error())
@@ -66,10 +66,12 @@ class MeteredGrid:
         answered = {r.metadata.src_node_id for r in replies}
         missing = {m.metadata.dst_node_id for m in messages} - answered
         t.missing_nodes = tuple(sorted({*t.missing_nodes, *missing}))
+        for reply in replies:
+            attribute_to_recipient(reply, sent_to)
         return replies
 
-    def _push_and_pull(self, messages: list[Message], timeout: float | None) -> list[Message]:
-        """Flower's send-and-receive loop with a short poll interval.
+    def _push_and_pull(self, messages: list[Message], timeout: float | None) -> tuple[list[Message], dict[str, int]]:
+        """Flower's send-and-receive loop with a short poll interval; the replies and message id → node.
 
         Flower 1.41's ``Grid.send_and_receive`` sleeps 3 s between pulls (hard-coded),
         which adds up to 3 s to every exchange on a fast network; this loop uses the
@@ -77,6 +79,8 @@ class MeteredGrid:
         :attr:`poll_interval` seconds (one small local request to the SuperLink).
         """
         pending = set(self._grid.push_messages(messages))
+        # a pushed message carries the id the Grid gave it (Flower's grids and fedrec's set it)
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
         end = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while pending:
@@ -86,4 +90,19 @@ class MeteredGrid:
             if not pending or (end is not None and time.monotonic() >= end):
                 break
             time.sleep(self.poll_interval)
-        return replies
+        return replies, sent_to
+
+
+def attribute_to_recipient(reply: Message, sent_to: dict[str, int]) -> None:
+    """Name the silo an error reply is about: the node its instruction went to.
+
+    The SuperLink answers for a node it cannot reach (e.g. "Node Unavailable" once the
+    node's heartbeat lapsed) with an error reply from itself, node 1
+    (``SUPERLINK_NODE_ID``); every rejection and log line would then blame node 1, which
+    may be an honest silo's id. Such a reply's sender becomes the instruction's
+    recipient. A node's own replies (ids that match) are left as they are; the missing-node
+    count above is taken before this, so an unreachable node still counts as missing.
+    """
+    node = sent_to.get(reply.metadata.reply_to_message_id)
+    if node is not None and reply.has_error() and reply.metadata.src_node_id != node:
+        reply.metadata.__dict__["_src_node_id"] = node  # Metadata has no public setter for it

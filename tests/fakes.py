@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 
 from client.app import app as client_app
 from common import records
@@ -164,3 +165,22 @@ def bce_l2_loss(model):
         return bce.sum(1) + 0.01 * sum(rows[n].pow(2).sum(tuple(range(1, rows[n].dim()))) for n in model.l2_tables)
 
     return per_sample
+
+
+class UnreachableNodeGrid(LocalGrid):
+    """A :class:`LocalGrid` whose SuperLink answers for the nodes in ``unreachable``.
+
+    As Flower's SuperLink does for a node whose heartbeat lapsed, the reply to such a
+    node's message is an error ("Node Unavailable") sent by the SuperLink itself, node 1.
+    """
+
+    def __init__(self, app: ClientApp, run_config: Mapping[str, Scalar], num_nodes: int, unreachable: set[int]) -> None:
+        super().__init__(app, run_config, num_nodes)
+        self.unreachable = unreachable
+
+    def _run_node(self, wire: Message) -> Message:
+        if wire.metadata.dst_node_id not in self.unreachable:
+            return super()._run_node(wire)
+        reply = Message(error=Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Node Unavailable"), reply_to=wire)
+        reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+        return reply
