@@ -20,6 +20,7 @@ EVAL_WITHHELD = "evaluation-withheld"  # evaluate metrics: 1 = the silo kept its
 EVAL_NOISY = "evaluation-noisy"  # evaluate metrics: 1 = the sums carry accounted Gaussian noise
 EVAL_WITHHELD_SILOS = "withheld-silos"  # aggregated evaluation: silos that withheld their sums
 TRAIN_SILOS = "silos"  # aggregated metrics: silos whose replies were combined
+MODEL_KEPT = "model-kept"  # round train metrics: 1 = no aggregate replaced the model (no silo, or it was rejected)
 EVALUATE_CONFIG = "evaluate-config"  # train message (eval.fused): also evaluate the received model first
 EVALUATION_PREFIX = "evaluation."  # fused train reply: the evaluation reply's records under this prefix
 

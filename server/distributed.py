@@ -271,7 +271,7 @@ class DistributedDP:
             server_round, staged, length, signal, m.share_std, m.noise_multiplier, dd.training_kind(self.settings)
         )
         if total is None:
-            return sent, MetricRecord({records.TRAIN_SILOS: 0})
+            return None, MetricRecord({records.TRAIN_SILOS: 0})  # nothing released: the model stays
         sigma = dd.round_noise_multiplier(m.noise_multiplier, m.silos, m.max_dishonest, missing)
         use = dd.training_use(sigma, m.rate)
         release = dd.record_release(self.accountant, server_round, dd.training_kind(self.settings), use, m,

@@ -12,7 +12,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from logging import INFO
+from logging import INFO, WARNING
 from typing import cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
@@ -87,6 +87,10 @@ def run_rounds(
         new_arrays, train_metrics = strategy.aggregate_train(server_round, train_replies)
         if new_arrays is not None:
             arrays = new_arrays
+        else:  # said in the round's record, never a silent "completed" round
+            train_metrics = MetricRecord({**(train_metrics or {records.TRAIN_SILOS: 0}), records.MODEL_KEPT: 1})
+            log(WARNING, "fedrec round %d: no aggregate replaced the shared model (%s); it is unchanged",
+                server_round, f"{train_metrics.get(records.TRAIN_SILOS, 0)} silos accepted")
         events = strategy.take_events()
         if events.central is not None:
             on_release(events.central)
@@ -285,6 +289,8 @@ def progress_line(record: RoundRecord, last_round: int) -> str:
     parts.append(f"up {record.bytes_received / 1e6:.2f} MB / down {record.bytes_sent / 1e6:.2f} MB")
     if record.missing_nodes:
         parts.append(f"missing nodes {list(record.missing_nodes)}")
+    if record.train.get(records.MODEL_KEPT):
+        parts.append("model unchanged: no aggregate this round")
     return " | ".join(parts)
 
 

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from flwr.app import Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 _SCALAR_BYTES = 8  # a metric/config number travels as a 64-bit value
@@ -63,7 +64,7 @@ class MeteredGrid:
         t.received += sum(payload_bytes(r.content) for r in replies if not r.has_error())
         t.messages += len(messages)
         t.replies += len(replies)
-        answered = {r.metadata.src_node_id for r in replies}
+        answered = {r.metadata.src_node_id for r in replies if not unanswered(r, sent_to)}
         missing = {m.metadata.dst_node_id for m in messages} - answered
         t.missing_nodes = tuple(sorted({*t.missing_nodes, *missing}))
         for reply in replies:
@@ -93,6 +94,23 @@ class MeteredGrid:
         return replies, sent_to
 
 
+#: Error codes of the replies the SuperLink itself makes when a node does not answer (expired
+#: message, lost reply, lapsed heartbeat).
+UNANSWERED_CODES = frozenset({ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+                              ErrorCode.NODE_UNAVAILABLE})  # fmt: skip
+
+
+def unanswered(reply: Message, sent_to: dict[str, int]) -> bool:
+    """Whether ``reply`` stands for no answer: the SuperLink's, not the node's own.
+
+    Sent from another node than the instruction's recipient, or carrying one of the
+    SuperLink's :data:`UNANSWERED_CODES` (in-process grids number nodes from 1, the
+    SuperLink's own id, so the sender alone cannot tell).
+    """
+    recipient = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+    return reply.metadata.src_node_id != recipient or (reply.has_error() and reply.error.code in UNANSWERED_CODES)
+
+
 def attribute_to_recipient(reply: Message, sent_to: dict[str, int]) -> None:
     """Name the silo an error reply is about: the node its instruction went to.
 
@@ -100,8 +118,8 @@ def attribute_to_recipient(reply: Message, sent_to: dict[str, int]) -> None:
     node's heartbeat lapsed) with an error reply from itself, node 1
     (``SUPERLINK_NODE_ID``); every rejection and log line would then blame node 1, which
     may be an honest silo's id. Such a reply's sender becomes the instruction's
-    recipient. A node's own replies (ids that match) are left as they are; the missing-node
-    count above is taken before this, so an unreachable node still counts as missing.
+    recipient. A node's own replies (ids that match) are left as they are; an unreachable
+    node still counts as missing (:meth:`MeteredGrid.send_and_receive`).
     """
     node = sent_to.get(reply.metadata.reply_to_message_id)
     if node is not None and reply.has_error() and reply.metadata.src_node_id != node:

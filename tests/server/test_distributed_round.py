@@ -322,3 +322,7 @@ def test_an_aborted_secure_sum_is_in_the_ledger_and_releases_nothing(tmp_path):
     assert [t.round for t in server.trajectory] == [1]
     (line,) = [dropout_text(d) for d in server.dropouts]
     assert "round 2" in line and "aborted" in line and "no ε spent" in line
+    # and the round's record says the model was kept, round 1's was not
+    rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train"].get(records.MODEL_KEPT) for r in rounds] == [None, 1]
+    assert rounds[1]["train"][records.TRAIN_SILOS] == 0
