@@ -722,10 +722,8 @@ def _check_distributed(cfg: AppConfig) -> None:
             "strategy.fraction-train: distributed DP samples users in every silo itself "
             "(privacy.distributed.users-per-round); leave strategy.fraction-train at 1.0"
         )
-    if cfg.audit.canaries or cfg.audit.central_canaries or cfg.personalize.enabled or cfg.resume:
-        raise ConfigError(
-            "privacy.mode = distributed: audit canaries, personalize.enabled and resume are not supported yet"
-        )
+    if cfg.audit.canaries or cfg.audit.central_canaries or cfg.personalize.enabled:
+        raise ConfigError("privacy.mode = distributed: audit canaries and personalize.enabled are not supported yet")
 
 
 @dataclass(frozen=True, slots=True)

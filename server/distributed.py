@@ -16,13 +16,23 @@ round's ``central`` event, which the loop writes to the server ledger.
 
 One accountant for the union population: owner ``server``, unit ``user``, N_total, q, relation
 zero-out; ``fedrec audit`` replays it. Each silo keeps its own view in its ledger.
+
+Resume (``resume = true``): the server keeps what it derived from released values in
+:data:`STATE_FILE` of the run directory (N_total and S the mechanism was calibrated for, the
+released DP histogram, the server optimiser's state), written after the prelude and after every
+round's step. A resumed server asks the silos' rosters again (public, free), refuses to go on
+if they no longer sum to the same N_total over the same S (σ was calibrated for them), rebuilds
+the union accountant from every release in its ledger (one of an interrupted round included: it
+may have left the server), and releases no second histogram.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable
 from logging import INFO, WARNING
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,9 +42,11 @@ from flwr.supercore import log
 
 from common import records
 from common.config import AppConfig
+from common.errors import ConfigError
 from common.privacy import distributed as dd
 from common.privacy import dp_als
-from common.privacy.events import SERVER_OWNER
+from common.privacy.events import DISTRIBUTED_KINDS, SERVER_OWNER
+from common.privacy.ledger import releases
 from common.secagg import ABORT_EVENT, vectors
 from common.secagg.protocol import UNMASK, SecAggError, SecAggOutcome
 from common.secagg.quantize import QuantSpec, range_for
@@ -48,11 +60,19 @@ ITEM_EMBEDDING = "item_embedding.weight"
 GLOBAL_BIAS = "global_bias.value"
 
 
+#: The server's distributed-DP state in the run directory (for resume): public values only.
+STATE_FILE = "distributed-state.npz"
+
+
 class DistributedDP:
     """DP-FedAvg over the union of all silos' users through secure aggregation (see the module docstring)."""
 
-    def __init__(self, cfg: AppConfig, ledgers: RunLedgers | None = None) -> None:
+    def __init__(
+        self, cfg: AppConfig, ledgers: RunLedgers | None = None, state_path: Path | None = None, resumed: bool = False
+    ) -> None:
         self.cfg = cfg
+        self.state_path = state_path  # STATE_FILE in the run directory (None: nothing kept, no resume)
+        self.resumed = resumed
         self.settings = cfg.privacy.distributed
         self.ledgers = ledgers
         self.timeout = cfg.strategy.timeout
@@ -138,6 +158,8 @@ class DistributedDP:
             self.settings, self.cfg.num_server_rounds, population, len(self.nodes), self.cfg.privacy.accountant
         )
         self.accountant = dd.union_accountant(self.mech, SERVER_OWNER, self.cfg.privacy.accountant)
+        if self.resumed:
+            return self._restore(arrays)
         m = self.mech
         log(
             INFO,
@@ -147,6 +169,7 @@ class DistributedDP:
             m.share_std, m.histogram_noise_multiplier, m.delta, m.threshold,
         )  # fmt: skip
         if not self.settings.popularity:
+            self._save_state()
             return arrays
         messages = self._messages(1, arrays, config, "popularity", self.nodes)
         staged = self._staged(1, grid.send_and_receive(messages, timeout=self.timeout), "popularity")
@@ -155,6 +178,7 @@ class DistributedDP:
         total, dropped = self._secure_sum(1, staged, num_items, signal, m.histogram_share_std,
                                           m.histogram_noise_multiplier, dd.KIND_HISTOGRAM)
         if total is None:
+            self._save_state()
             return arrays
         use = dd.histogram_use(dd.round_noise_multiplier(m.histogram_noise_multiplier, m.silos, m.max_dishonest,
                                                          dropped))  # fmt: skip
@@ -169,6 +193,69 @@ class DistributedDP:
             arrays = with_item_rows_zeroed(arrays, ~self.trainable)
             log(INFO, "distributed DP: the %d items with the largest DP counts train; the other %d rank by bias",
                 int(self.trainable.sum()), int((~self.trainable).sum()))  # fmt: skip
+        self._save_state()
+        return arrays
+
+    # ---------------------------------------------------------------- resume
+    def _save_state(self) -> None:
+        """Write :data:`STATE_FILE` (atomically): N_total, S, the released histogram, the optimiser's state."""
+        if self.state_path is None or self.mech is None:
+            return
+        empty = np.zeros(0)
+        adam = self._adam
+        state = {
+            "population": np.array(self.mech.population), "silos": np.array(self.mech.silos),
+            "popularity": empty if self.popularity is None else self.popularity,
+            "velocity": empty if self._velocity is None else self._velocity,
+            "adam-t": np.array(0 if adam is None else adam.t),
+            "adam-m": empty if adam is None or adam.m is None else adam.m,
+            "adam-v": empty if adam is None or adam.v is None else adam.v,
+        }  # fmt: skip
+        tmp = self.state_path.with_name(self.state_path.name + ".tmp.npz")
+        np.savez(tmp, **state)  # type: ignore[arg-type]
+        os.replace(tmp, self.state_path)
+
+    def _restore(self, arrays: ArrayRecord) -> ArrayRecord:
+        """A resumed run's prelude: the kept state, the accountant from the ledger; no second histogram.
+
+        ``arrays`` is the checkpoint of the last completed round (its biases already anchored,
+        its item table already scaled), so nothing is applied to it again.
+
+        Raises
+        ------
+        ConfigError
+            If the state file is missing or unreadable, or the silos' rosters no longer sum to
+            the N_total over S silos the run's σ was calibrated for.
+        """
+        assert self.mech is not None
+        path = self.state_path
+        if path is None or not path.is_file():
+            raise ConfigError(f"resume: {path} is missing; a distributed-DP run cannot resume without it")
+        try:
+            with np.load(path, allow_pickle=False) as saved:
+                state = {k: saved[k] for k in saved.files}
+            population, silos = int(state["population"]), int(state["silos"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise ConfigError(f"resume: {path} cannot be read ({exc})") from None
+        if (population, silos) != (self.mech.population, self.mech.silos):
+            raise ConfigError(
+                f"resume: the silos' rosters now sum to N_total = {self.mech.population} users in {self.mech.silos} "
+                f"silos; the run's σ was calibrated for {population} users in {silos} silos ({path})"
+            )
+        if self.ledgers is not None:  # every release counts, also one of an interrupted round
+            for rel in releases(self.ledgers.server.chain):
+                if rel.kind in DISTRIBUTED_KINDS and rel.use is not None:
+                    self.accountant.record(rel.server_round, rel.use)
+        self.popularity = state["popularity"] if state["popularity"].size else None
+        if self.settings.top_items > 0 and self.popularity is not None:
+            self.trainable = dd.top_item_mask(self.popularity, self.settings.top_items)
+        self._velocity = state["velocity"] if state["velocity"].size else None
+        if int(state["adam-t"]) > 0:
+            s = self.settings
+            self._adam = ServerAdam(s.server_lr, s.server_momentum, s.server_beta2, s.server_adam_eps)
+            self._adam.t, self._adam.m, self._adam.v = int(state["adam-t"]), state["adam-m"], state["adam-v"]
+        log(INFO, "distributed DP: resumed with N_total %d users in %d silos, union ε so far %.4f",
+            population, silos, self.accountant.epsilon())  # fmt: skip
         return arrays
 
     def _secure_sum(
@@ -278,7 +365,9 @@ class DistributedDP:
                                     dd.training_released(self.settings))  # fmt: skip
         self._events.central = release
         if als:
-            return self._als_step(sent, total, num_items, dim), MetricRecord({records.TRAIN_SILOS: m.silos - missing})
+            stepped = self._als_step(sent, total, num_items, dim)
+            self._save_state()
+            return stepped, MetricRecord({records.TRAIN_SILOS: m.silos - missing})
         mean = dd.server_average(total, m.rate * m.population)
         s = self.settings
         if s.freeze_biases:  # the anchor stays: the noise on the bias coordinates is discarded
@@ -298,6 +387,7 @@ class DistributedDP:
         new = vectors.unflatten(base + self._step(mean), shapes)
         new[ITEM_EMBEDDING] = new[ITEM_EMBEDDING] * (1.0 - s.item_shrink)
         out = ArrayRecord({k: Array(new[k].astype(sent[k].numpy().dtype)) for k in sent})
+        self._save_state()
         return out, MetricRecord({records.TRAIN_SILOS: m.silos - missing})
 
     def _als_step(self, sent: ArrayRecord, total: np.ndarray, num_items: int, dim: int) -> ArrayRecord:

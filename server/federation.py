@@ -56,12 +56,12 @@ def catalogue_size(cfg: AppConfig) -> int:
     return size if size is not None else load_interactions(cfg.data, cfg.seed).num_items
 
 
-def build_strategy(cfg: AppConfig, ledgers: RunLedgers, resumed: bool) -> FedrecStrategy:
+def build_strategy(cfg: AppConfig, ledgers: RunLedgers, resumed: bool, run_dir: Path | None = None) -> FedrecStrategy:
     """FedAvg (or a robust aggregator) of the shared model, wrapped in client-level DP when central DP is on."""
     if cfg.privacy.mode == "distributed":  # user-level DP over all silos through secure aggregation
-        from server.distributed import DistributedDP
+        from server.distributed import STATE_FILE, DistributedDP
 
-        return DistributedDP(cfg, ledgers)
+        return DistributedDP(cfg, ledgers, None if run_dir is None else run_dir / STATE_FILE, resumed)
     protocol = EvalProtocol(
         k=cfg.eval.k,
         full_ranking=cfg.eval.full_ranking,
@@ -128,7 +128,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Scalar]) -> Path:
         first_round, pending = 1, None
         log(INFO, "fedrec run directory: %s", run_dir.path)
     assert recorder.ledgers is not None  # set by start() and resume()
-    strategy = build_strategy(cfg, recorder.ledgers, cfg.resume)
+    strategy = build_strategy(cfg, recorder.ledgers, cfg.resume, run_dir.path)
     final = arrays
     fused = cfg.eval.fused and cfg.privacy.mode != "distributed"  # distributed DP: its own phases
     if first_round <= cfg.num_server_rounds and not strategy.stop_reason:
