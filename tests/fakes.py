@@ -184,3 +184,21 @@ class UnreachableNodeGrid(LocalGrid):
         reply = Message(error=Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Node Unavailable"), reply_to=wire)
         reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
         return reply
+
+
+class ServerKilled(Exception):
+    """Raised by :func:`kill_server_after` where the server process would have died."""
+
+
+def kill_server_after(monkeypatch, last_round: int) -> None:  # type: ignore[no-untyped-def]
+    """Make the server die right after it recorded round ``last_round`` (metrics line, state written)."""
+    from server.recorder import RunRecorder
+
+    original = RunRecorder.record_round
+
+    def record_round(self, record, arrays):  # type: ignore[no-untyped-def]
+        original(self, record, arrays)
+        if record.server_round == last_round:
+            raise ServerKilled
+
+    monkeypatch.setattr(RunRecorder, "record_round", record_round)

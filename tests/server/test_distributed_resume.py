@@ -11,24 +11,17 @@ from common.privacy import distributed as dd
 from common.privacy.audit import audit_run
 from server.distributed import STATE_FILE
 from server.federation import run_federation
-from server.recorder import RunRecorder
-from tests.fakes import LocalGrid
+from tests.fakes import LocalGrid, ServerKilled, kill_server_after
 from tests.server.test_distributed_round import SILOS, distributed_config, server_ledger
 
 
-class _ServerKilled(Exception):
-    pass
-
-
-def _kill_after(monkeypatch, last_round: int) -> None:
-    original = RunRecorder.record_round
-
-    def record_round(self, record, arrays):
-        original(self, record, arrays)
-        if record.server_round == last_round:
-            raise _ServerKilled
-
-    monkeypatch.setattr(RunRecorder, "record_round", record_round)
+def _crashed_after_round_1(run_dir, **extra) -> None:
+    """A distributed run whose server dies right after recording round 1."""
+    cfg = distributed_config(run_dir, **extra)
+    with pytest.MonkeyPatch.context() as m:
+        kill_server_after(m, 1)
+        with pytest.raises(ServerKilled):
+            run_federation(LocalGrid(client_app, cfg, SILOS), cfg)
 
 
 def _releases(run_dir):
@@ -46,11 +39,7 @@ def straight(tmp_path_factory):
 def test_a_resumed_distributed_run_spends_what_an_uninterrupted_one_does(tmp_path, straight):
     run_dir = tmp_path / "run"
     extra = {"num-server-rounds": 3, "privacy.distributed.server-momentum": 0.5}
-    cfg = distributed_config(run_dir, **extra)
-    with pytest.MonkeyPatch.context() as m:
-        _kill_after(m, 1)
-        with pytest.raises(_ServerKilled):
-            run_federation(LocalGrid(client_app, cfg, SILOS), cfg)
+    _crashed_after_round_1(run_dir, **extra)
     saved = np.load(run_dir / STATE_FILE)
     assert int(saved["population"]) == 150 and int(saved["silos"]) == SILOS and saved["velocity"].size > 0
     # a fresh server and fresh nodes; the silos restore from their state directories
@@ -71,11 +60,7 @@ def test_a_resumed_distributed_run_spends_what_an_uninterrupted_one_does(tmp_pat
 
 def test_resume_refuses_a_changed_union_population(tmp_path):
     run_dir = tmp_path / "run"
-    cfg = distributed_config(run_dir, **{"num-server-rounds": 2})
-    with pytest.MonkeyPatch.context() as m:
-        _kill_after(m, 1)
-        with pytest.raises(_ServerKilled):
-            run_federation(LocalGrid(client_app, cfg, SILOS), cfg)
+    _crashed_after_round_1(run_dir, **{"num-server-rounds": 2})
     resumed = distributed_config(run_dir, **{"num-server-rounds": 2}, resume=True)
     one_lost = LocalGrid(client_app, resumed, SILOS, drop=lambda node, msg: node == SILOS)  # a silo is gone
     with pytest.raises(ConfigError, match=r"N_total = \d+ users in 2 silos; the run's σ was calibrated for 150 users in 3"):
@@ -85,11 +70,7 @@ def test_resume_refuses_a_changed_union_population(tmp_path):
 
 def test_resume_without_the_state_file_names_it(tmp_path):
     run_dir = tmp_path / "run"
-    cfg = distributed_config(run_dir, **{"num-server-rounds": 2})
-    with pytest.MonkeyPatch.context() as m:
-        _kill_after(m, 1)
-        with pytest.raises(_ServerKilled):
-            run_federation(LocalGrid(client_app, cfg, SILOS), cfg)
+    _crashed_after_round_1(run_dir, **{"num-server-rounds": 2})
     (run_dir / STATE_FILE).unlink()
     resumed = distributed_config(run_dir, **{"num-server-rounds": 2}, resume=True)
     with pytest.raises(ConfigError, match=STATE_FILE.replace(".", r"\.") + " is missing"):

@@ -16,7 +16,7 @@ from common.rundir import RunDir
 from common.storage import load_arrays
 from server.federation import run_federation
 from server.recorder import RunRecorder
-from tests.fakes import LocalGrid, local_dp_run_config
+from tests.fakes import LocalGrid, ServerKilled, kill_server_after, local_dp_run_config
 
 NODES = 3
 
@@ -31,29 +31,14 @@ def _mechanism_events(run_dir: Path, pid: int) -> list[tuple]:
     return [tuple(json.loads(x).get(k) for k in keep) for x in lines]
 
 
-class _ServerKilled(Exception):
-    pass
-
-
-def _kill_after(monkeypatch, last_round: int) -> None:
-    original = RunRecorder.record_round
-
-    def record_round(self, record, arrays):
-        original(self, record, arrays)
-        if record.server_round == last_round:
-            raise _ServerKilled
-
-    monkeypatch.setattr(RunRecorder, "record_round", record_round)
-
-
 def test_resumed_run_has_the_ledger_of_an_uninterrupted_run(tmp_path, monkeypatch):
     straight = tmp_path / "straight"
     run_federation(LocalGrid(client_app, _config(straight), NODES), _config(straight))
 
     resumed = tmp_path / "resumed"
     with monkeypatch.context() as m:
-        _kill_after(m, 2)
-        with pytest.raises(_ServerKilled):
+        kill_server_after(m, 2)
+        with pytest.raises(ServerKilled):
             run_federation(LocalGrid(client_app, _config(resumed), NODES), _config(resumed))
     assert len((resumed / "metrics.jsonl").read_text().splitlines()) == 2
     # A fresh server and fresh nodes (their node state is gone); silos restore from disk.
@@ -77,12 +62,12 @@ def test_a_resent_round_after_a_server_crash_does_not_spend_budget_twice(tmp_pat
 
     def record_round(self, record, arrays):
         if record.server_round == 3:
-            raise _ServerKilled
+            raise ServerKilled
         original(self, record, arrays)
 
     with monkeypatch.context() as m:
         m.setattr(RunRecorder, "record_round", record_round)
-        with pytest.raises(_ServerKilled):
+        with pytest.raises(ServerKilled):
             run_federation(LocalGrid(client_app, cfg, NODES), cfg)
     trained_3 = [e for e in _mechanism_events(run, 0) if e[1] == 3]
     assert len(trained_3) == 1  # silo 0 trained round 3 and its ledger line reached the server
@@ -114,18 +99,18 @@ def test_a_round_the_silo_trained_but_the_server_never_committed_is_resent_once(
             ledger = reply.content.config_records[records.LEDGER]
             lines = [json.loads(str(x)) for x in ledger[records.LEDGER_LINES]]  # type: ignore[union-attr]
             if ledger[records.LEDGER_PARTITION] == 0 and any(line["round"] == 3 for line in lines):
-                raise _ServerKilled
+                raise ServerKilled
 
     def record_round(self, record, arrays):
         if record.server_round == 3:
-            raise _ServerKilled
+            raise ServerKilled
         original_record(self, record, arrays)
 
     original_record = RunRecorder.record_round
     with monkeypatch.context() as m:
         m.setattr(durable, "atomic_write_json", atomic_write_json)
         m.setattr(RunRecorder, "record_round", record_round)
-        with pytest.raises((_ServerKilled, KeyboardInterrupt)):
+        with pytest.raises((ServerKilled, KeyboardInterrupt)):
             run_federation(LocalGrid(client_app, cfg, NODES, on_reply=on_reply), cfg)
     assert [e[1] for e in _mechanism_events(run, 0)] == [1, 2]  # the server never got silo 0's round 3
     (store,) = (run / "silos" / "silo-0").iterdir()
