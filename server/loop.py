@@ -89,8 +89,8 @@ def run_rounds(
             arrays = new_arrays
         else:  # said in the round's record, never a silent "completed" round
             train_metrics = MetricRecord({**(train_metrics or {records.TRAIN_SILOS: 0}), records.MODEL_KEPT: 1})
-            log(WARNING, "fedrec round %d: no aggregate replaced the shared model (%s); it is unchanged",
-                server_round, f"{train_metrics.get(records.TRAIN_SILOS, 0)} silos accepted")
+            log(WARNING, "fedrec round %d: no aggregate replaced the shared model (%s silos accepted); it is unchanged",
+                server_round, train_metrics.get(records.TRAIN_SILOS, 0))
         events = strategy.take_events()
         if events.central is not None:
             on_release(events.central)
