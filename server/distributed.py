@@ -12,7 +12,10 @@ max(⌊S/2⌋+1, S − T): a sum missing more than T silos aborts, nothing is re
 model is kept), divides by q·N_total, takes a server step (heavy-ball momentum, post-processing;
 with ``top-items`` only the rows of the items with the largest released DP counts step)
 and reports the round's release (σ after dropouts, :func:`round_noise_multiplier`) as the
-round's ``central`` event, which the loop writes to the server ledger.
+round's ``central`` event. Every secure sum's release is accounted and written to the server
+ledger after the silos' masked vectors are in and before the unmask stage, the first moment
+the server could learn the sum (write-ahead: a crash or an unmask failure after it leaves ε
+counted that was perhaps not spent, never the reverse).
 
 One accountant for the union population: owner ``server``, unit ``user``, N_total, q, relation
 zero-out; ``fedrec audit`` replays it. Each silo keeps its own view in its ledger.
@@ -30,7 +33,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -45,10 +48,10 @@ from common.config import AppConfig
 from common.errors import ConfigError
 from common.privacy import distributed as dd
 from common.privacy import dp_als
-from common.privacy.events import DISTRIBUTED_KINDS, SERVER_OWNER
+from common.privacy.events import DISTRIBUTED_KINDS, SERVER_OWNER, PrivacyRelease
 from common.privacy.ledger import releases
 from common.secagg import ABORT_EVENT, vectors
-from common.secagg.protocol import UNMASK, SecAggError, SecAggOutcome
+from common.secagg.protocol import SecAggError
 from common.secagg.quantize import QuantSpec, range_for
 from server.ledger import RunLedgers
 from server.protocol import RoundEvents
@@ -175,16 +178,16 @@ class DistributedDP:
         staged = self._staged(1, grid.send_and_receive(messages, timeout=self.timeout), "popularity")
         num_items = int(arrays["item_bias.weight"].shape[0])
         signal = float(max(self.rosters.values()))  # each user adds at most 1 per item
-        total, dropped = self._secure_sum(1, staged, num_items, signal, m.histogram_share_std,
-                                          m.histogram_noise_multiplier, dd.KIND_HISTOGRAM)
-        if total is None:
+
+        def account(missing: int) -> PrivacyRelease:
+            sigma = dd.round_noise_multiplier(m.histogram_noise_multiplier, m.silos, m.max_dishonest, missing)
+            return dd.record_release(self.accountant, 1, dd.KIND_HISTOGRAM, dd.histogram_use(sigma), m)
+
+        total, release = self._secure_sum(1, staged, num_items, signal, m.histogram_share_std,
+                                          m.histogram_noise_multiplier, dd.KIND_HISTOGRAM, account)  # fmt: skip
+        if total is None or release is None:
             self._save_state()
             return arrays
-        use = dd.histogram_use(dd.round_noise_multiplier(m.histogram_noise_multiplier, m.silos, m.max_dishonest,
-                                                         dropped))  # fmt: skip
-        release = dd.record_release(self.accountant, 1, dd.KIND_HISTOGRAM, use, m)
-        if self.ledgers is not None:
-            self.ledgers.record_server(release)  # before anything computed from it leaves the server
         self.popularity = total
         log(INFO, "distributed DP: popularity histogram released, ε so far %.4f", release.epsilon)
         arrays = with_popularity_biases(arrays, total, self.settings.popularity_bias_scale)
@@ -260,58 +263,82 @@ class DistributedDP:
 
     def _secure_sum(
         self, server_round: int, staged: dict[int, int], length: int, signal: float, share_std: float,
-        sigma: float, release: str,
-    ) -> tuple[np.ndarray | None, int]:
-        """The secure sum of the staged silos' vectors and how many of the S silos are missing from it."""
+        sigma: float, release: str, account: Callable[[int], PrivacyRelease],
+    ) -> tuple[np.ndarray | None, PrivacyRelease | None]:
+        """The secure sum of the staged silos' vectors, and its release (None when nothing was accounted).
+
+        Write-ahead accounting: once the masked vectors are in, and before the server asks for
+        the unmask shares (so before it can learn the sum), ``account(missing)`` composes the
+        release with ``missing`` of the S silos' noise shares absent, and the release goes to
+        the server ledger with the silos missing from it. A sum that then fails at unmask keeps
+        its ε counted (the ledger says so): the ledger never holds less than the server learnt.
+        """
         assert self._grid is not None and self.mech is not None
+        m = self.mech
         r = range_for(signal, share_std, length)
-        quant = QuantSpec(clip_range=r, modulus_bits=MODULUS_BITS, max_silos=self.mech.silos)
-        if len(staged) < self.mech.threshold:
-            reason = f"{len(staged)} of {self.mech.silos} silos staged, below the threshold {self.mech.threshold}"
+        quant = QuantSpec(clip_range=r, modulus_bits=MODULUS_BITS, max_silos=m.silos)
+        if len(staged) < m.threshold:
+            reason = f"{len(staged)} of {m.silos} silos staged, below the threshold {m.threshold}"
             self._reject(server_round, 0, f"secure sum not run: {reason}; nothing released, the model is kept")
-            self._record_abort(server_round, release, staged, reason)
-            return None, self.mech.silos
+            self._record_abort(server_round, release, staged, reason, None)
+            return None, None
+        accounted: list[PrivacyRelease] = []
+
+        def before_unmask(survivors: tuple[int, ...], dropped: Mapping[str, tuple[int, ...]]) -> None:
+            lost = missing_stages(self.nodes, staged, survivors, dropped)
+            if lost:
+                self._record_dropouts(server_round, survivors, lost, sigma, release)
+            accounted.append(account(len(lost)))
+            if self.ledgers is not None:
+                self.ledgers.record_server(accounted[0])  # before the server can unmask the sum
+
         try:
             outcome = secure_sum(
                 self._grid, sorted(staged), quant=quant, vector_length=length, server_round=server_round,
-                threshold=self.mech.threshold, timeout=self.timeout,
+                threshold=m.threshold, timeout=self.timeout, before_unmask=before_unmask,
             )  # fmt: skip
         except SecAggError as exc:
+            spent = accounted[0] if accounted else None
             self._reject(server_round, 0, f"secure sum aborted, nothing released, the model is kept: {exc}")
-            self._record_abort(server_round, release, staged, str(exc))
-            return None, self.mech.silos
-        missing = self.mech.silos - len(outcome.survivors)
+            self._record_abort(server_round, release, staged, str(exc), spent)
+            return None, spent
         if outcome.dropped:
             self._reject(server_round, 0, f"secure sum: dropped {dict(outcome.dropped)}; the sum has "
-                         f"{len(outcome.survivors)} of {self.mech.silos} silos")  # fmt: skip
-        if missing:
-            self._record_dropouts(server_round, staged, outcome, sigma, release)
-        return outcome.total, missing
+                         f"{len(outcome.survivors)} of {m.silos} silos")  # fmt: skip
+        return outcome.total, accounted[0]
 
-    def _record_abort(self, server_round: int, release: str, staged: dict[int, int], reason: str) -> None:
-        """The server ledger's line for a secure sum that did not complete: nothing was released."""
+    def _record_abort(
+        self, server_round: int, release: str, staged: dict[int, int], reason: str, spent: PrivacyRelease | None
+    ) -> None:
+        """The server ledger's line for a secure sum that did not complete: nothing was released.
+
+        ``spent``: the release accounted before the unmask stage failed (its ε stays counted).
+        """
         assert self.mech is not None
         if self.ledgers is None:
             return
+        released = (
+            "nothing: no ε spent" if spent is None else
+            f"nothing revealed: the sum failed at unmask after its release was accounted; its ε stays counted "
+            f"(union ε {spent.epsilon:.6g})"
+        )  # fmt: skip
         self.ledgers.server.append(
             ABORT_EVENT, server_round, release=release, silos=self.mech.silos, threshold=self.mech.threshold,
-            staged=[named_node(n, self.partitions) for n in sorted(staged)], reason=reason,
-            released="nothing: no ε spent",
+            staged=[named_node(n, self.partitions) for n in sorted(staged)], reason=reason, released=released,
         )  # fmt: skip
 
     def _record_dropouts(
-        self, server_round: int, staged: dict[int, int], outcome: SecAggOutcome, sigma: float, release: str
+        self, server_round: int, survivors: Sequence[int], lost: Mapping[int, str], sigma: float, release: str
     ) -> None:
         """Who is missing from the sum and where each was lost: in the record, and in the ledger before the release."""
         assert self.mech is not None
-        m, lost = self.mech, missing_stages(self.nodes, staged, outcome)
+        m = self.mech
         for node, stage in lost.items():
             self._reject(server_round, node, f"not in the secure sum of {release}: lost at {stage}")
         event = dropout_event(
             release=release, silos=m.silos, max_dishonest=m.max_dishonest, noise_multiplier=sigma,
             accounted_noise_multiplier=dd.round_noise_multiplier(sigma, m.silos, m.max_dishonest, len(lost)),
-            survivors=outcome.survivors, missing=lost, partitions=self.partitions,
-            unmask_dropped=outcome.dropped.get(UNMASK, ()),
+            survivors=survivors, missing=lost, partitions=self.partitions,
         )  # fmt: skip
         log(WARNING, "round %d: distributed DP: %s", server_round, event["noise"])
         if self.ledgers is not None:
@@ -354,16 +381,21 @@ class DistributedDP:
         length = dp_als.statistics_length(num_items, dim) if als else sum(int(np.prod(s)) for s in shapes.values())
         expected_max = max(self.rosters.values()) * m.rate
         signal = m.clip * (expected_max + 6.0 * math.sqrt(expected_max) + 6.0)  # users per silo: P(more) tiny
-        total, missing = self._secure_sum(
-            server_round, staged, length, signal, m.share_std, m.noise_multiplier, dd.training_kind(self.settings)
-        )
+        kind = dd.training_kind(self.settings)
+        missing = m.silos
+
+        def account(lost: int) -> PrivacyRelease:
+            nonlocal missing
+            missing = lost
+            use = dd.training_use(dd.round_noise_multiplier(m.noise_multiplier, m.silos, m.max_dishonest, lost), m.rate)
+            return dd.record_release(self.accountant, server_round, kind, use, m, dd.training_released(self.settings))
+
+        total, release = self._secure_sum(server_round, staged, length, signal, m.share_std, m.noise_multiplier,
+                                          kind, account)  # fmt: skip
+        self._events.central = release  # accounted (and in the ledger) even if the unmask then failed
+        self._events.central_in_ledger = release is not None and self.ledgers is not None
         if total is None:
-            return None, MetricRecord({records.TRAIN_SILOS: 0})  # nothing released: the model stays
-        sigma = dd.round_noise_multiplier(m.noise_multiplier, m.silos, m.max_dishonest, missing)
-        use = dd.training_use(sigma, m.rate)
-        release = dd.record_release(self.accountant, server_round, dd.training_kind(self.settings), use, m,
-                                    dd.training_released(self.settings))  # fmt: skip
-        self._events.central = release
+            return None, MetricRecord({records.TRAIN_SILOS: 0})  # nothing revealed: the model stays
         if als:
             stepped = self._als_step(sent, total, num_items, dim)
             self._save_state()

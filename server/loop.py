@@ -49,7 +49,9 @@ def run_rounds(
     that round) and the aggregated arrays (checkpointing happens there, before the
     next round starts), redacted by the release policy of ``privacy_mode``
     (:func:`common.privacy.release.redact_round`). ``on_release`` receives the server's own privacy release
-    (central DP) as soon as it is made, before the new model is sent anywhere.
+    (central DP) as soon as it is made, before the new model is sent anywhere, unless the
+    strategy wrote it to the ledger itself (``RoundEvents.central_in_ledger``: distributed DP
+    accounts each secure sum before it can be unmasked).
 
     ``fused`` (run config ``eval.fused``): one exchange per round. A round whose
     model is to be evaluated (and that is not the last) is not evaluated at once: the
@@ -92,7 +94,7 @@ def run_rounds(
             log(WARNING, "fedrec round %d: no aggregate replaced the shared model (%s silos accepted); it is unchanged",
                 server_round, train_metrics.get(records.TRAIN_SILOS, 0))
         events = strategy.take_events()
-        if events.central is not None:
+        if events.central is not None and not events.central_in_ledger:
             on_release(events.central)
         eval_metrics: MetricRecord | None = None
         due = server_round % evaluate_every == 0 or server_round == last_round

@@ -20,6 +20,7 @@ class RoundEvents:
     rejected: list[tuple[int, str]] = field(default_factory=list)  # (node id, reason)
     privacy: list[PrivacyRelease] = field(default_factory=list)  # silos' local-DP releases
     central: PrivacyRelease | None = None  # the server's central-DP release
+    central_in_ledger: bool = False  # the strategy wrote ``central`` to the server ledger itself (write-ahead)
     central_counts: CentralCounts | None = None
     silos: list[SiloRoundStats] = field(default_factory=list)  # per training reply: the anomaly report
 

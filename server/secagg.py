@@ -4,7 +4,10 @@
 :class:`~common.secagg.protocol.ServerProtocol` with the sampled nodes, one
 ``send_and_receive`` per stage (the way :mod:`server.loop` talks to nodes, so a
 :class:`~server.metered_grid.MeteredGrid` counts its traffic), and returns the
-decoded sum of the surviving silos' vectors with who dropped at which stage. A node
+decoded sum of the surviving silos' vectors with who dropped at which stage. Once the
+masked vectors are in and before any unmask share is asked for, it calls ``before_unmask``
+with the nodes whose vectors will be in the sum: the caller accounts the release there, so
+the server's ledger holds it before the server can learn the sum. A node
 that does not answer within ``timeout``, or answers with an error, is dropped from
 that stage on; fewer than the threshold at any stage raises
 :class:`~common.secagg.protocol.SecAggError` and no sum is released.
@@ -17,7 +20,7 @@ that means for the noise the sum carries.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from logging import INFO, WARNING
 from typing import Any, Protocol
 
@@ -54,10 +57,15 @@ def secure_sum(
     server_round: int,
     threshold: int | None = None,
     timeout: float | None = None,
+    before_unmask: Callable[[tuple[int, ...], Mapping[str, tuple[int, ...]]], None] | None = None,
 ) -> SecAggOutcome:
     """The sum of the vectors the nodes ``node_ids`` staged for ``server_round``.
 
     ``threshold`` defaults to :func:`~common.secagg.protocol.default_threshold`.
+    ``before_unmask(survivors, dropped)`` runs after the collect stage, before the unmask
+    stage: ``survivors`` are the nodes whose masked vectors are in the sum (a node that
+    drops at unmask stays in it), ``dropped`` the nodes lost so far by stage. The server
+    cannot remove the masks, so knows nothing of the sum, until the unmask replies arrive.
     """
     nodes = tuple(sorted(node_ids))
     params = SecAggParams(
@@ -72,6 +80,8 @@ def secure_sum(
     server.receive_keys(_exchange(grid, SETUP, dict.fromkeys(nodes, setup), server_round, timeout))
     server.receive_shares(_exchange(grid, SHARE_KEYS, server.share_keys_payloads(), server_round, timeout))
     server.receive_masked(_exchange(grid, COLLECT, server.collect_payloads(), server_round, timeout))
+    if before_unmask is not None:
+        before_unmask(tuple(server.active), {k: v for k, v in server.dropped.items() if v})
     outcome = server.receive_unmask(_exchange(grid, UNMASK, server.unmask_payloads(), server_round, timeout))
     log(
         INFO,
@@ -120,15 +130,18 @@ NOT_STAGED = "train"
 """The stage named for a silo that never entered the secure sum (no vector staged: failed or silent)."""
 
 
-def missing_stages(nodes: Sequence[int], staged: Iterable[int], outcome: SecAggOutcome) -> dict[int, str]:
-    """Node → where it was lost, for every node of ``nodes`` whose vector is not in ``outcome``'s sum.
+def missing_stages(
+    nodes: Sequence[int], staged: Iterable[int], survivors: Iterable[int], dropped: Mapping[str, Iterable[int]]
+) -> dict[int, str]:
+    """Node → where it was lost, for every node of ``nodes`` whose vector is not in the sum of ``survivors``.
 
     :data:`NOT_STAGED` for a node that never entered the secure sum, else the protocol stage
-    (``setup``, ``share-keys`` or ``collect``) it stopped answering at. A node dropped at
-    ``unmask`` had already sent its masked vector: it is in the sum, not missing.
+    (``setup``, ``share-keys`` or ``collect``) it stopped answering at (``dropped``: stage →
+    nodes). A node dropped at ``unmask`` had already sent its masked vector: it is in the
+    sum, not missing.
     """
-    lost = {n: stage for stage, dropped in outcome.dropped.items() for n in dropped}
-    in_sum, entered = set(outcome.survivors), set(staged)
+    lost = {n: stage for stage, gone in dropped.items() for n in gone}
+    in_sum, entered = set(survivors), set(staged)
     return {n: (lost.get(n, NOT_STAGED) if n in entered else NOT_STAGED) for n in sorted(nodes) if n not in in_sum}
 
 
@@ -150,7 +163,6 @@ def dropout_event(
     survivors: Sequence[int],
     missing: Mapping[int, str],
     partitions: Mapping[int, int],
-    unmask_dropped: Sequence[int] = (),
 ) -> dict[str, object]:
     """The fields of a :data:`DROPOUT_EVENT`: who is missing from the sum of ``release``, and the noise left.
 
@@ -184,8 +196,6 @@ def dropout_event(
         "max-dishonest-silos": max_dishonest,
         "in-sum": [named_node(n, partitions) for n in sorted(survivors)],
         "missing": [{**named_node(n, partitions), "stage": stage} for n, stage in sorted(missing.items())],
-        # in the sum: their b was rebuilt
-        "dropped-at-unmask": [named_node(n, partitions) for n in sorted(unmask_dropped)],
         "nominal-noise-multiplier": noise_multiplier,
         "accounted-noise-multiplier": accounted_noise_multiplier,
         "noise": meaning,

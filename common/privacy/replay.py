@@ -90,9 +90,15 @@ def dropout_text(dropout: Mapping[str, Any], *, capital: bool = False) -> str:
     """One line for a :data:`~common.secagg.DROPOUT_EVENT` (or :data:`~common.secagg.ABORT_EVENT`) of
     :attr:`LedgerAudit.dropouts`."""
     if dropout.get("aborted"):
+        accounted = dropout.get("accounted-line")
+        outcome = (
+            "nothing released, no ε spent" if accounted is None else
+            f"nothing revealed, but its release (line {accounted}) was accounted before the unmasking: "
+            "its ε stays counted"
+        )  # fmt: skip
         return (
             f"{'S' if capital else 's'}ecure sum of round {dropout['round']} (line {dropout['line']}) for "
-            f"{dropout['release']} aborted: {dropout['reason']}; nothing released, no ε spent"
+            f"{dropout['release']} aborted: {dropout['reason']}; {outcome}"
         )
     missing = ", ".join(f"{m.get('silo', 'node')} (node {m.get('node')}) at {m.get('stage')}"
                         for m in dropout["missing"])  # fmt: skip
@@ -111,6 +117,7 @@ def replay(
     acc: Accountant | None = None
     mechanisms: dict[tuple[float, float, float], dict[str, Any]] = {}
     round_end: dict[int, tuple[int, float]] = {}
+    release_lines: dict[tuple[int, str], int] = {}  # (round, kind) -> line of its release
     for entry in chain.entries:
         if entry.event["kind"] == DROPOUT_EVENT:
             event = entry.event
@@ -118,12 +125,15 @@ def replay(
                                    "noise": event.get("noise", "")})  # fmt: skip
         if entry.event["kind"] == ABORT_EVENT:
             event = entry.event
+            kind = str(event.get("release", "?"))
             audit.dropouts.append({"round": event["round"], "line": entry.seq + 1, "aborted": True,
-                                   "release": event.get("release", "?"),
-                                   "reason": event.get("reason", "")})  # fmt: skip
+                                   "release": kind, "reason": event.get("reason", ""),
+                                   # write-ahead: a sum that failed at unmask was accounted before it
+                                   "accounted-line": release_lines.get((int(event["round"]), kind))})  # fmt: skip
         if entry.event["kind"] not in RELEASE_KINDS:
             continue
         rnd, line = int(entry.event["round"]), entry.seq + 1
+        release_lines[(rnd, str(entry.event["kind"]))] = line
         try:
             rel = PrivacyRelease.from_json(entry.event)
         except ReleaseError as exc:

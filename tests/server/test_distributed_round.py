@@ -326,3 +326,52 @@ def test_an_aborted_secure_sum_is_in_the_ledger_and_releases_nothing(tmp_path):
     rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["train"].get(records.MODEL_KEPT) for r in rounds] == [None, 1]
     assert rounds[1]["train"][records.TRAIN_SILOS] == 0
+
+
+def test_each_release_is_in_the_ledger_before_the_unmask_and_an_unmask_failure_keeps_it_counted(tmp_path):
+    from common.privacy.audit import audit_run
+    from common.privacy.replay import dropout_text
+    from common.secagg import ABORT_EVENT
+
+    # Arrange: in round 2, two of the three silos stop answering at unmask (1 < threshold 2)
+    run_dir = tmp_path / "run"
+    cfg = distributed_config(run_dir)
+    ledger_at_unmask: list[tuple[int, list[dict]]] = []  # (round, the server ledger) as each unmask stage starts
+
+    def drop(node, msg):
+        if msg.metadata.message_type != wire.MESSAGE_TYPE:
+            return False
+        stage, payload = wire.decode(msg.content, "test")
+        if stage != "unmask":
+            return False
+        server_round = int(payload["round"])
+        if node == min(grid.get_node_ids()):  # the stage's first message
+            ledger_at_unmask.append((server_round, server_ledger(run_dir)))
+        return server_round == 2 and node != min(grid.get_node_ids())
+
+    grid = LocalGrid(client_app, cfg, SILOS, drop=drop)
+    # Act
+    run_federation(grid, cfg)
+    # Assert: the histogram's and every round's release were written before their unmask stage
+    expected = [(1, dd.KIND_HISTOGRAM), (1, dd.KIND_TRAINING), (2, dd.KIND_TRAINING)]
+    assert [r for r, _ in ledger_at_unmask] == [1, 1, 2]
+    for (_, ledger), release in zip(ledger_at_unmask, expected, strict=True):
+        assert [(e["round"], e["kind"]) for e in ledger if e["kind"].startswith("distributed")][-1] == release
+    events = server_ledger(run_dir)
+    releases = [e for e in events if e["kind"].startswith("distributed")]
+    # once each (the loop does not write them a second time), round 2's included: it stays counted
+    assert [(e["round"], e["kind"]) for e in releases] == expected
+    (abort,) = [e for e in events if e["kind"] == ABORT_EVENT]
+    assert abort["round"] == 2 and "unmask" in abort["reason"] and "ε stays counted" in abort["released"]
+    assert f"{releases[-1]['epsilon']:.6g}" in abort["released"]
+    # fedrec audit counts round 2 and names the accounted release of the aborted sum by its line
+    result = audit_run(run_dir, empirical=False)
+    server = next(led for led in result.ledgers if led.owner == "server")
+    assert server.trajectory[-1].round == 2
+    assert server.trajectory[-1].pld == pytest.approx(releases[-1]["epsilon"], abs=0.01)
+    (line,) = [dropout_text(d) for d in server.dropouts]
+    release_line = next(i + 1 for i, e in enumerate(events) if (e["round"], e["kind"]) == expected[-1])
+    assert "round 2" in line and f"its release (line {release_line}) was accounted" in line
+    rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train"].get(records.MODEL_KEPT) for r in rounds] == [None, 1]
+    assert rounds[1]["central-privacy"]["epsilon"] == pytest.approx(releases[-1]["epsilon"])

@@ -8,7 +8,7 @@ from client.app import app as client_app
 from client.secagg import STATE_INPUT, STATE_PROTOCOL, stage_input
 from common.run_config import load_default_run_config
 from common.secagg import wire
-from common.secagg.protocol import COLLECT, SHARE_KEYS, SecAggError
+from common.secagg.protocol import COLLECT, SHARE_KEYS, UNMASK, SecAggError
 from common.secagg.quantize import QuantSpec
 from server.secagg import secure_sum
 from tests.fakes import LocalGrid
@@ -108,3 +108,41 @@ def test_one_distributed_dp_round_end_to_end(rng):
     # all 4 silos present: noise std σC·sqrt(S/(S−T)) / (q·N) = 2·sqrt(4/3)/40 = 0.0577; 300 coordinates,
     # relative standard error of the sample std 1/sqrt(600) = 4%; tolerance 15%
     assert np.std(noisy - expected) == pytest.approx(2.0 * np.sqrt(4 / 3) / 40, rel=0.15)
+
+
+def test_before_unmask_runs_after_collect_and_before_any_unmask_message_with_the_sums_members(rng):
+    # Arrange: node 2 stops at collect (not in the sum), node 5 at unmask (its masked vector is in)
+    sent: list[str] = []
+
+    def drop(node, msg):
+        sent.append(_stage(msg))
+        return (node == 2 and _stage(msg) == COLLECT) or (node == 5 and _stage(msg) == UNMASK)
+
+    grid, vectors = _grid(5, 200, rng, drop=drop)
+    seen = []
+
+    def before_unmask(survivors, dropped):
+        seen.append((survivors, dict(dropped), list(sent)))
+
+    # Act
+    out = secure_sum(grid, [1, 2, 3, 4, 5], quant=QuantSpec(1.0, 32, 5), vector_length=200, server_round=1,
+                     before_unmask=before_unmask)  # fmt: skip
+    # Assert: called once, when every collect message but no unmask message had gone out
+    ((survivors, dropped, sent_then),) = seen
+    assert survivors == (1, 3, 4, 5) == out.survivors and dropped == {COLLECT: (2,)}
+    assert sent_then.count(COLLECT) == 5 and UNMASK not in sent_then and UNMASK in sent
+    assert out.dropped == {COLLECT: (2,), UNMASK: (5,)}
+    assert np.abs(out.total - sum(vectors[n] for n in (1, 3, 4, 5))).max() < out.error_bound
+
+
+def test_a_failing_before_unmask_stops_the_sum_before_any_unmask_message(rng):
+    sent: list[str] = []
+    grid, _ = _grid(3, 20, rng, drop=lambda node, msg: sent.append(_stage(msg)) or False)
+
+    def refuse(survivors, dropped):
+        raise RuntimeError("the ledger could not be written")
+
+    with pytest.raises(RuntimeError, match="ledger could not be written"):
+        secure_sum(grid, [1, 2, 3], quant=QuantSpec(1.0, 32, 3), vector_length=20, server_round=1,
+                   before_unmask=refuse)  # fmt: skip
+    assert UNMASK not in sent and sent.count(COLLECT) == 3
