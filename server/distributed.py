@@ -90,6 +90,7 @@ class DistributedDP:
         self._sent: ArrayRecord | None = None
         self._config: ConfigRecord | None = None
         self._velocity: np.ndarray | None = None
+        self._optimiser_states: list[tuple[int, dict[str, np.ndarray]]] = []  # the last two saved, oldest first
         self._adam: ServerAdam | None = None
         self._stop_reason: str | None = None
         self._events = RoundEvents()
@@ -148,7 +149,7 @@ class DistributedDP:
         log(WARNING, "round %d: distributed DP: node %d: %s", server_round, node, reason)
 
     # ---------------------------------------------------------------- round 1 prelude
-    def _prelude(self, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> ArrayRecord:
+    def _prelude(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> ArrayRecord:
         arrays = scaled_item_embeddings(arrays, self.settings.item_init_scale)  # the public initial model
         nodes = sorted(grid.get_node_ids())
         replies = grid.send_and_receive(self._messages(1, arrays, config, "roster", nodes), timeout=self.timeout)
@@ -162,7 +163,7 @@ class DistributedDP:
         )
         self.accountant = dd.union_accountant(self.mech, SERVER_OWNER, self.cfg.privacy.accountant)
         if self.resumed:
-            return self._restore(arrays)
+            return self._restore(arrays, server_round - 1)
         m = self.mech
         log(
             INFO,
@@ -172,7 +173,7 @@ class DistributedDP:
             m.share_std, m.histogram_noise_multiplier, m.delta, m.threshold,
         )  # fmt: skip
         if not self.settings.popularity:
-            self._save_state()
+            self._save_state(0)
             return arrays
         messages = self._messages(1, arrays, config, "popularity", self.nodes)
         staged = self._staged(1, grid.send_and_receive(messages, timeout=self.timeout), "popularity")
@@ -186,7 +187,7 @@ class DistributedDP:
         total, release = self._secure_sum(1, staged, num_items, signal, m.histogram_share_std,
                                           m.histogram_noise_multiplier, dd.KIND_HISTOGRAM, account)  # fmt: skip
         if total is None or release is None:
-            self._save_state()
+            self._save_state(0)
             return arrays
         self.popularity = total
         log(INFO, "distributed DP: popularity histogram released, ε so far %.4f", release.epsilon)
@@ -196,33 +197,47 @@ class DistributedDP:
             arrays = with_item_rows_zeroed(arrays, ~self.trainable)
             log(INFO, "distributed DP: the %d items with the largest DP counts train; the other %d rank by bias",
                 int(self.trainable.sum()), int((~self.trainable).sum()))  # fmt: skip
-        self._save_state()
+        self._save_state(0)
         return arrays
 
     # ---------------------------------------------------------------- resume
-    def _save_state(self) -> None:
-        """Write :data:`STATE_FILE` (atomically): N_total, S, the released histogram, the optimiser's state."""
+    def _save_state(self, server_round: int) -> None:
+        """Write :data:`STATE_FILE` (atomically): N_total, S, the released histogram, the optimiser's state.
+
+        The optimiser's state after the step of ``server_round`` (0: the prelude) is kept with the
+        one saved before it: the server may die after this step and before the round's checkpoint,
+        and the resumed run restarts from that checkpoint, which needs the state of its own round.
+        """
         if self.state_path is None or self.mech is None:
             return
         empty = np.zeros(0)
         adam = self._adam
-        state = {
-            "population": np.array(self.mech.population), "silos": np.array(self.mech.silos),
-            "popularity": empty if self.popularity is None else self.popularity,
+        optimiser = {
             "velocity": empty if self._velocity is None else self._velocity,
             "adam-t": np.array(0 if adam is None else adam.t),
             "adam-m": empty if adam is None or adam.m is None else adam.m,
             "adam-v": empty if adam is None or adam.v is None else adam.v,
         }  # fmt: skip
+        kept = [(r, o) for r, o in self._optimiser_states if r < server_round][-1:]
+        self._optimiser_states = [*kept, (server_round, optimiser)]
+        state = {
+            "population": np.array(self.mech.population), "silos": np.array(self.mech.silos),
+            "popularity": empty if self.popularity is None else self.popularity,
+        }  # fmt: skip
+        for prefix, (r, o) in zip(("", "previous-"), reversed(self._optimiser_states), strict=False):
+            state[f"{prefix}round"] = np.array(r)
+            state.update({f"{prefix}{k}": v for k, v in o.items()})
         tmp = self.state_path.with_name(self.state_path.name + ".tmp.npz")
         np.savez(tmp, **state)  # type: ignore[arg-type]
         os.replace(tmp, self.state_path)
 
-    def _restore(self, arrays: ArrayRecord) -> ArrayRecord:
+    def _restore(self, arrays: ArrayRecord, checkpoint_round: int) -> ArrayRecord:
         """A resumed run's prelude: the kept state, the accountant from the ledger; no second histogram.
 
-        ``arrays`` is the checkpoint of the last completed round (its biases already anchored,
-        its item table already scaled), so nothing is applied to it again.
+        ``arrays`` is the checkpoint of round ``checkpoint_round``, the last completed one (its
+        biases already anchored, its item table already scaled), so nothing is applied to it
+        again; the optimiser restarts from its state after that round's step (the latest one
+        saved at or before it: a round whose secure sum aborted took no step).
 
         Raises
         ------
@@ -252,11 +267,22 @@ class DistributedDP:
         self.popularity = state["popularity"] if state["popularity"].size else None
         if self.settings.top_items > 0 and self.popularity is not None:
             self.trainable = dd.top_item_mask(self.popularity, self.settings.top_items)
-        self._velocity = state["velocity"] if state["velocity"].size else None
-        if int(state["adam-t"]) > 0:
+        saved_rounds = {p: int(state[f"{p}round"]) for p in ("", "previous-") if f"{p}round" in state}
+        usable = [(r, prefix) for prefix, r in saved_rounds.items() if r <= checkpoint_round]
+        if saved_rounds and not usable:
+            raise ConfigError(
+                f"resume: {path} holds the server optimiser's state after rounds {sorted(saved_rounds.values())}, "
+                f"none at or before the checkpoint of round {checkpoint_round} the run resumes from"
+            )
+        prefix = max(usable)[1] if usable else ""  # a state file without rounds: its one state
+        self._optimiser_states = [(r, {k: state[f"{p}{k}"] for k in ("velocity", "adam-t", "adam-m", "adam-v")})
+                                  for r, p in sorted(usable)]  # fmt: skip
+        self._velocity = state[f"{prefix}velocity"] if state[f"{prefix}velocity"].size else None
+        if int(state[f"{prefix}adam-t"]) > 0:
             s = self.settings
             self._adam = ServerAdam(s.server_lr, s.server_momentum, s.server_beta2, s.server_adam_eps)
-            self._adam.t, self._adam.m, self._adam.v = int(state["adam-t"]), state["adam-m"], state["adam-v"]
+            self._adam.t = int(state[f"{prefix}adam-t"])
+            self._adam.m, self._adam.v = state[f"{prefix}adam-m"], state[f"{prefix}adam-v"]
         log(INFO, "distributed DP: resumed with N_total %d users in %d silos, union ε so far %.4f",
             population, silos, self.accountant.epsilon())  # fmt: skip
         return arrays
@@ -351,7 +377,7 @@ class DistributedDP:
         """Round 1: roster and popularity first; then stop at the budget or send the model."""
         self._grid = grid
         if self.mech is None:
-            arrays = self._prelude(arrays, config, grid)
+            arrays = self._prelude(server_round, arrays, config, grid)
         if not self.nodes:
             self._stop_reason = "distributed DP: no silo gave its roster"
             return []
@@ -398,7 +424,7 @@ class DistributedDP:
             return None, MetricRecord({records.TRAIN_SILOS: 0})  # nothing revealed: the model stays
         if als:
             stepped = self._als_step(sent, total, num_items, dim)
-            self._save_state()
+            self._save_state(server_round)
             return stepped, MetricRecord({records.TRAIN_SILOS: m.silos - missing})
         mean = dd.server_average(total, m.rate * m.population)
         s = self.settings
@@ -419,7 +445,7 @@ class DistributedDP:
         new = vectors.unflatten(base + self._step(mean), shapes)
         new[ITEM_EMBEDDING] = new[ITEM_EMBEDDING] * (1.0 - s.item_shrink)
         out = ArrayRecord({k: Array(new[k].astype(sent[k].numpy().dtype)) for k in sent})
-        self._save_state()
+        self._save_state(server_round)
         return out, MetricRecord({records.TRAIN_SILOS: m.silos - missing})
 
     def _als_step(self, sent: ArrayRecord, total: np.ndarray, num_items: int, dim: int) -> ArrayRecord:

@@ -202,3 +202,17 @@ def kill_server_after(monkeypatch, last_round: int) -> None:  # type: ignore[no-
             raise ServerKilled
 
     monkeypatch.setattr(RunRecorder, "record_round", record_round)
+
+
+def kill_server_before_recording(monkeypatch, server_round: int) -> None:  # type: ignore[no-untyped-def]
+    """Make the server die after round ``server_round``'s step, before it recorded the round (no checkpoint)."""
+    from server.recorder import RunRecorder
+
+    original = RunRecorder.record_round
+
+    def record_round(self, record, arrays):  # type: ignore[no-untyped-def]
+        if record.server_round == server_round:
+            raise ServerKilled
+        original(self, record, arrays)
+
+    monkeypatch.setattr(RunRecorder, "record_round", record_round)

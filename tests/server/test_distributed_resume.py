@@ -75,3 +75,51 @@ def test_resume_without_the_state_file_names_it(tmp_path):
     resumed = distributed_config(run_dir, **{"num-server-rounds": 2}, resume=True)
     with pytest.raises(ConfigError, match=STATE_FILE.replace(".", r"\.") + " is missing"):
         run_federation(LocalGrid(client_app, resumed, SILOS), resumed)
+
+
+def test_a_crash_after_a_step_but_before_its_checkpoint_resumes_with_the_checkpoints_optimiser_state(tmp_path):
+    from server.distributed import DistributedDP
+    from tests.fakes import kill_server_before_recording
+
+    # Arrange: momentum on; the server dies after round 2's step, before round 2 is recorded
+    run_dir = tmp_path / "run"
+    extra = {"num-server-rounds": 3, "privacy.distributed.server-momentum": 0.5}
+    cfg = distributed_config(run_dir, **extra)
+    with pytest.MonkeyPatch.context() as m:
+        kill_server_before_recording(m, 2)
+        with pytest.raises(ServerKilled):
+            run_federation(LocalGrid(client_app, cfg, SILOS), cfg)
+    saved = dict(np.load(run_dir / STATE_FILE))
+    assert int(saved["round"]) == 2 and int(saved["previous-round"]) == 1  # round 2 stepped, checkpoint 1 is the last
+    assert not np.array_equal(saved["velocity"], saved["previous-velocity"])
+    restored = []
+    original = DistributedDP._restore
+
+    def spy(self, arrays, checkpoint_round):
+        out = original(self, arrays, checkpoint_round)
+        restored.append((checkpoint_round, self._velocity))
+        return out
+
+    # Act: resume from round 1's checkpoint
+    resumed = distributed_config(run_dir, **extra, resume=True)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(DistributedDP, "_restore", spy)
+        run_federation(LocalGrid(client_app, resumed, SILOS), resumed)
+    # Assert: the velocity after round 1's step, not round 2's; the run completes
+    ((checkpoint_round, velocity),) = restored
+    assert checkpoint_round == 1 and np.array_equal(velocity, saved["previous-velocity"])
+    rounds = [json.loads(x)["round"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [1, 2, 3]
+    # round 2's first release (accounted before its unmask, then the crash) stays counted
+    assert [e["round"] for e in _releases(run_dir) if e["kind"] == dd.KIND_TRAINING] == [1, 2, 2, 3]
+    assert not audit_run(run_dir, empirical=False).problems
+
+
+def test_resume_refuses_an_optimiser_state_newer_than_the_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    _crashed_after_round_1(run_dir, **{"num-server-rounds": 2})
+    saved = dict(np.load(run_dir / STATE_FILE))
+    np.savez(run_dir / STATE_FILE, **{**saved, "round": np.array(5), "previous-round": np.array(4)})
+    resumed = distributed_config(run_dir, **{"num-server-rounds": 2}, resume=True)
+    with pytest.raises(ConfigError, match=r"after rounds \[4, 5\], none at or before the checkpoint of round 1"):
+        run_federation(LocalGrid(client_app, resumed, SILOS), resumed)
