@@ -31,7 +31,7 @@ from common.config import AppConfig
 from common.data.silo import SiloData
 from common.evaluation import PERSONALIZED, SumValue
 from common.models import Recommender
-from common.personalization import ditto_select, ditto_train, fine_tune
+from common.personalization import ditto_select, ditto_train, fine_tune, recency_select
 from common.seeding import numpy_rng
 from common.storage import load_arrays, save_arrays
 
@@ -91,12 +91,15 @@ def evaluate(
     """Fine-tune a copy of ``model`` on the silo's users; keep it; return its sums, prefixed.
 
     With ``method = "ditto"`` the copy is the mix of ``model`` and the silo's personal
-    model kept on validation. ``model`` (the global shared part and the users' rows)
-    is not modified.
+    model kept on validation; with ``method = "recency"``, ``model`` with each user's
+    row shifted toward the user's latest training items (m and β kept on validation).
+    ``model`` (the global shared part and the users' rows) is not modified.
     """
     if cfg.personalize.method == "ditto":
         personal = _personal(state, state_dir)
         tuned = ditto_select(model, personal, data.split, cfg.personalize, k=cfg.eval.k, device=silo.device()).model
+    elif cfg.personalize.method == "recency":
+        tuned = recency_select(model, data.split, cfg.personalize, k=cfg.eval.k, device=silo.device()).model
     else:
         rng = numpy_rng(cfg.seed, "personalize", partition_id, server_round)
         tuned = fine_tune(

@@ -306,7 +306,9 @@ class PersonalizeSettings:
     #: ``fine-tune``: the copy is fine-tuned when the silo evaluates; ``ditto``: a
     #: personal model is trained every round with a proximal pull ``prox`` toward the
     #: received global model, and mixed with it at evaluation (Ditto; APFL's mixing).
-    method: Literal["fine-tune", "ditto"]
+    #: ``recency`` (MF): each user's row is shifted toward its latest training items
+    #: (``p_u + β · r_u``, m and β chosen per silo on validation; :func:`common.personalization.recency_select`).
+    method: Literal["fine-tune", "ditto", "recency"]
     prox: float
     #: A candidate replaces the global model in a silo only if its validation hits beat
     #: the global's by more than ``margin`` paired standard errors (0: any gain).
@@ -506,7 +508,7 @@ class AppConfig:
                 params=r.choice("personalize.params", ("item-bias", "items", "all")),
                 epochs=r.int("personalize.epochs", lo=1),
                 lr=r.float("personalize.lr", lo=0.0, lo_open=True),
-                method=r.choice("personalize.method", ("fine-tune", "ditto")),
+                method=r.choice("personalize.method", ("fine-tune", "ditto", "recency")),
                 prox=r.float("personalize.prox", lo=0.0),
                 margin=r.float("personalize.margin", lo=0.0),
             ),
@@ -577,6 +579,11 @@ class AppConfig:
             )
         if cfg.items.path and not cfg.items.text_cols:
             raise ConfigError("items.text-cols: name at least one text column of items.path (e.g. \"title,genres\")")
+        if cfg.personalize.enabled and cfg.personalize.method == "recency" and cfg.model.name != "mf":
+            raise ConfigError(
+                f"personalize.method: \"recency\" shifts MF's users' rows toward their latest items; "
+                f"model.name {cfg.model.name!r} has no such rows (use \"fine-tune\" or \"ditto\")"
+            )
         if cfg.personalize.enabled and cfg.personalize.params == "item-bias" and cfg.model.name != "mf":
             raise ConfigError(
                 f"personalize.params: \"item-bias\" fine-tunes MF's item biases; model.name "

@@ -19,7 +19,15 @@ received model. At evaluation :func:`ditto_select` mixes it with the global mode
 ``β · w + (1 - β) · w_g`` for β in :data:`MIX_WEIGHTS` (APFL's interpolation, β
 chosen per silo on validation).
 
-Every selection (fine-tune epoch, mixing weight) goes through :func:`keep`: the
+``method = "recency"`` (MF only) adapts each user's row to that user's latest training
+interactions (:func:`recency_select`): the row ``p_u`` becomes ``p_u + β · r_u``, ``r_u``
+the mean of the unit-normalised item rows of the user's last ``m`` training items
+(:func:`recent_profile`), so the copy scores ``p_u · q_i + β · r_u · q_i``: a private
+score term of each user's own recent history, kept in the silo's copy of the users'
+rows; ``(m, β)`` is one choice per silo from :data:`RECENT_ITEMS` × :data:`RECENT_WEIGHTS`
+on validation. Nothing shared moves.
+
+Every selection (fine-tune epoch, mixing weight, recency) goes through :func:`keep`: the
 global model stays unless the best candidate's validation hits beat it by more than
 ``margin`` paired standard errors.
 
@@ -53,6 +61,14 @@ from common.training import TrainStats, batch_loss, sample_train_negatives, trai
 #: Mixing weights β of the personal model tried at evaluation (``method = "ditto"``); β = 0,
 #: the global model itself, is always the first candidate.
 MIX_WEIGHTS = (0.25, 0.5, 0.75, 1.0)
+#: How many of a user's latest training items its recency profile averages (``method = "recency"``).
+RECENT_ITEMS = (1, 2, 3, 5, 10)
+#: Weights β of the recency profile added to a user's row (``method = "recency"``); β = 0 is the global model.
+RECENT_WEIGHTS = (0.5, 1.0, 2.0, 4.0, 8.0)
+#: The users' row table a recency shift moves (MF's).
+USER_ROWS = "user_embedding.weight"
+#: The item row table a recency profile is made of (MF's).
+ITEM_ROWS = "item_embedding.weight"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +88,16 @@ class MixResult:
     model: Recommender  # β · personal + (1 - β) · global on the personal parameters
     weight: float  # selected β (0 = the global model)
     val_hits: tuple[float, ...]  # validation hits@K at β = 0 and each of MIX_WEIGHTS
+
+
+@dataclass(frozen=True, slots=True)
+class RecencyResult:
+    """What :func:`recency_select` kept: the shifted copy, its (m, β), and the validation hits it was chosen on."""
+
+    model: Recommender  # the copy whose users' rows are p_u + β · r_u (the global model when items == 0)
+    items: int  # selected m (0 = the global model)
+    weight: float  # selected β (0 = the global model)
+    val_hits: tuple[float, ...]  # validation hits@K of the global model, then of each (m, β) in grid order
 
 
 def keep(global_hits: NDArray[np.float64], candidates: Sequence[NDArray[np.float64]], margin: float) -> int:
@@ -264,6 +290,75 @@ def ditto_select(
     kept.eval()
     weight = 0.0 if chosen == 0 else MIX_WEIGHTS[chosen - 1]
     return MixResult(kept, weight, tuple(float(h.sum()) for h in hits))
+
+
+def recent_profile(split: UserSplit, item_rows: NDArray[np.floating], items: int) -> NDArray[np.float64]:
+    """Each user's recency profile (U, d): the mean unit-normalised row of its last ``items`` training items.
+
+    "Last" is the order of the user's rows in ``split`` (time order for a split made
+    by time, :func:`common.data.split.leave_one_out`); a user with fewer training
+    items averages those it has, one without any gets zeros. Rows of norm 0 count as 0.
+    """
+    if items < 1:
+        raise ValueError(f"recent_profile: items must be >= 1, got {items}")
+    rows = np.asarray(item_rows, dtype=np.float64)
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    unit = np.divide(rows, norms, out=np.zeros_like(rows), where=norms > 0)
+    order = np.argsort(split.train_user, kind="stable")  # by user, each user's rows in their own order
+    users = split.train_user[order]
+    ends = np.cumsum(np.bincount(users, minlength=split.num_users))
+    from_end = ends[users] - 1 - np.arange(len(users))  # 0 = the user's last training row
+    recent = from_end < items
+    profile = np.zeros((split.num_users, rows.shape[1]))
+    np.add.at(profile, users[recent], unit[split.train_item[order][recent]])
+    counts = np.bincount(users[recent], minlength=split.num_users)
+    return profile / np.maximum(counts, 1)[:, None]
+
+
+def shifted(model: Recommender, profile: NDArray[np.float64], weight: float) -> Recommender:
+    """A copy of ``model`` whose users' rows are ``p_u + weight · profile[u]``."""
+    out = copy.deepcopy(model)
+    rows = out.state_dict()[USER_ROWS]
+    shift = torch.from_numpy(profile).to(dtype=rows.dtype, device=rows.device)
+    out.load_state_dict({USER_ROWS: rows + weight * shift}, strict=False)
+    return out
+
+
+def recency_select(
+    model: Recommender,
+    split: UserSplit,
+    settings: PersonalizeSettings,
+    *,
+    k: int,
+    device: torch.device,
+) -> RecencyResult:
+    """The recency-shifted copy of ``model`` (MF) a silo keeps, chosen on its validation users.
+
+    Candidates are every (m, β) of :data:`RECENT_ITEMS` × :data:`RECENT_WEIGHTS`: the
+    users' rows ``p_u + β · r_u`` with ``r_u`` :func:`recent_profile` of the item rows
+    ``model`` holds; the choice is :func:`keep`'s against the global model at
+    ``settings.margin``. A split not ordered by time (``split.order == "random"``) has
+    no "latest" items: the global model is kept. ``model`` is not modified.
+    """
+    base = copy.deepcopy(model).to(device)
+    base.eval()
+    state = base.state_dict()
+    if USER_ROWS not in state or ITEM_ROWS not in state:
+        raise ValueError(f"personalize.method = recency: {type(model).__name__} has no {USER_ROWS} / {ITEM_ROWS}")
+    global_hits = _val_user_hits(base, split, k, device)
+    if split.order != "time":
+        return RecencyResult(base, 0, 0.0, (float(global_hits.sum()),))
+    item_rows = state[ITEM_ROWS].detach().cpu().numpy()
+    grid = [(m, weight) for m in RECENT_ITEMS for weight in RECENT_WEIGHTS]
+    profiles = {m: recent_profile(split, item_rows, m) for m in RECENT_ITEMS}
+    hits = [_val_user_hits(shifted(base, profiles[m], weight), split, k, device) for m, weight in grid]
+    chosen = keep(global_hits, hits, settings.margin)
+    if chosen == 0:
+        return RecencyResult(base, 0, 0.0, (float(global_hits.sum()), *(float(h.sum()) for h in hits)))
+    m, weight = grid[chosen - 1]
+    kept = shifted(base, profiles[m], weight)
+    kept.eval()
+    return RecencyResult(kept, m, weight, (float(global_hits.sum()), *(float(h.sum()) for h in hits)))
 
 
 @torch.no_grad()
