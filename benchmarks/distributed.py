@@ -153,6 +153,9 @@ def run_point(cfg: dict[str, Scalar], silos: int, run_dir: Path) -> dict[str, An
         # the ranking by the histogram this run released (its share of ε), on the same candidates
         "run-dp-popularity-val-hr@10": best.get("dp-popularity-val-hr@10"),
         "run-dp-popularity-test-hr@10": best.get("dp-popularity-test-hr@10"),
+        # each silo's recency-shifted copy (personalize.method = "recency") at the same round, when it ran
+        "personalized-val-hr@10": best.get("personalized-val-hr@10"),
+        "personalized-test-hr@10": best.get("personalized-test-hr@10"),
         "epsilon": server[-1]["epsilon"] if server else None,
         "delta": server[-1]["delta"] if server else None,
         "noise-multiplier": server[-1]["noise-multiplier"] if server else None,
@@ -229,8 +232,9 @@ def main() -> None:
                 record(mode, float(row["target-epsilon"]), {**{k: v for k, v in row.items() if k != "mode"},
                                                             "delta": row.get("delta-local"),
                                                             "source": str(args.reference)})  # fmt: skip
-    if args.nonprivate:
-        record("none", math.inf, run_point(base, silos, out / "nonprivate"))
+    if args.nonprivate:  # the same head on the non-private run when --set asks for personalization
+        same = {k: v for k, v in extra.items() if k.startswith("personalize.")}
+        record("none", math.inf, run_point({**base, **same}, silos, out / "nonprivate"))
     for eps in (float(e) for e in args.epsilons.split(",")):
         draws = [dp_popularity(base, eps, silos, t, int(eps * 1000) + k) for k in range(args.repeats)]
         record("dp-popularity", eps, repeated(draws))
@@ -247,7 +251,7 @@ def main() -> None:
 def repeated(points: list[dict[str, Any]]) -> dict[str, Any]:
     """The first point's fields with the HR@10s replaced by their means over ``points``, plus each run's and the sd."""
     out = dict(points[0])
-    for key in ("val-hr@10", "test-hr@10", "run-dp-popularity-test-hr@10"):
+    for key in ("val-hr@10", "test-hr@10", "run-dp-popularity-test-hr@10", "personalized-test-hr@10"):
         values = [p[key] for p in points if p.get(key) is not None]
         if values:
             out[key] = float(np.mean(values))
@@ -262,9 +266,15 @@ def print_table(results: list[dict[str, Any]], name: str) -> None:
     """Markdown table."""
     print(f"\n{name}: distributed user-level DP (union of silos) vs DP popularity")
     ref = max((r["test-hr@10"] for r in results if r["mode"] in ("none", "reference-none")), default=None)
+    # with personalize.method = "recency" (--set): each silo's shifted copy at the same round, and its share
+    # of the non-private run's own shifted copy (the same head on both sides)
+    head = any(r.get("personalized-test-hr@10") is not None for r in results)
+    head_ref = max((r["personalized-test-hr@10"] for r in results if r["mode"] in ("none", "reference-none")
+                    and r.get("personalized-test-hr@10") is not None), default=None)  # fmt: skip
+    extra = " recency copy's test HR@10 | % of non-private's recency copy |" if head else ""
     print("| mode | target ε | δ | σ | q | best round | val HR@10 | test HR@10 (mean ± sd over the repeats) | "
-          "% of non-private | run's DP-popularity test HR@10 |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"% of non-private | run's DP-popularity test HR@10 |{extra}")
+    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if head else ""))
     for r in results:
         eps = "∞" if math.isinf(r["target-epsilon"]) else f"{r['target-epsilon']:g}"
         delta = f"{r['delta']:.1e}" if r.get("delta") else "-"
@@ -275,7 +285,12 @@ def print_table(results: list[dict[str, Any]], name: str) -> None:
         share = f"{r['test-hr@10'] / ref:.1%}" if ref else "-"
         print(f"| {r['mode']} | {eps} | {delta} | {sigma} | {q} | {r.get('round', '-')} | "
               f"{r['val-hr@10']:.4f} | {r['test-hr@10']:.4f}{sd} | {share} | "
-              f"{'-' if own is None else f'{own:.4f}'} |")  # fmt: skip
+              f"{'-' if own is None else f'{own:.4f}'} |", end="")  # fmt: skip
+        mine = r.get("personalized-test-hr@10")
+        if head:
+            print(f" {'-' if mine is None else f'{mine:.4f}'} | "
+                  f"{f'{mine / head_ref:.1%}' if mine is not None and head_ref else '-'} |", end="")  # fmt: skip
+        print()
 
 
 def plot(results: list[dict[str, Any]], path: Path, name: str) -> None:

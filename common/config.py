@@ -729,8 +729,15 @@ def _check_distributed(cfg: AppConfig) -> None:
             "strategy.fraction-train: distributed DP samples users in every silo itself "
             "(privacy.distributed.users-per-round); leave strategy.fraction-train at 1.0"
         )
-    if cfg.audit.canaries or cfg.audit.central_canaries or cfg.personalize.enabled:
-        raise ConfigError("privacy.mode = distributed: audit canaries and personalize.enabled are not supported yet")
+    if cfg.audit.canaries or cfg.audit.central_canaries:
+        raise ConfigError("privacy.mode = distributed: audit canaries are not supported yet")
+    if cfg.personalize.enabled and cfg.personalize.method != "recency":
+        # recency only shifts each user's own row at evaluation (the released model and the silo's own
+        # data, nothing sent); the fine-tune and ditto copies are not built for distributed runs yet
+        raise ConfigError(
+            f"privacy.mode = distributed: personalize.method {cfg.personalize.method!r} is not supported; "
+            f"use \"recency\" (or personalize.enabled = false)"
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,3 +34,18 @@ def test_table_prints_every_row(capsys):
     out = capsys.readouterr().out
     assert "| distributed | 8 | 1.0e-05 | 1.200 | 1.000 | 3 | 0.5000 | 0.4800 |" in out
     assert "| popularity | ∞ |" in out
+
+
+def test_table_puts_the_recency_copy_beside_the_non_private_runs_own_copy(capsys):
+    rows = [
+        {"mode": "reference-none", "target-epsilon": math.inf, "val-hr@10": 0.69, "test-hr@10": 0.64,
+         "personalized-test-hr@10": 0.70},
+        {"mode": "distributed", "target-epsilon": 8.0, "val-hr@10": 0.5, "test-hr@10": 0.48, "delta": 1e-5,
+         "noise-multiplier": 1.2, "sample-rate": 1.0, "round": 3, "personalized-test-hr@10": 0.56},
+    ]
+    print_table(rows, "t")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].endswith("% of non-private's recency copy |") and lines[3].count("|") == 13
+    # 0.48 / 0.64 = 75.0% of the plain model; 0.56 / 0.70 = 80.0% of the same head without DP
+    assert lines[5].endswith("| 75.0% | - | 0.5600 | 80.0% |")
+    assert lines[4].endswith("| 0.7000 | 100.0% |")
