@@ -32,6 +32,7 @@ from common.data.silo import SiloData
 from common.evaluation import PERSONALIZED, SumValue
 from common.models import Recommender
 from common.personalization import ditto_select, ditto_train, fine_tune, recency_select
+from common.recency import RECENT_ITEMS_KEY, RECENT_WEIGHT_KEY
 from common.seeding import numpy_rng
 from common.storage import load_arrays, save_arrays
 
@@ -95,18 +96,24 @@ def evaluate(
     row shifted toward the user's latest training items (m and β kept on validation).
     ``model`` (the global shared part and the users' rows) is not modified.
     """
+    choice: dict[str, float] = {}
     if cfg.personalize.method == "ditto":
         personal = _personal(state, state_dir)
         tuned = ditto_select(model, personal, data.split, cfg.personalize, k=cfg.eval.k, device=silo.device()).model
     elif cfg.personalize.method == "recency":
-        tuned = recency_select(model, data.split, cfg.personalize, k=cfg.eval.k, device=silo.device()).model
+        kept = recency_select(model, data.split, cfg.personalize, k=cfg.eval.k, device=silo.device())
+        tuned = kept.model
+        if kept.items:  # (m, β) beside the arrays: a user folded in later is shifted the same way
+            choice = {RECENT_ITEMS_KEY: float(kept.items), RECENT_WEIGHT_KEY: kept.weight}
     else:
         rng = numpy_rng(cfg.seed, "personalize", partition_id, server_round)
         tuned = fine_tune(
             model, data.split, cfg.personalize, cfg.train, k=cfg.eval.k, rng=rng, device=silo.device()
         ).model
     tuned = tuned.cpu()
-    arrays = ArrayRecord(torch_state_dict={k: v.detach().clone() for k, v in tuned.state_dict().items()})
+    kept_arrays = {k: v.detach().clone() for k, v in tuned.state_dict().items()}
+    kept_arrays.update({key: torch.tensor([value]) for key, value in choice.items()})
+    arrays = ArrayRecord(torch_state_dict=kept_arrays)
     state[records.STATE_PERSONALIZED] = arrays
     if state_dir is not None:
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -120,5 +127,5 @@ def personalized_model(state: RecordDict, model: Recommender) -> bool:
     if records.STATE_PERSONALIZED not in state:
         return False
     stored = state.array_records[records.STATE_PERSONALIZED].to_torch_state_dict()
-    model.load_state_dict(dict(stored))
+    model.load_state_dict({k: v for k, v in stored.items() if k not in (RECENT_ITEMS_KEY, RECENT_WEIGHT_KEY)})
     return True

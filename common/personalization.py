@@ -56,6 +56,7 @@ from common import metrics
 from common.config import PersonalizeSettings, TrainSettings
 from common.data.split import NO_ITEM, UserSplit
 from common.models import Recommender, is_private
+from common.recency import ITEM_ROWS, USER_ROWS, unit_rows
 from common.training import TrainStats, batch_loss, sample_train_negatives, train_epochs, train_item_keys
 
 #: Mixing weights β of the personal model tried at evaluation (``method = "ditto"``); β = 0,
@@ -65,10 +66,6 @@ MIX_WEIGHTS = (0.25, 0.5, 0.75, 1.0)
 RECENT_ITEMS = (1, 2, 3, 5, 10)
 #: Weights β of the recency profile added to a user's row (``method = "recency"``); β = 0 is the global model.
 RECENT_WEIGHTS = (0.5, 1.0, 2.0, 4.0, 8.0)
-#: The users' row table a recency shift moves (MF's).
-USER_ROWS = "user_embedding.weight"
-#: The item row table a recency profile is made of (MF's).
-ITEM_ROWS = "item_embedding.weight"
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,15 +298,13 @@ def recent_profile(split: UserSplit, item_rows: NDArray[np.floating], items: int
     """
     if items < 1:
         raise ValueError(f"recent_profile: items must be >= 1, got {items}")
-    rows = np.asarray(item_rows, dtype=np.float64)
-    norms = np.linalg.norm(rows, axis=1, keepdims=True)
-    unit = np.divide(rows, norms, out=np.zeros_like(rows), where=norms > 0)
+    unit = unit_rows(item_rows)
     order = np.argsort(split.train_user, kind="stable")  # by user, each user's rows in their own order
     users = split.train_user[order]
     ends = np.cumsum(np.bincount(users, minlength=split.num_users))
     from_end = ends[users] - 1 - np.arange(len(users))  # 0 = the user's last training row
     recent = from_end < items
-    profile = np.zeros((split.num_users, rows.shape[1]))
+    profile = np.zeros((split.num_users, unit.shape[1]))
     np.add.at(profile, users[recent], unit[split.train_item[order][recent]])
     counts = np.bincount(users[recent], minlength=split.num_users)
     return profile / np.maximum(counts, 1)[:, None]

@@ -11,6 +11,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from common.errors import FedrecError
+from common.recency import ITEM_ROWS, RECENT_ITEMS_KEY, RECENT_WEIGHT_KEY, USER_ROWS, history_profile
 from serving import scoring
 
 
@@ -143,7 +144,12 @@ class Recommender:
     def recommend_new_user(
         self, history: Sequence[object], k: int = 10, *, include_seen: bool = False, user: str = "new"
     ) -> Recommendation:
-        """Top-``k`` for a user the model never saw: fold their row in from ``history`` (raw item ids)."""
+        """Top-``k`` for a user the model never saw: fold their row in from ``history`` (raw item ids).
+
+        ``history`` is in time order (oldest first); a silo serving its recency copy
+        (``personalize.method = "recency"``) shifts the new row toward the last items of
+        it, with the silo's (m, β), as it shifted its own users' rows.
+        """
         from serving.foldin import fold_in
 
         _check_k(k)
@@ -151,6 +157,10 @@ class Recommender:
         if len(items) == 0:
             raise ServingError("--history: give at least one item id the new user interacted with")
         rows = fold_in(self.served.kind, self.served.shared, [items], self.served.train)
+        m, weight = self.served.train.get(RECENT_ITEMS_KEY), self.served.train.get(RECENT_WEIGHT_KEY)
+        if m and weight:  # the silo's recency copy: shift the new row like its users' (history in time order)
+            profile = history_profile(items, self.served.shared[ITEM_ROWS], int(m))
+            rows = {**rows, USER_ROWS: rows[USER_ROWS] + np.float32(weight) * profile.astype(np.float32)}
         scores = scoring.score(self.served.kind, self.served.shared, rows, np.array([0]))[0]
         return self._ranked(user, scores, np.empty(0, np.int64) if include_seen else np.unique(items), k)
 

@@ -34,6 +34,7 @@ from common.data.split import UserSplit
 from common.privacy.events import DP_FEDAVG, SERVER_OWNER, silo_owner
 from common.privacy.ledger import LedgerError, read_ledger, releases
 from common.privacy.statement import no_dp_sentence, run_releases, server_sentence, silo_sentence
+from common.recency import RECENT_ITEMS_KEY, RECENT_WEIGHT_KEY
 from common.run_config import with_defaults
 from common.rundir import RunDir, RunDirError
 from common.storage import load_arrays
@@ -44,6 +45,7 @@ from serving.titles import movielens_titles
 USER_PARAMS = "user-params.npz"  # client.durable's names (serving never imports client)
 SILO_INFO = "silo.json"
 PERSONALIZED = "personalized.npz"  # client.personalize.PERSONALIZED_FILE
+RECENCY_KEYS = (RECENT_ITEMS_KEY, RECENT_WEIGHT_KEY)  # a recency copy's (m, β) beside its arrays
 LEDGER = "ledger.jsonl"
 POOLED = "pooled"  # silo.json of a centralized run: the rows are every user's, pooled
 
@@ -269,7 +271,7 @@ def _from_state_dir(store: Path, model: Path | None, personalized: bool | None) 
     shared = _arrays(model)
     train = dict(info["train"]) if "train" in info else _train_settings(None)
     titles = _titles(settings.dataset, settings.path or data_path, item_ids)
-    shared, rows, used = _personalized(shared, _arrays(store / USER_PARAMS), store, personalized)
+    shared, rows, used, recency = _personalized(shared, _arrays(store / USER_PARAMS), store, personalized)
     return _checked(
         shared,
         rows,
@@ -282,7 +284,7 @@ def _from_state_dir(store: Path, model: Path | None, personalized: bool | None) 
         titles,
         {"silo.json": info},
         privacy,
-        train,
+        {**train, **recency},
         used,
     )
 
@@ -323,7 +325,7 @@ def _served(
     personalized: bool | None,
 ) -> ServedSilo:
     titles = _titles(cfg.data.dataset, cfg.data.path, interactions.item_ids)
-    shared, rows, used = _personalized(shared, _arrays(store / USER_PARAMS), store, personalized)
+    shared, rows, used, recency = _personalized(shared, _arrays(store / USER_PARAMS), store, personalized)
     if scoring.HYBRID_PROJECTION in shared:  # served as MF over its item vectors e_i + W t_i
         from common.content import catalogue_text_embeddings
 
@@ -342,7 +344,7 @@ def _served(
         titles,
         run_config,
         privacy,
-        _train_settings(cfg),
+        {**_train_settings(cfg), **recency},
         used,
     )
 
@@ -385,21 +387,23 @@ def _checked(
 
 def _personalized(
     shared: dict[str, Any], rows: dict[str, Any], store: Path, choice: bool | None
-) -> tuple[dict[str, Any], dict[str, Any], bool]:
+) -> tuple[dict[str, Any], dict[str, Any], bool, dict[str, float]]:
     """The silo's personalized shared arrays and rows (``store``/personalized.npz) when chosen; whether used.
 
     The file holds the fine-tuned copy's whole state: every array named like a shared
-    array replaces it, every array named like a user row replaces that row table.
+    array replaces it, every array named like a user row replaces that row table. A recency
+    copy's (m, β) beside them come back as the last value (fold-in settings; empty otherwise).
     """
     path = store / PERSONALIZED
     if choice is False or (choice is None and not path.is_file()):
-        return shared, rows, False
+        return shared, rows, False, {}
     if not path.is_file():
         raise ServingError(
             f"--personalized: {path} not found: this silo kept no personalized copy "
             "(a run without personalize.enabled); use --global"
         )
     copy = _arrays(path)
+    recency = {key: float(copy[key].ravel()[0]) for key in RECENCY_KEYS if key in copy}
     missing = sorted(set(shared) - set(copy)) + sorted(set(rows) - set(copy))
     if missing:
         raise ServingError(f"{path}: not this run's personalized copy (no {', '.join(missing)})")
@@ -408,7 +412,7 @@ def _personalized(
             raise ServingError(
                 f"{path}: {name} has shape {copy[name].shape}, the model {table.shape}: not this run's copy"
             )
-    return {n: copy[n] for n in shared}, {n: copy[n] for n in rows}, True
+    return {n: copy[n] for n in shared}, {n: copy[n] for n in rows}, True, recency
 
 
 def _train_settings(cfg: AppConfig | None) -> dict[str, Any]:

@@ -13,15 +13,10 @@ from common.data.split import UserSplit
 from common.errors import ConfigError
 from common.evaluation import PERSONALIZED
 from common.models import MF, build_model
-from common.personalization import (
-    ITEM_ROWS,
-    RECENT_ITEMS,
-    RECENT_WEIGHTS,
-    USER_ROWS,
-    recency_select,
-    recent_profile,
-)
+from common.personalization import RECENT_ITEMS, RECENT_WEIGHTS, recency_select, recent_profile
+from common.recency import ITEM_ROWS, RECENT_ITEMS_KEY, RECENT_WEIGHT_KEY, USER_ROWS, history_profile
 from common.run_config import load_default_run_config
+from common.storage import load_arrays
 
 CPU = torch.device("cpu")
 
@@ -133,3 +128,25 @@ def test_recency_is_refused_for_a_model_without_mfs_rows():
     run_config.update({"model.name": "neumf", "personalize.enabled": True, "personalize.method": "recency"})
     with pytest.raises(ConfigError, match='personalize.method: "recency" .*neumf'):
         AppConfig.from_run_config(run_config)
+
+
+def test_the_kept_shift_is_stored_beside_the_copy_and_loading_the_copy_ignores_it(tmp_path):
+    model, split = _taste_model_and_split()
+    state = RecordDict()
+    personalize.evaluate(model, _cfg(), SiloData(split, np.ones(8)), 0, 4, state, tmp_path)
+    stored = load_arrays(tmp_path / personalize.PERSONALIZED_FILE)
+    assert stored[RECENT_ITEMS_KEY].numpy().tolist() == [1.0] and stored[RECENT_WEIGHT_KEY].numpy().tolist() == [0.5]
+    fresh, _ = _taste_model_and_split()
+    assert personalize.personalized_model(state, fresh)
+    np.testing.assert_array_equal(fresh.state_dict()[USER_ROWS].numpy(), stored[USER_ROWS].numpy())
+    # a silo that keeps the global model stores no shift
+    personalize.evaluate(model, _cfg(margin=2.0), SiloData(split, np.ones(8)), 0, 4, RecordDict(), tmp_path)
+    assert RECENT_ITEMS_KEY not in load_arrays(tmp_path / personalize.PERSONALIZED_FILE)
+
+
+def test_history_profile_is_the_mean_unit_row_of_the_last_items_in_the_order_given():
+    rows = np.array([[2.0, 0.0], [0.0, 3.0], [4.0, 4.0]])
+    s = np.sqrt(0.5)
+    np.testing.assert_allclose(history_profile(np.array([2, 0, 1]), rows, 2), [0.5, 0.5])
+    np.testing.assert_allclose(history_profile(np.array([0, 1, 2]), rows, 1), [s, s])
+    np.testing.assert_allclose(history_profile(np.array([1]), rows, 5), [0.0, 1.0])

@@ -1,16 +1,21 @@
 """fedrec recommend / fedrec.load serve a silo's personalized copy when the run kept one (--personalized/--global)."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord
 from typer.testing import CliRunner
 
 from cli.main import app
+from common.recency import RECENT_ITEMS_KEY, RECENT_WEIGHT_KEY
 from common.rundir import RunDir
-from common.storage import load_arrays
+from common.storage import load_arrays, save_arrays
 from fedrec import load
+from serving.bundle import write_bundle
+from serving.foldin import fold_in
 from simulations.inprocess import InProcessGrid
 from tests.serving.helpers import finished_run
 
@@ -102,3 +107,35 @@ def test_export_states_which_model_the_bundle_holds(personalized_run, tmp_path):
     # Asking a global bundle for the copy is refused, naming the flag.
     refused = runner.invoke(app, ["recommend", str(tmp_path / "global"), "--user", load(run, silo=0).user_ids[0], "--personalized"])
     assert refused.exit_code == 2 and "--personalized" in refused.output
+
+
+def test_a_recency_copys_shift_moves_a_folded_in_user_too_and_survives_export(mf_run, tmp_path):
+    run, _ = mf_run
+    src = _store(run, 0)
+    store = tmp_path / "store"
+    shutil.copytree(src, store)
+    final, rows = _arrays(run / "final.npz"), _arrays(src / "user-params.npz")
+    m, weight = 2, 4.0
+    # A recency copy as a silo keeps it: the global arrays, its users' rows, and (m, β) beside them.
+    copy = {**final, **rows, RECENT_ITEMS_KEY: np.array([float(m)]), RECENT_WEIGHT_KEY: np.array([weight])}
+    save_arrays(store / "personalized.npz", ArrayRecord({k: Array(v) for k, v in copy.items()}))
+    rec = load(store, model=run / "final.npz")
+    assert rec.served.personalized
+    assert rec.served.train[RECENT_ITEMS_KEY] == m and rec.served.train[RECENT_WEIGHT_KEY] == weight
+    history = list(rec.served.item_ids[[5, 9, 3]])  # in time order: 3 is the latest
+    got = rec.recommend_new_user(history, k=10, include_seen=True)
+    # By hand: the fold-in row plus β · mean of the unit rows of the last m items (9 and 3).
+    folded = fold_in("mf", rec.served.shared, [np.array([5, 9, 3])], rec.served.train)
+    q = final["item_embedding.weight"]
+    unit = q[[9, 3]] / np.linalg.norm(q[[9, 3]], axis=1, keepdims=True)
+    shifted = {**folded, "user_embedding.weight": folded["user_embedding.weight"] + weight * unit.mean(axis=0)}
+    expected = _mf_scores({**final, **shifted}, 0)
+    top = np.argsort(-expected, kind="stable")[:10]
+    assert [e["item"] for e in got.items] == [str(rec.served.item_ids[i]) for i in top]
+    np.testing.assert_allclose([e["score"] for e in got.items], expected[top], rtol=1e-4, atol=1e-4)
+    # Without the shift the fold-in ranks differently; a bundle keeps (m, β) and serves the same.
+    plain = load(run, silo=0, personalized=False).recommend_new_user(history, k=10, include_seen=True)
+    assert [e["score"] for e in plain.items] != [e["score"] for e in got.items]
+    write_bundle(rec.served, tmp_path / "bundle")
+    again = load(tmp_path / "bundle").recommend_new_user(history, k=10, include_seen=True)
+    assert again.items == got.items
