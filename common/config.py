@@ -306,7 +306,7 @@ class PersonalizeSettings:
     #: ``fine-tune``: the copy is fine-tuned when the silo evaluates; ``ditto``: a
     #: personal model is trained every round with a proximal pull ``prox`` toward the
     #: received global model, and mixed with it at evaluation (Ditto; APFL's mixing).
-    #: ``recency`` (MF): each user's row is shifted toward its latest training items
+    #: ``recency`` (MF, hybrid-mf): each user's row is shifted toward its latest training items
     #: (``p_u + β · r_u``, m and β chosen per silo on validation; :func:`common.personalization.recency_select`).
     method: Literal["fine-tune", "ditto", "recency"]
     prox: float
@@ -579,9 +579,9 @@ class AppConfig:
             )
         if cfg.items.path and not cfg.items.text_cols:
             raise ConfigError("items.text-cols: name at least one text column of items.path (e.g. \"title,genres\")")
-        if cfg.personalize.enabled and cfg.personalize.method == "recency" and cfg.model.name != "mf":
+        if cfg.personalize.enabled and cfg.personalize.method == "recency" and cfg.model.name == "neumf":
             raise ConfigError(
-                f"personalize.method: \"recency\" shifts MF's users' rows toward their latest items; "
+                f"personalize.method: \"recency\" shifts MF's (or hybrid-mf's) users' rows toward their latest items; "
                 f"model.name {cfg.model.name!r} has no such rows (use \"fine-tune\" or \"ditto\")"
             )
         if cfg.personalize.enabled and cfg.personalize.params == "item-bias" and cfg.model.name != "mf":

@@ -19,7 +19,7 @@ received model. At evaluation :func:`ditto_select` mixes it with the global mode
 ``β · w + (1 - β) · w_g`` for β in :data:`MIX_WEIGHTS` (APFL's interpolation, β
 chosen per silo on validation).
 
-``method = "recency"`` (MF only) adapts each user's row to that user's latest training
+``method = "recency"`` (MF, hybrid-mf) adapts each user's row to that user's latest training
 interactions (:func:`recency_select`): the row ``p_u`` becomes ``p_u + β · r_u``, ``r_u``
 the mean of the unit-normalised item rows of the user's last ``m`` training items
 (:func:`recent_profile`), so the copy scores ``p_u · q_i + β · r_u · q_i``: a private
@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from common import metrics
 from common.config import PersonalizeSettings, TrainSettings
 from common.data.split import NO_ITEM, UserSplit
-from common.models import Recommender, is_private
+from common.models import HybridMF, Recommender, is_private
 from common.recency import ITEM_ROWS, USER_ROWS, unit_rows
 from common.training import TrainStats, batch_loss, sample_train_negatives, train_epochs, train_item_keys
 
@@ -331,7 +331,7 @@ def recency_select(
 
     Candidates are every (m, β) of :data:`RECENT_ITEMS` × :data:`RECENT_WEIGHTS`: the
     users' rows ``p_u + β · r_u`` with ``r_u`` :func:`recent_profile` of the item rows
-    ``model`` holds; the choice is :func:`keep`'s against the global model at
+    ``model`` scores with (hybrid-mf: ``e_i + W t_i``); the choice is :func:`keep`'s against the global model at
     ``settings.margin``. A split not ordered by time (``split.order == "random"``) has
     no "latest" items: the global model is kept. ``model`` is not modified.
     """
@@ -343,7 +343,9 @@ def recency_select(
     global_hits = _val_user_hits(base, split, k, device)
     if split.order != "time":
         return RecencyResult(base, 0, 0.0, (float(global_hits.sum()),))
-    item_rows = state[ITEM_ROWS].detach().cpu().numpy()
+    with torch.no_grad():  # hybrid-mf: the item vectors e_i + W t_i it scores with
+        vectors = base.item_vectors() if isinstance(base, HybridMF) else state[ITEM_ROWS]
+    item_rows = vectors.detach().cpu().numpy()
     grid = [(m, weight) for m in RECENT_ITEMS for weight in RECENT_WEIGHTS]
     profiles = {m: recent_profile(split, item_rows, m) for m in RECENT_ITEMS}
     hits = [_val_user_hits(shifted(base, profiles[m], weight), split, k, device) for m, weight in grid]

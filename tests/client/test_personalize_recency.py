@@ -150,3 +150,16 @@ def test_history_profile_is_the_mean_unit_row_of_the_last_items_in_the_order_giv
     np.testing.assert_allclose(history_profile(np.array([2, 0, 1]), rows, 2), [0.5, 0.5])
     np.testing.assert_allclose(history_profile(np.array([0, 1, 2]), rows, 1), [s, s])
     np.testing.assert_allclose(history_profile(np.array([1]), rows, 5), [0.0, 1.0])
+
+
+def test_a_hybrid_models_profile_is_made_of_the_item_vectors_it_scores_with():
+    torch.manual_seed(0)
+    model = build_model("hybrid-mf", 4, 8, 2, item_text=torch.randn(8, 3))
+    _, split = _taste_model_and_split()
+    with torch.no_grad():
+        model.item_embedding.weight.copy_(torch.randn(8, 2))
+    result = recency_select(model, split, _cfg().personalize, k=1, device=CPU)
+    assert result.items  # on these users some shift wins validation
+    vectors = model.item_vectors().detach().numpy()
+    expected = model.user_embedding.weight.detach().numpy() + result.weight * recent_profile(split, vectors, result.items)
+    np.testing.assert_allclose(result.model.state_dict()[USER_ROWS].numpy(), expected, rtol=1e-6, atol=1e-6)
