@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from cli.output import console, fail, fmt, os_errors
+from common.recency import RECENT_ITEMS_KEY, RECENT_WEIGHT_KEY
 
 PathArg = Annotated[
     Path,
@@ -82,6 +83,9 @@ def recommend(
         typer.echo(json.dumps(result.to_json()))
         return
     which = "personalized" if rec.served.personalized else "global"
+    m, weight = rec.served.train.get(RECENT_ITEMS_KEY), rec.served.train.get(RECENT_WEIGHT_KEY)
+    if rec.served.personalized and m and weight:  # a recency copy: say which shift it holds
+        which += f": rows shifted toward the last {int(m)} items, β = {weight:g}"
     console.print(
         f"[bold]top {k} for user {result.user}[/] (silo {rec.silo}, {rec.served.kind}, {which}, {rec.served.source})"
     )

@@ -139,3 +139,6 @@ def test_a_recency_copys_shift_moves_a_folded_in_user_too_and_survives_export(mf
     write_bundle(rec.served, tmp_path / "bundle")
     again = load(tmp_path / "bundle").recommend_new_user(history, k=10, include_seen=True)
     assert again.items == got.items
+    shown = runner.invoke(app, ["recommend", str(tmp_path / "bundle"), "--user", rec.user_ids[0]])
+    assert shown.exit_code == 0, shown.output
+    assert "personalized: rows shifted toward the last 2 items, β = 4" in " ".join(shown.output.split())  # unwrapped
