@@ -32,7 +32,7 @@ from common.data.silo import SiloData
 from common.evaluation import PERSONALIZED, SumValue
 from common.models import Recommender
 from common.personalization import ditto_select, ditto_train, fine_tune, recency_select
-from common.recency import RECENT_ITEMS_KEY, RECENT_WEIGHT_KEY
+from common.recency import RECENCY_KEYS, RECENT_ITEMS_KEY, RECENT_WEIGHT_KEY
 from common.seeding import numpy_rng
 from common.storage import load_arrays, save_arrays
 
@@ -127,5 +127,5 @@ def personalized_model(state: RecordDict, model: Recommender) -> bool:
     if records.STATE_PERSONALIZED not in state:
         return False
     stored = state.array_records[records.STATE_PERSONALIZED].to_torch_state_dict()
-    model.load_state_dict({k: v for k, v in stored.items() if k not in (RECENT_ITEMS_KEY, RECENT_WEIGHT_KEY)})
+    model.load_state_dict({k: v for k, v in stored.items() if k not in RECENCY_KEYS})
     return True

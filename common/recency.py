@@ -19,6 +19,7 @@ ITEM_ROWS = "item_embedding.weight"
 #: Keys of a recency copy's (m, β) beside its arrays (``personalized.npz``, a bundle's ``train``):
 #: what shifts a user folded in later the same way (:func:`history_profile`).
 RECENT_ITEMS_KEY, RECENT_WEIGHT_KEY = "personalize.recent-items", "personalize.recent-weight"
+RECENCY_KEYS = (RECENT_ITEMS_KEY, RECENT_WEIGHT_KEY)
 
 
 def unit_rows(item_rows: NDArray[np.floating]) -> NDArray[np.float64]:

@@ -34,7 +34,7 @@ from common.data.split import UserSplit
 from common.privacy.events import DP_FEDAVG, SERVER_OWNER, silo_owner
 from common.privacy.ledger import LedgerError, read_ledger, releases
 from common.privacy.statement import no_dp_sentence, run_releases, server_sentence, silo_sentence
-from common.recency import RECENT_ITEMS_KEY, RECENT_WEIGHT_KEY
+from common.recency import RECENCY_KEYS
 from common.run_config import with_defaults
 from common.rundir import RunDir, RunDirError
 from common.storage import load_arrays
@@ -45,7 +45,6 @@ from serving.titles import movielens_titles
 USER_PARAMS = "user-params.npz"  # client.durable's names (serving never imports client)
 SILO_INFO = "silo.json"
 PERSONALIZED = "personalized.npz"  # client.personalize.PERSONALIZED_FILE
-RECENCY_KEYS = (RECENT_ITEMS_KEY, RECENT_WEIGHT_KEY)  # a recency copy's (m, β) beside its arrays
 LEDGER = "ledger.jsonl"
 POOLED = "pooled"  # silo.json of a centralized run: the rows are every user's, pooled
 
