@@ -44,11 +44,6 @@ def hr_ndcg(pos: np.ndarray, neg: np.ndarray, k: int = 10) -> tuple[float, float
     return float(hit.mean()), float((hit / np.log2(rank + 2)).mean())
 
 
-def _split(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(positives, negatives) of candidate scores whose first column is the held-out item."""
-    return scores[:, 0], scores[:, 1:]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, required=True)
@@ -98,7 +93,8 @@ def main() -> None:
     candidates = np.concatenate([split.test_item[held, None], split.test_negatives[held]], axis=1)
 
     # Trained in: each held-out user's own row, from its silo in run A.
-    trained = np.empty(candidates.shape)
+    val_candidates = np.concatenate([split.val_item[held, None], split.val_negatives[held]], axis=1)
+    trained, own_val = np.empty(candidates.shape), np.empty(val_candidates.shape)
     served: dict[int, tuple[ServedSilo, dict[str, int]]] = {}
     for j, u in enumerate(held):
         raw = str(interactions.user_ids[u])
@@ -108,7 +104,8 @@ def main() -> None:
             served[s.silo] = (s, {str(x): r for r, x in enumerate(s.user_ids)})
             silo = s.silo
         s, rows = served[silo]
-        trained[j] = scoring.score(s.kind, s.shared, s.users, np.array([rows[raw]]))[0][candidates[j]]
+        scores = scoring.score(s.kind, s.shared, s.users, np.array([rows[raw]]))[0]
+        trained[j], own_val[j] = scores[candidates[j]], scores[val_candidates[j]]
 
     # Fold-in: rows fitted against run B's final shared model, one user at a time.
     record = load_arrays(work / "held-out" / "final.npz")
@@ -127,22 +124,19 @@ def main() -> None:
     # The recency shift (personalize.method = "recency"): each row moved toward the unit rows of the
     # user's last m training items; one (m, β) chosen on these users' validation items (trained in),
     # then applied to both the trained-in and the folded-in rows.
-    val_candidates = np.concatenate([split.val_item[held, None], split.val_negatives[held]], axis=1)
     histories = [split.train_item[split.train_user == u] for u in held]
-    trained_model = open_source(work / "trained-in", user=str(interactions.user_ids[held[0]]))
-    q_a, q_b = trained_model.shared[ITEM_ROWS], shared[ITEM_ROWS]
-    own_val = np.empty(val_candidates.shape)
-    for j, u in enumerate(held):
-        raw = str(interactions.user_ids[u])
-        home, home_rows = served[next(k for k, (_, r) in served.items() if raw in r)]
-        own_val[j] = scoring.score(home.kind, home.shared, home.users, np.array([home_rows[raw]]))[0][val_candidates[j]]
+    q_a, q_b = next(iter(served.values()))[0].shared[ITEM_ROWS], shared[ITEM_ROWS]  # run A's and run B's items
+
+    def val_hr(mw: tuple[int, float]) -> float:
+        shifted = own_val + mw[1] * term(q_a, mw[0], val_candidates)
+        return hr_ndcg(shifted[:, 0], shifted[:, 1:])[0]
 
     def term(q: np.ndarray, m: int, cand: np.ndarray) -> np.ndarray:
         profiles = np.stack([history_profile(h, q, m) for h in histories])
         return np.einsum("ud,und->un", profiles, q[cand])
 
     grid = [(m, w) for m in RECENT_ITEMS for w in RECENT_WEIGHTS]
-    m, weight = max(grid, key=lambda mw: hr_ndcg(*_split(own_val + mw[1] * term(q_a, mw[0], val_candidates)))[0])
+    m, weight = max(grid, key=val_hr)
     trained_shift = trained + weight * term(q_a, m, candidates)
     folded_shift = folded + weight * term(q_b, m, candidates)
 

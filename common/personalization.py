@@ -350,12 +350,13 @@ def recency_select(
     profiles = {m: recent_profile(split, item_rows, m) for m in RECENT_ITEMS}
     hits = [_val_user_hits(shifted(base, profiles[m], weight), split, k, device) for m, weight in grid]
     chosen = keep(global_hits, hits, settings.margin)
+    curve = tuple(float(h.sum()) for h in (global_hits, *hits))
     if chosen == 0:
-        return RecencyResult(base, 0, 0.0, (float(global_hits.sum()), *(float(h.sum()) for h in hits)))
+        return RecencyResult(base, 0, 0.0, curve)
     m, weight = grid[chosen - 1]
     kept = shifted(base, profiles[m], weight)
     kept.eval()
-    return RecencyResult(kept, m, weight, (float(global_hits.sum()), *(float(h.sum()) for h in hits)))
+    return RecencyResult(kept, m, weight, curve)
 
 
 @torch.no_grad()
