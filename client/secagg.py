@@ -9,7 +9,8 @@ deltas) into ``context.state`` (ArrayRecord :data:`STATE_INPUT`), tagged with it
 round; the ``collect`` stage reads it, masks it and deletes it, so a vector is never
 sent twice and never outside the round it was made for.
 
-Stochastic rounding draws from the OS's entropy unless a generator is passed (tests).
+The rounding onto the grid needs no randomness of the silo's: the zero-sum dither comes
+from the pairs' ECDH secrets (:func:`common.secagg.protocol.pairwise_dither`).
 
 For tests of real deployments only, :data:`TEST_HOOK_ENV` (unset: off) names a directory:
 the silo writes there a copy of every vector it stages and can be made to hang at a given
@@ -78,7 +79,6 @@ def handle(
     context: Context,
     *,
     vector_source: VectorSource = staged_input,
-    rng: np.random.Generator | None = None,
 ) -> Message:
     """Run one stage of the secure sum for this node; reply with the stage's payload."""
     stage, payload = wire.decode(msg.content, f"secagg message to node {context.node_id}")
@@ -97,7 +97,7 @@ def handle(
         reply = protocol.share_keys(payload)
     elif stage == COLLECT:
         vector = vector_source(context, int(payload["round"]))
-        reply = protocol.collect(payload, vector, rng if rng is not None else np.random.default_rng())
+        reply = protocol.collect(payload, vector)
     else:
         reply = protocol.unmask(payload)
     if stage == UNMASK:  # the sum is done: drop the keys and shares

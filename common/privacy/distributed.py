@@ -29,9 +29,10 @@ Accounting: each round is one Poisson-subsampled Gaussian step (σ_round, q) ove
 union population; the item-popularity histogram (:func:`user_item_vector`) is one
 Gaussian mechanism of sensitivity Δ_h with noise σ_h·Δ_h, shared by the same rule.
 :func:`union_dp_event` composes them into one dp-accounting event and
-:func:`union_epsilon` gives ε at δ with dp-accounting's PLD accountant. Known gap:
-the quantisation of the secure sum (< n·Δ per coordinate, :mod:`common.secagg.quantize`)
-happens after each silo's noise and is not part of this analysis.
+:func:`union_epsilon` gives ε at δ with dp-accounting's PLD accountant. The secure sum's
+quantisation needs no term of its own: with the pairs' zero-sum dither the released integer
+sum is a function of the exact sum of the silos' noised vectors (the Lemma in
+:mod:`common.secagg.quantize`), i.e. post-processing of this Gaussian mechanism.
 """
 
 from __future__ import annotations

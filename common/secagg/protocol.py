@@ -15,14 +15,16 @@ Stages (U0 ⊇ U1 ⊇ U2 ⊇ U3 ⊇ U4: the nodes still answering after each sta
    v with the key agreed from (sk2, pk2_v) (Flower's ``generate_shared_key`` +
    ``encrypt``, Fernet) and replies the ciphertexts → U2.
 3. ``collect``: the server forwards to each node the ciphertexts addressed to it by
-   U2; the node decrypts and stores the shares, quantises its vector x (see
-   :mod:`common.secagg.quantize`) and replies
-   ``y = q(x) + PRG(b) + Σ_{v ∈ U2, v ≠ u} ±PRG(s_uv) mod M`` (sign + if u > v) → U3.
+   U2; the node decrypts and stores the shares, quantises its vector x with its
+   zero-sum dither (see :mod:`common.secagg.quantize`) and replies
+   ``y = ⌊x/Δ + Σ_v ±D(s_uv) + ½⌋ + PRG(b) + Σ_{v ∈ U2, v ≠ u} ±PRG(s_uv) mod M``
+   (sign + if u > v) → U3.
 4. ``unmask``: the server names the survivors U3 and the dropped U2 \\ U3; each node
    replies its share of b for every survivor and of sk1 for every dropped node (never
    both for one node) → U4. The server reconstructs each survivor's b and each dropped
    node's sk1 (t shares each), removes the self masks and the dropped nodes' pairwise
-   masks, and decodes the sum of U3's vectors.
+   masks and the dropped nodes' dithers from the survivors' vectors, and decodes the
+   sum of U3's vectors.
 
 Graph: complete (every node is every other's neighbour). With ≤ 20 silos the O(n²)
 key agreements cost milliseconds; SecAgg+'s k-regular graph only pays off for
@@ -34,8 +36,9 @@ all. A majority threshold also means the shares of b and of sk1 for one node can
 both reach t from disjoint honest answers.
 
 PRG: AES-256 in counter mode over a key derived with SHA-256 from the seed (the
-ECDH secret s_uv or b) and the round; its 32- or 64-bit words are exactly uniform in
-Z_{2^b}. Flower's ``pseudo_rand_gen`` is not used: it folds the seed to 32 bits
+ECDH secret s_uv or b) and the round; its 32-bit words are exactly uniform in Z_{2^32}. The dither D(s_uv) is a second stream of the same ECDH secret under its own
+label, its uint32 words divided by 2^32 (uniform on [0, 1) at 2^−32 resolution).
+Flower's ``pseudo_rand_gen`` is not used: it folds the seed to 32 bits
 (``np.random.RandomState``), which a server could search exhaustively, and draws from
 [0, M − 2].
 """
@@ -65,7 +68,7 @@ from flwr.supercore.primitives.asymmetric import (
     public_key_to_bytes,
 )
 
-from common.secagg.quantize import QuantSpec, dequantise_sum, quantise
+from common.secagg.quantize import QuantisationError, QuantSpec, dequantise_sum, quantise
 
 SETUP, SHARE_KEYS, COLLECT, UNMASK = "setup", "share-keys", "collect", "unmask"
 STAGES = (SETUP, SHARE_KEYS, COLLECT, UNMASK)
@@ -147,10 +150,24 @@ def self_mask(seed: bytes, params: SecAggParams) -> np.ndarray:
     return prg(_mask_key(b"self", params.server_round, seed), params.vector_length, params.quant.dtype)
 
 
+def _agreed(sk1: bytes, pk1_other: bytes) -> bytes:
+    return base64.urlsafe_b64decode(generate_shared_key(bytes_to_private_key(sk1), bytes_to_public_key(pk1_other)))
+
+
 def pairwise_mask(sk1: bytes, pk1_other: bytes, params: SecAggParams) -> np.ndarray:
     """PRG(s_uv), s_uv the ECDH secret of (sk1_u, pk1_v) (symmetric in u, v)."""
-    agreed = base64.urlsafe_b64decode(generate_shared_key(bytes_to_private_key(sk1), bytes_to_public_key(pk1_other)))
-    return prg(_mask_key(b"pair", params.server_round, agreed), params.vector_length, params.quant.dtype)
+    return prg(_mask_key(b"pair", params.server_round, _agreed(sk1, pk1_other)), params.vector_length,
+               params.quant.dtype)  # fmt: skip
+
+
+def pairwise_dither(sk1: bytes, pk1_other: bytes, params: SecAggParams) -> np.ndarray:
+    """D(s_uv): uniform on [0, 1) in steps of 2^−32, from the pair's ECDH secret (symmetric in u, v).
+
+    Node u adds +D if u > v, −D otherwise, so the dithers of any set of nodes that masked
+    with each other sum to exactly 0 (multiples of 2^−32 add exactly in float64).
+    """
+    words = prg(_mask_key(b"dither", params.server_round, _agreed(sk1, pk1_other)), params.vector_length, np.uint32)
+    return words.astype(np.float64) * 2.0**-32
 
 
 # ------------------------------------------------------------------ client
@@ -170,7 +187,7 @@ class ClientProtocol:
     seed_shares: dict[int, bytes] = field(default_factory=dict)  # owner -> my share of owner's b
     key_shares: dict[int, bytes] = field(default_factory=dict)  # owner -> my share of owner's sk1
     peers: list[int] = field(default_factory=list)  # U2 \ {me}: the nodes I masked with
-    clipped: int = 0  # coordinates of my vector clipped to ±r (kept here, never sent)
+    beyond: int = 0  # coordinates of my vector beyond ±r (kept here, never sent)
 
     def _expect(self, stage: str, payload: Mapping[str, Any]) -> SecAggParams:
         previous = STAGES[STAGES.index(stage) - 1]
@@ -229,7 +246,7 @@ class ClientProtocol:
         return {"round": params.server_round, "dsts": dsts, "ctxts": ctxts}
 
     # stage 3
-    def collect(self, payload: Mapping[str, Any], vector: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:
+    def collect(self, payload: Mapping[str, Any], vector: np.ndarray) -> dict[str, Any]:
         params = self._expect(COLLECT, payload)
         srcs = [int(n) for n in payload["srcs"]]
         if len(srcs) + 1 < params.threshold:
@@ -247,8 +264,15 @@ class ClientProtocol:
             if (actual_src, dst) != (src, self.node_id):
                 raise SecAggError(f"collect: ciphertext says {actual_src} -> {dst}, relayed as {src} -> {self.node_id}")
             self.seed_shares[src], self.key_shares[src] = b_share, sk_share
-        q = quantise(vector, params.quant, rng)
-        self.clipped = q.clipped
+        dither = np.zeros(params.vector_length)
+        for other in srcs:
+            d = pairwise_dither(self.sk1, self.public_keys[other][0], params)
+            dither = dither + d if self.node_id > other else dither - d
+        try:
+            q = quantise(vector, params.quant, dither)
+        except QuantisationError as exc:
+            raise SecAggError(f"collect: node {self.node_id}: {exc}") from None
+        self.beyond = q.beyond
         masked = q.values + self_mask(self.seed, params)
         for other in srcs:
             m = pairwise_mask(self.sk1, self.public_keys[other][0], params)
@@ -288,7 +312,7 @@ class ClientProtocol:
             "seed-shares.ids": list(self.seed_shares), "seed-shares": list(self.seed_shares.values()),
             "key-shares.ids": list(self.key_shares), "key-shares": list(self.key_shares.values()),
             "peers": list(self.peers),
-            "clipped": self.clipped,
+            "beyond": self.beyond,
         }  # fmt: skip
 
     @classmethod
@@ -303,7 +327,7 @@ class ClientProtocol:
             seed_shares=dict(zip(s["seed-shares.ids"], s["seed-shares"], strict=True)),
             key_shares=dict(zip(s["key-shares.ids"], s["key-shares"], strict=True)),
             peers=list(s["peers"]),
-            clipped=int(s["clipped"]),
+            beyond=int(s["beyond"]),
         )  # fmt: skip
 
 
@@ -312,10 +336,10 @@ class ClientProtocol:
 class SecAggOutcome:
     """The decoded sum of the survivors' vectors and who answered at each stage."""
 
-    total: np.ndarray  # float64, sum of the survivors' clipped vectors within error_bound
+    total: np.ndarray  # float64, sum of the survivors' vectors within error_bound
     survivors: tuple[int, ...]  # U3: whose vectors are in the sum
     dropped: dict[str, tuple[int, ...]]  # stage -> nodes that stopped answering at that stage
-    error_bound: float  # strict per-coordinate bound on |total − Σ clipped vectors|
+    error_bound: float  # strict per-coordinate bound on |total − Σ vectors|
 
 
 class ServerProtocol:
@@ -423,6 +447,7 @@ class ServerProtocol:
         if self._sum is None:
             raise SecAggError("unmask: no masked vectors were collected")
         total = self._sum
+        known_dither = np.zeros(p.vector_length)  # the dead nodes' pairs: in the survivors' dithers, not cancelled
         for node in survivors:
             total = total - self_mask(_combine(shares[node][:t], node, "seed"), p)
         for node in dead:
@@ -430,8 +455,13 @@ class ServerProtocol:
             for other in survivors:
                 m = pairwise_mask(sk1, self.keys[other][0], p)
                 total = total - m if other > node else total + m  # undo the survivor's ±PRG(s_other,node)
+                d = pairwise_dither(sk1, self.keys[other][0], p)
+                known_dither = known_dither + d if other > node else known_dither - d
         self._sum = None
-        outcome = dequantise_sum(total, p.quant, len(survivors))
+        try:
+            outcome = dequantise_sum(total, p.quant, len(survivors), known_dither)
+        except QuantisationError as exc:
+            raise SecAggError(f"unmask: {exc}; no sum is released") from None
         return SecAggOutcome(
             total=outcome,
             survivors=tuple(survivors),

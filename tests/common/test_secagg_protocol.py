@@ -43,7 +43,7 @@ def run(vectors, *, drop=None, threshold=None, clip_range=1.0, seen=None, rng=No
     server.receive_keys(answer(SETUP, dict.fromkeys(nodes, server.setup_payload()), lambda n, p: clients[n].setup(p)))
     server.receive_shares(answer(SHARE_KEYS, server.share_keys_payloads(), lambda n, p: clients[n].share_keys(p)))
     server.receive_masked(
-        answer(COLLECT, server.collect_payloads(), lambda n, p: clients[n].collect(p, vectors[n], rng))
+        answer(COLLECT, server.collect_payloads(), lambda n, p: clients[n].collect(p, vectors[n]))
     )
     return server.receive_unmask(answer(UNMASK, server.unmask_payloads(), lambda n, p: clients[n].unmask(p)))
 
@@ -53,7 +53,32 @@ def test_three_silos_sum_by_hand():
     out = run(vectors)
     assert out.survivors == (1, 2, 3) and out.dropped == {}
     np.testing.assert_allclose(out.total, [-0.25, 1.0], atol=out.error_bound)
-    assert out.error_bound == pytest.approx(3 * 2.0 / ((2**32 - 1) // 3))
+    # Δ = S·r / 2^30 = 3 / 2^30; three silos within ½ step each (+ float64's 2^-20 steps)
+    assert out.error_bound == pytest.approx(3 * (3.0 / 2**30) * (0.5 + 2**-20))
+
+
+@pytest.mark.parametrize("split", [(0.3, 0.3, 0.3), (0.9, 0.0, 0.0), (-2.1, 1.5, 1.5)])
+def test_the_released_sum_is_a_function_of_the_exact_sum_only(split):
+    # the protocol's own dithers (from the pairs' ECDH secrets): whatever the split of 0.9 grid
+    # steps over three silos, the decoded sum is ⌊2.4 − V⌋ steps, V ~ Irwin-Hall(2):
+    # P(2) = 0.4²/2 = 0.08, P(0) = 0.6²/2 = 0.18, P(1) = 0.74 (tests/common/test_secagg_quantize.py)
+    step = QuantSpec(1.0, 32, 3).step
+    d = 100_000  # each coordinate draws its own dithers
+    out = run({n + 1: np.full(d, s * step) for n, s in enumerate(split)})
+    k = np.rint(out.total / step)
+    for value, p in {0: 0.18, 1: 0.74, 2: 0.08}.items():  # binomial std <= 0.0014; 5 of them
+        assert abs(np.mean(k == value) - p) < 0.007, (split, value)
+    assert set(np.unique(k)) <= {0, 1, 2}
+
+
+def test_a_dropped_silos_dithers_are_removed_and_the_sum_stays_unbiased(rng):
+    d = 60_000
+    vectors = {n: rng.uniform(-1, 1, d) for n in range(1, 6)}
+    out = run(vectors, drop={COLLECT: {2}})  # 2 shared keys, so the others' dithers hold its pairs
+    err = out.total - sum(vectors[n] for n in (1, 3, 4, 5))
+    step = QuantSpec(1.0, 32, 5).step
+    assert np.abs(err).max() < out.error_bound
+    assert abs(err.mean()) < 5 * 2 * step / np.sqrt(d)  # within n/2 = 2 steps: std < 2 steps
 
 
 def test_random_vectors_of_five_silos_within_the_bound(rng):
@@ -112,7 +137,7 @@ def test_a_client_refuses_to_reveal_both_shares_of_one_node(rng):
     server, clients = ServerProtocol(params), {n: ClientProtocol(n) for n in (1, 2, 3)}
     server.receive_keys({n: clients[n].setup(server.setup_payload()) for n in clients})
     server.receive_shares({n: c.share_keys(server.share_keys_payloads()[n]) for n, c in clients.items()})
-    server.receive_masked({n: c.collect(server.collect_payloads()[n], vectors[n], rng) for n, c in clients.items()})
+    server.receive_masked({n: c.collect(server.collect_payloads()[n], vectors[n]) for n, c in clients.items()})
     with pytest.raises(SecAggError, match="both alive and dropped"):
         clients[1].unmask({"round": 1, "alive": [1, 2, 3], "dropped": [2]})
     with pytest.raises(SecAggError, match="fewer than the threshold"):
