@@ -22,10 +22,12 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from logging import WARNING
 from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
+from flwr.common.logger import log
 
 from common.secagg import wire
 from common.secagg.protocol import COLLECT, SETUP, SHARE_KEYS, UNMASK, ClientProtocol, SecAggError
@@ -98,6 +100,11 @@ def handle(
     elif stage == COLLECT:
         vector = vector_source(context, int(payload["round"]))
         reply = protocol.collect(payload, vector)
+        if protocol.beyond:
+            assert protocol.params is not None
+            log(WARNING, "secure sum of round %s: %d of this silo's %d coordinates lie beyond the range r = %.4g; "
+                "the sum is refused if the silos' total leaves ±S·r", payload.get("round"), protocol.beyond,
+                vector.size, protocol.params.quant.clip_range)  # fmt: skip
     else:
         reply = protocol.unmask(payload)
     if stage == UNMASK:  # the sum is done: drop the keys and shares

@@ -36,8 +36,9 @@ all. A majority threshold also means the shares of b and of sk1 for one node can
 both reach t from disjoint honest answers.
 
 PRG: AES-256 in counter mode over a key derived with SHA-256 from the seed (the
-ECDH secret s_uv or b) and the round; its 32-bit words are exactly uniform in Z_{2^32}. The dither D(s_uv) is a second stream of the same ECDH secret under its own
-label, its uint32 words divided by 2^32 (uniform on [0, 1) at 2^−32 resolution).
+ECDH secret s_uv or b) and the round; its 32-bit words are exactly uniform in Z_{2^32}.
+The dither D(s_uv) is a second stream of the same ECDH secret under its own label: its
+uint32 words divided by 2^32, uniform on [0, 1) at 2^−32 resolution.
 Flower's ``pseudo_rand_gen`` is not used: it folds the seed to 32 bits
 (``np.random.RandomState``), which a server could search exhaustively, and draws from
 [0, M − 2].

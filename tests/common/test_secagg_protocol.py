@@ -113,6 +113,19 @@ def test_fewer_survivors_than_the_threshold_is_an_error_never_a_sum(rng, stage):
         run(vectors, drop={stage: {1, 2, 3}})
 
 
+def test_a_silo_sending_random_words_gets_the_sum_refused_not_released(rng):
+    vectors = {n: rng.uniform(-1, 1, 1000) for n in range(1, 4)}
+    params = SecAggParams(1, 2, QuantSpec(1.0, 32, 3), 1000, (1, 2, 3))
+    server, clients = ServerProtocol(params), {n: ClientProtocol(n) for n in (1, 2, 3)}
+    server.receive_keys({n: clients[n].setup(server.setup_payload()) for n in clients})
+    server.receive_shares({n: c.share_keys(server.share_keys_payloads()[n]) for n, c in clients.items()})
+    replies = {n: c.collect(server.collect_payloads()[n], vectors[n]) for n, c in clients.items()}
+    replies[2] = {**replies[2], "masked": rng.integers(0, 2**32, 1000, dtype=np.uint64).astype(np.uint32)}
+    server.receive_masked(replies)
+    with pytest.raises(SecAggError, match=r"unmask: total: \d+ of 1000 coordinates lie beyond ±S·r = ±3"):
+        server.receive_unmask({n: c.unmask(server.unmask_payloads()[n]) for n, c in clients.items()})
+
+
 def test_what_the_server_receives_from_a_silo_is_uncorrelated_with_its_vector(rng):
     d = 20_000
     vectors = {n: rng.uniform(-1, 1, d) for n in range(1, 5)}

@@ -36,6 +36,17 @@ def test_secure_sum_equals_the_plain_sum_within_the_bound(rng, num_nodes):
         assert STATE_PROTOCOL not in context.state.config_records and STATE_INPUT not in context.state.array_records
 
 
+def test_a_silo_beyond_the_range_says_so_and_the_sum_still_holds_it(rng, caplog):
+    grid, vectors = _grid(3, 100, rng)
+    vectors[2] = vectors[2] * 1.5  # beyond r = 1, within S·r = 3 in total
+    stage_input(grid.contexts[2], 1, vectors[2])
+    with caplog.at_level("WARNING", logger="flwr"):
+        out = secure_sum(grid, [1, 2, 3], quant=QuantSpec(1.0, 32, 3), vector_length=100, server_round=1)
+    assert np.abs(out.total - sum(vectors.values())).max() < out.error_bound  # not clipped
+    beyond = int(np.sum(np.abs(vectors[2]) > 1.0))
+    assert beyond > 0 and f"{beyond} of this silo's 100 coordinates lie beyond the range r = 1" in caplog.text
+
+
 def test_the_masked_vector_on_the_wire_is_uncorrelated_with_the_silos_vector(rng):
     d = 20_000
     replies = []
