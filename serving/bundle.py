@@ -6,7 +6,7 @@
                          data fingerprint, the silo's privacy statement, file list
     shared.safetensors   the shared model (float32), names as in fedrec's models
     users.safetensors    the silo's private user rows (float32), row r = users.json ids[r]
-    seen.safetensors     training items per user row: indptr (U+1,), items (int64 item rows)
+    seen.safetensors     items each user row interacted with (training and held-out): indptr (U+1,), items (int64)
     users.json           {"ids": [raw user id of row 0, ...]}
     items.json           {"ids": [raw item id of row 0, ...], "titles": [...] or null}
 """

@@ -24,8 +24,8 @@ class ServedSilo:
     """What serving one silo needs; nothing here leaves the silo unless exported.
 
     ``users`` are the silo's private rows (row ``r`` belongs to raw user
-    ``user_ids[r]``); item row ``i`` is raw item ``item_ids[i]``; the training items of
-    user row ``r`` are ``seen_items[seen_indptr[r]:seen_indptr[r + 1]]``.
+    ``user_ids[r]``); item row ``i`` is raw item ``item_ids[i]``; the items user row ``r``
+    interacted with (training and held-out) are ``seen_items[seen_indptr[r]:seen_indptr[r + 1]]``.
     """
 
     kind: str
@@ -129,7 +129,7 @@ class Recommender:
     def recommend(
         self, user_ids: Sequence[object] | str, k: int = 10, *, include_seen: bool = False
     ) -> list[Recommendation]:
-        """Top-``k`` items of each user; their training items are left out unless ``include_seen``."""
+        """Top-``k`` items of each user; every item they interacted with is left out unless ``include_seen``."""
         if isinstance(user_ids, str):
             user_ids = [user_ids]
         _check_k(k)

@@ -30,7 +30,7 @@ from common.config import AppConfig, DataSettings, SyntheticSettings
 from common.data import prepared
 from common.data.pipeline import load_interactions, partition, split_interactions
 from common.data.schema import Interactions
-from common.data.split import UserSplit
+from common.data.split import NO_ITEM, UserSplit
 from common.privacy.events import DP_FEDAVG, SERVER_OWNER, silo_owner
 from common.privacy.ledger import LedgerError, read_ledger, releases
 from common.privacy.statement import no_dp_sentence, run_releases, server_sentence, silo_sentence
@@ -348,6 +348,21 @@ def _served(
     )
 
 
+def known_interactions(split: UserSplit) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """(user rows, item rows) of every interaction the silo holds: training and held-out.
+
+    Serving leaves all of them out: the held-out items are each user's latest interactions,
+    kept from training only so that the model could be evaluated.
+    """
+    rows = np.arange(split.num_users, dtype=np.int64)
+    users, items = [split.train_user], [split.train_item]
+    for held in (split.val_item, split.test_item):
+        present = held != NO_ITEM
+        users.append(rows[present])
+        items.append(held[present])
+    return np.concatenate(users).astype(np.int64), np.concatenate(items).astype(np.int64)
+
+
 def _checked(
     shared: dict[str, Any],
     rows: dict[str, Any],
@@ -364,7 +379,7 @@ def _checked(
     personalized: bool = False,
 ) -> ServedSilo:
     kind = scoring.model_kind(shared, source)
-    indptr, seen = csr(split.train_user, split.train_item, split.num_users)
+    indptr, seen = csr(*known_interactions(split), split.num_users)
     return ServedSilo(
         kind=kind,
         shared=shared,

@@ -21,8 +21,8 @@ from fedrec import load
 runner = CliRunner()
 
 
-def _training_items(run: Path, user: str) -> tuple[int, set[str]]:
-    """The silo of raw ``user`` and their raw training items, re-derived from the data (not from serving)."""
+def _known_items(run: Path, user: str) -> tuple[int, set[str], set[str]]:
+    """The silo of raw ``user``, their raw training items and their held-out ones, re-derived from the data."""
     cfg = AppConfig.from_run_config(RunDir(run).read_config().run_config)
     interactions = load_interactions(cfg.data, cfg.seed)
     pooled = split_interactions(cfg.data, cfg.seed, interactions)
@@ -31,7 +31,13 @@ def _training_items(run: Path, user: str) -> tuple[int, set[str]]:
     silo = next(k for k, users in enumerate(parts) if index in users)
     split = pooled.split
     items = split.train_item[split.train_user == index]
-    return silo, {str(interactions.item_ids[i]) for i in items}
+    held = [split.val_item[index], split.test_item[index]]
+    return silo, {str(interactions.item_ids[i]) for i in items}, {str(interactions.item_ids[i]) for i in held if i >= 0}
+
+
+def _training_items(run: Path, user: str) -> tuple[int, set[str]]:
+    silo, train, held = _known_items(run, user)
+    return silo, train | held
 
 
 def test_every_silos_rows_are_on_disk_after_a_run_without_state_root_and_equal_the_nodes_rows(mf_run):
@@ -64,6 +70,19 @@ def test_recommend_prints_ten_distinct_raw_ids_none_a_training_item_and_json_is_
     everything = json.loads(runner.invoke(app, ["recommend", str(run), "--user", "u7", "--json", "--include-seen"]).output)
     assert everything["items"][0]["score"] >= answer["items"][0]["score"]
     assert load(run, user="u7").silo == silo
+
+
+def test_a_users_held_out_items_are_left_out_like_the_training_ones(mf_run):
+    # the held-out items are the user's two latest interactions: serving must not recommend them back
+    run, _ = mf_run
+    _, train, held = _known_items(run, "u7")
+    assert len(held) == 2 and not held & train
+    rec = load(run, user="u7")
+    num_items = len(rec.served.item_ids)
+    every = {e["item"] for e in rec.recommend("u7", k=num_items, include_seen=True)[0].items}
+    assert held <= every  # ranked when seen items are included: the check below can fail
+    rest = [e["item"] for e in rec.recommend("u7", k=num_items - len(train) - len(held))[0].items]
+    assert len(rest) == num_items - len(train) - len(held) and not set(rest) & (train | held)
 
 
 def test_batch_writes_one_row_per_user_and_rank_in_csv_and_parquet(mf_run, tmp_path):
