@@ -40,7 +40,7 @@ def recommend(
     ] = None,
     k: Annotated[int, typer.Option("-k", min=1, help="Items per user.")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    include_seen: Annotated[bool, typer.Option("--include-seen", help="Keep the items the user interacted with (training and held-out).")] = False,
+    include_seen: Annotated[bool, typer.Option("--include-seen", help="Keep the items the user has seen.")] = False,
     silo: SiloOpt = None,
     model: ModelPathOpt = None,
     personalized: PersonalizedOpt = None,
