@@ -58,6 +58,10 @@ from server.protocol import RoundEvents
 from server.secagg import DROPOUT_EVENT, dropout_event, missing_stages, named_node, secure_sum
 
 MODULUS_BITS = 32
+# Secure sums in a row that fail after their release was accounted (a silo sending words far
+# outside the grid, or too many silos lost at unmask) before the run stops: each costs ε and
+# reveals nothing.
+LOST_SUMS_STOP = 2
 ITEM_BIAS = "item_bias.weight"
 ITEM_EMBEDDING = "item_embedding.weight"
 GLOBAL_BIAS = "global_bias.value"
@@ -93,11 +97,12 @@ class DistributedDP:
         self._optimiser_states: list[tuple[int, dict[str, np.ndarray]]] = []  # the last two saved, oldest first
         self._adam: ServerAdam | None = None
         self._stop_reason: str | None = None
+        self._lost_sums = 0  # consecutive secure sums that failed after their release was accounted
         self._events = RoundEvents()
 
     @property
     def stop_reason(self) -> str | None:
-        """The union budget's stop, or every silo gone."""
+        """The union budget's stop, every silo gone, or LOST_SUMS_STOP accounted secure sums lost in a row."""
         return self._stop_reason
 
     def take_events(self) -> RoundEvents:
@@ -327,7 +332,16 @@ class DistributedDP:
             spent = accounted[0] if accounted else None
             self._reject(server_round, 0, f"secure sum aborted, nothing released, the model is kept: {exc}")
             self._record_abort(server_round, release, staged, str(exc), spent)
+            if spent is not None:
+                self._lost_sums += 1
+                if self._lost_sums >= LOST_SUMS_STOP:
+                    self._stop_reason = (
+                        f"distributed DP: the last {self._lost_sums} secure sums failed after their release was "
+                        f"accounted (round {server_round}: {exc}); stopping, so that no more ε goes to sums that are "
+                        "never revealed"
+                    )
             return None, spent
+        self._lost_sums = 0
         if outcome.dropped:
             self._reject(server_round, 0, f"secure sum: dropped {dict(outcome.dropped)}; the sum has "
                          f"{len(outcome.survivors)} of {m.silos} silos")  # fmt: skip

@@ -15,6 +15,7 @@ from common import records
 from common.config import AppConfig
 from common.privacy.events import PrivacyRelease
 from common.run_config import load_default_run_config
+from common.secagg import wire as secagg_wire
 from server.federation import run_federation
 from simulations.inprocess import InProcessGrid, Scalar
 
@@ -184,6 +185,30 @@ class UnreachableNodeGrid(LocalGrid):
         reply = Message(error=Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Node Unavailable"), reply_to=wire)
         reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
         return reply
+
+
+class GarbageSecAggGrid(LocalGrid):
+    """A :class:`LocalGrid` whose node ``liar`` answers every secure sum's collect stage with random words.
+
+    A hostile silo: its masked vector is uniform on Z_2^32 instead of its quantised vector
+    plus masks, so the unmasked sum is near-uniform too. The rest of its replies are honest.
+    """
+
+    def __init__(self, app: ClientApp, run_config: Mapping[str, Scalar], num_nodes: int, liar: int) -> None:
+        super().__init__(app, run_config, num_nodes)
+        self.liar = liar
+        self.rng = np.random.default_rng(0)
+
+    def _run_node(self, wire: Message) -> Message:
+        reply = super()._run_node(wire)
+        if wire.metadata.dst_node_id != self.liar or wire.metadata.message_type != secagg_wire.MESSAGE_TYPE:
+            return reply
+        stage, payload = secagg_wire.decode(reply.content, "test")
+        if stage != "collect":
+            return reply
+        masked = np.asarray(payload["masked"])
+        payload["masked"] = self.rng.integers(0, 2**32, masked.size, dtype=np.uint64).astype(masked.dtype)
+        return Message(secagg_wire.encode(stage, payload), reply_to=wire)
 
 
 class ServerKilled(Exception):

@@ -26,7 +26,7 @@ from common.seeding import numpy_rng
 from common.training import interaction_loss, interaction_negatives
 from server.distributed import popularity_biases
 from server.federation import run_federation
-from tests.fakes import LocalGrid
+from tests.fakes import GarbageSecAggGrid, LocalGrid
 
 SILOS = 3
 
@@ -375,3 +375,27 @@ def test_each_release_is_in_the_ledger_before_the_unmask_and_an_unmask_failure_k
     rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["train"].get(records.MODEL_KEPT) for r in rounds] == [None, 1]
     assert rounds[1]["central-privacy"]["epsilon"] == pytest.approx(releases[-1]["epsilon"])
+
+
+def test_a_silo_sending_random_words_gets_each_sum_refused_and_the_run_stops_after_two(tmp_path):
+    from common.secagg import ABORT_EVENT
+    from common.storage import load_arrays
+
+    # Arrange: node 2 answers every collect stage with random words; 4 rounds planned
+    run_dir = tmp_path / "run"
+    cfg = distributed_config(run_dir, **{"privacy.distributed.popularity": False, "num-server-rounds": 4})
+    # Act
+    run_federation(GarbageSecAggGrid(client_app, cfg, SILOS, liar=2), cfg)
+    # Assert: both sums landed in the guard band and were refused after being accounted; the run
+    # stopped after round 2 instead of spending rounds 3 and 4 on sums that reveal nothing
+    events = server_ledger(run_dir)
+    assert [e["round"] for e in events if e["kind"] == dd.KIND_TRAINING] == [1, 2]  # ε counted
+    aborts = [e for e in events if e["kind"] == ABORT_EVENT]
+    assert [a["round"] for a in aborts] == [1, 2]
+    assert all("lie beyond ±S·r" in a["reason"] and "its ε stays counted" in a["released"] for a in aborts)
+    rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train"].get(records.MODEL_KEPT) for r in rounds] == [1, 1]
+    state = json.loads((run_dir / "state.json").read_text())
+    assert "the last 2 secure sums failed after their release was accounted" in state["stop-reason"]
+    initial, final = load_arrays(run_dir / "initial.npz"), load_arrays(run_dir / "final.npz")
+    assert all(np.array_equal(initial[k].numpy(), final[k].numpy()) for k in initial)  # no garbage reached the model
