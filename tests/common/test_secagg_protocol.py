@@ -113,13 +113,19 @@ def test_fewer_survivors_than_the_threshold_is_an_error_never_a_sum(rng, stage):
         run(vectors, drop={stage: {1, 2, 3}})
 
 
-def test_a_silo_sending_random_words_gets_the_sum_refused_not_released(rng):
-    vectors = {n: rng.uniform(-1, 1, 1000) for n in range(1, 4)}
-    params = SecAggParams(1, 2, QuantSpec(1.0, 32, 3), 1000, (1, 2, 3))
+def three_silos_up_to_collect(d, rng):
+    """Three silos with random vectors of length ``d`` through setup and share-keys; their collect replies."""
+    vectors = {n: rng.uniform(-1, 1, d) for n in range(1, 4)}
+    params = SecAggParams(1, 2, QuantSpec(1.0, 32, 3), d, (1, 2, 3))
     server, clients = ServerProtocol(params), {n: ClientProtocol(n) for n in (1, 2, 3)}
     server.receive_keys({n: clients[n].setup(server.setup_payload()) for n in clients})
     server.receive_shares({n: c.share_keys(server.share_keys_payloads()[n]) for n, c in clients.items()})
     replies = {n: c.collect(server.collect_payloads()[n], vectors[n]) for n, c in clients.items()}
+    return server, clients, replies
+
+
+def test_a_silo_sending_random_words_gets_the_sum_refused_not_released(rng):
+    server, clients, replies = three_silos_up_to_collect(1000, rng)
     replies[2] = {**replies[2], "masked": rng.integers(0, 2**32, 1000, dtype=np.uint64).astype(np.uint32)}
     server.receive_masked(replies)
     with pytest.raises(SecAggError, match=r"unmask: total: \d+ of 1000 coordinates lie beyond ±S·r = ±3"):
@@ -145,12 +151,8 @@ def test_what_the_server_receives_from_a_silo_is_uncorrelated_with_its_vector(rn
 
 
 def test_a_client_refuses_to_reveal_both_shares_of_one_node(rng):
-    vectors = {n: rng.uniform(-1, 1, 10) for n in range(1, 4)}
-    params = SecAggParams(1, 2, QuantSpec(1.0, 32, 3), 10, (1, 2, 3))
-    server, clients = ServerProtocol(params), {n: ClientProtocol(n) for n in (1, 2, 3)}
-    server.receive_keys({n: clients[n].setup(server.setup_payload()) for n in clients})
-    server.receive_shares({n: c.share_keys(server.share_keys_payloads()[n]) for n, c in clients.items()})
-    server.receive_masked({n: c.collect(server.collect_payloads()[n], vectors[n]) for n, c in clients.items()})
+    server, clients, replies = three_silos_up_to_collect(10, rng)
+    server.receive_masked(replies)
     with pytest.raises(SecAggError, match="both alive and dropped"):
         clients[1].unmask({"round": 1, "alive": [1, 2, 3], "dropped": [2]})
     with pytest.raises(SecAggError, match="fewer than the threshold"):
