@@ -10,7 +10,7 @@ round; the ``collect`` stage reads it, masks it and deletes it, so a vector is n
 sent twice and never outside the round it was made for.
 
 The rounding onto the grid needs no randomness of the silo's: the zero-sum dither comes
-from the pairs' ECDH secrets (:func:`common.secagg.protocol.pairwise_dither`).
+from the pairs' ECDH secrets (:func:`common.secagg.protocol.pairwise_streams`).
 
 For tests of real deployments only, :data:`TEST_HOOK_ENV` (unset: off) names a directory:
 the silo writes there a copy of every vector it stages and can be made to hang at a given

@@ -151,24 +151,18 @@ def self_mask(seed: bytes, params: SecAggParams) -> np.ndarray:
     return prg(_mask_key(b"self", params.server_round, seed), params.vector_length, params.quant.dtype)
 
 
-def _agreed(sk1: bytes, pk1_other: bytes) -> bytes:
-    return base64.urlsafe_b64decode(generate_shared_key(bytes_to_private_key(sk1), bytes_to_public_key(pk1_other)))
+def pairwise_streams(sk1: bytes, pk1_other: bytes, params: SecAggParams) -> tuple[np.ndarray, np.ndarray]:
+    """(PRG(s_uv), D(s_uv)) from the ECDH secret s_uv of (sk1_u, pk1_v), symmetric in u, v.
 
-
-def pairwise_mask(sk1: bytes, pk1_other: bytes, params: SecAggParams) -> np.ndarray:
-    """PRG(s_uv), s_uv the ECDH secret of (sk1_u, pk1_v) (symmetric in u, v)."""
-    return prg(_mask_key(b"pair", params.server_round, _agreed(sk1, pk1_other)), params.vector_length,
-               params.quant.dtype)  # fmt: skip
-
-
-def pairwise_dither(sk1: bytes, pk1_other: bytes, params: SecAggParams) -> np.ndarray:
-    """D(s_uv): uniform on [0, 1) in steps of 2^−32, from the pair's ECDH secret (symmetric in u, v).
-
-    Node u adds +D if u > v, −D otherwise, so the dithers of any set of nodes that masked
-    with each other sum to exactly 0 (multiples of 2^−32 add exactly in float64).
+    PRG(s_uv) is the pair's mask in Z_M. D(s_uv), the pair's dither, is uniform on [0, 1) in
+    steps of 2^−32, from a second stream under its own label. Node u adds +D if u > v, −D
+    otherwise, so the dithers of any set of nodes that masked with each other sum to exactly
+    0 (multiples of 2^−32 add exactly in float64).
     """
-    words = prg(_mask_key(b"dither", params.server_round, _agreed(sk1, pk1_other)), params.vector_length, np.uint32)
-    return words.astype(np.float64) * 2.0**-32
+    agreed = base64.urlsafe_b64decode(generate_shared_key(bytes_to_private_key(sk1), bytes_to_public_key(pk1_other)))
+    mask = prg(_mask_key(b"pair", params.server_round, agreed), params.vector_length, params.quant.dtype)
+    words = prg(_mask_key(b"dither", params.server_round, agreed), params.vector_length, np.uint32)
+    return mask, words.astype(np.float64) * 2.0**-32
 
 
 # ------------------------------------------------------------------ client
@@ -265,9 +259,9 @@ class ClientProtocol:
             if (actual_src, dst) != (src, self.node_id):
                 raise SecAggError(f"collect: ciphertext says {actual_src} -> {dst}, relayed as {src} -> {self.node_id}")
             self.seed_shares[src], self.key_shares[src] = b_share, sk_share
+        streams = {other: pairwise_streams(self.sk1, self.public_keys[other][0], params) for other in srcs}
         dither = np.zeros(params.vector_length)
-        for other in srcs:
-            d = pairwise_dither(self.sk1, self.public_keys[other][0], params)
+        for other, (_, d) in streams.items():
             dither = dither + d if self.node_id > other else dither - d
         try:
             q = quantise(vector, params.quant, dither)
@@ -275,8 +269,7 @@ class ClientProtocol:
             raise SecAggError(f"collect: node {self.node_id}: {exc}") from None
         self.beyond = q.beyond
         masked = q.values + self_mask(self.seed, params)
-        for other in srcs:
-            m = pairwise_mask(self.sk1, self.public_keys[other][0], params)
+        for other, (m, _) in streams.items():
             masked = masked + m if self.node_id > other else masked - m  # uint wrap-around: mod M
         self.peers = srcs
         self.stage = COLLECT
@@ -454,9 +447,8 @@ class ServerProtocol:
         for node in dead:
             sk1 = _combine(shares[node][:t], node, "sk1")
             for other in survivors:
-                m = pairwise_mask(sk1, self.keys[other][0], p)
+                m, d = pairwise_streams(sk1, self.keys[other][0], p)
                 total = total - m if other > node else total + m  # undo the survivor's ±PRG(s_other,node)
-                d = pairwise_dither(sk1, self.keys[other][0], p)
                 known_dither = known_dither + d if other > node else known_dither - d
         self._sum = None
         try:

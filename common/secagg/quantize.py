@@ -10,7 +10,7 @@ Each silo sends ``k = ⌊y/Δ + u + ½⌋ mod M`` for its vector ``y`` — no cl
 ``u`` is its **zero-sum dither**: ``u_a = Σ_{b ≠ a} ±d_ab`` over the other silos it masked
 with, ``d_ab`` uniform in [0, 1) from the ECDH secret the pair already shares for its
 masks (+ if a > b), so that the silos' dithers sum to exactly 0 and the server knows none
-of them (:func:`common.secagg.protocol.pairwise_dither`).
+of them (:func:`common.secagg.protocol.pairwise_streams`).
 
 Why the release is exact (Lemma). Let n silos send ``⌊b_s + u_s⌋`` where ``Σ u_s = 0`` and
 any n − 1 of the ``u_s`` are independent and uniform mod 1, independently of the ``b``.
