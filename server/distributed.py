@@ -52,16 +52,16 @@ from common.privacy.events import DISTRIBUTED_KINDS, SERVER_OWNER, PrivacyReleas
 from common.privacy.ledger import releases
 from common.secagg import ABORT_EVENT, vectors
 from common.secagg.protocol import SecAggError
-from common.secagg.quantize import QuantSpec, range_for
+from common.secagg.quantize import MODULUS_BITS, QuantSpec, range_for
 from server.ledger import RunLedgers
 from server.protocol import RoundEvents
 from server.secagg import DROPOUT_EVENT, dropout_event, missing_stages, named_node, secure_sum
 
-MODULUS_BITS = 32
 # Secure sums in a row that fail after their release was accounted (a silo sending words far
 # outside the grid, or too many silos lost at unmask) before the run stops: each costs ε and
 # reveals nothing.
 LOST_SUMS_STOP = 2
+
 ITEM_BIAS = "item_bias.weight"
 ITEM_EMBEDDING = "item_embedding.weight"
 GLOBAL_BIAS = "global_bias.value"

@@ -32,8 +32,9 @@ are post-processing too.
 
 Error bound. Each silo's ``⌊a + ½⌋`` is within ½ of ``a``, so the decoded sum of ``n``
 silos is within ``n·Δ/2`` of the exact sum per coordinate, and it is unbiased:
-E⌊B − V⌋ = B − n/2 = Σ y_s/Δ for n ≥ 2, with b_s = y_s/Δ + ½ (:meth:`QuantSpec.sum_error_bound` adds ``n·Δ·2^−20`` for
-float64's rounding of ``y/Δ + u + ½``, whose magnitude is below 2^31 in range).
+E⌊B − V⌋ = B − n/2 = Σ y_s/Δ for n ≥ 2, with b_s = y_s/Δ + ½.
+:meth:`QuantSpec.sum_error_bound` adds ``n·Δ·2^−20`` for float64's rounding of
+``y/Δ + u + ½``, whose magnitude is below 2^31 in range.
 
 Range. The sum leaves ``[−S·r, S·r]`` only if the exact sum does (``r`` from
 :func:`range_for`: probability ≤ its ``failure_probability``). A sum up to 3·S·r in
