@@ -168,7 +168,7 @@ def _weights(split: UserSplit) -> np.ndarray:
 
 
 def fit_user_rows(model: MF, split: UserSplit, cfg: AppConfig, partition_id: int, server_round: int) -> float:
-    """``user-steps`` full-batch Adam steps on the user tables only; the mean loss of the last step.
+    """``user-steps`` full-batch Adam steps on the user tables only (L2: ``user-l2``); the last step's mean loss.
 
     The loss is Σ_u (mean loss of u's interactions), negatives keyed per interaction, so each
     user's rows move on that user's data alone (Adam is element-wise): they are the user's
@@ -197,7 +197,7 @@ def fit_user_rows(model: MF, split: UserSplit, cfg: AppConfig, partition_id: int
             u, it, w = users_t[lo : lo + _CHUNK], items_t[lo : lo + _CHUNK], weights[lo : lo + _CHUNK]
             p, bu = model.user_embedding(u), model.user_bias(u)
             logits = torch.einsum("bd,btd->bt", p, item_emb[it]) + bu + item_bias[it].squeeze(-1) + gb
-            per = interaction_loss(logits, settings.loss) + settings.l2 * p.pow(2).sum(-1)
+            per = interaction_loss(logits, settings.loss) + dist.user_l2 * p.pow(2).sum(-1)
             loss = (per * w).sum()
             loss.backward()  # type: ignore[no-untyped-call]
             total += float(loss.detach())
@@ -220,12 +220,15 @@ def clipped_delta_sum(
     bias). Vectorised: one copy per (user, item) pair, so no user's steps see another's data.
     Returned flat in :func:`common.secagg.vectors.flatten` order of the shared state, with the
     number of users whose delta was clipped. ``trainable`` (``top-items``): the item rows of
-    other items are dropped from each user's delta before it is clipped.
+    other items are dropped from each user's delta before it is clipped. ``frozen-dims`` K: the
+    first K columns of the item embeddings keep their values in the local steps and are 0 in
+    every delta, so C bounds the learned columns alone.
     """
     shared = {k: v.numpy() for k, v in shared_state(model).items()}
     num_items, dim = split.num_items, model.item_embedding.weight.shape[1]
     lr, settings = cfg.privacy.distributed.lr, cfg.train
     frozen = cfg.privacy.distributed.freeze_biases  # item biases stay at the DP-popularity anchor, b at its start
+    fixed_dims = cfg.privacy.distributed.frozen_dims  # the item table's first K columns: its public start
     sum_emb = torch.zeros(num_items, dim, dtype=torch.float64)
     sum_bias = torch.zeros(num_items, dtype=torch.float64)
     sum_global = 0.0
@@ -255,6 +258,8 @@ def clipped_delta_sum(
             grads = torch.autograd.grad((per * weights).sum(), [emb, bias, glob, p, bu])
             with torch.no_grad():
                 for param, grad in zip((emb, bias, glob, p, bu), grads, strict=True):
+                    if param is emb and fixed_dims:
+                        grad[:, :fixed_dims] = 0.0
                     if not (frozen and (param is bias or param is glob)):
                         param -= lr * grad
         pair_emb = (emb.detach() - emb0).double()

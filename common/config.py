@@ -218,6 +218,7 @@ class DistributedPrivacySettings:
     max_dishonest_silos: int
     user_steps: int  # full-batch Adam steps on each user's own rows per round (never released)
     user_lr: float
+    user_l2: float  # L2 on each user's own rows in those steps (the shared rows' local steps use train.l2)
     lr: float  # learning rate of one user's local step on the shared parameters
     server_lr: float
     server_momentum: float  # heavy-ball β (sgd) or Adam's β1 (adam)
@@ -232,6 +233,7 @@ class DistributedPrivacySettings:
     item_shrink: float  # after each server step the item embeddings are multiplied by 1 − item_shrink
     item_step_kappa: float  # > 0: item i's server step × r_i²/(r_i² + κ²), r_i = DP count / noise std (0 = off)
     top_items: int  # > 0: only the M items with the largest released DP counts have item rows that train (0 = all)
+    frozen_dims: int = 0  # the first K columns of the item table keep their public start: no delta, no step
     algorithm: str = "fedavg"  # "fedavg" (per-user clipped deltas) or "als" (DP sufficient statistics, dp_als)
     als_max_items: int = 40  # k: a user's observed terms weigh min(1, √(k/n_u))
     als_row_clip: float = 1.0  # B: the L2 bound of a user's row in the statistics
@@ -473,6 +475,7 @@ class AppConfig:
                     max_dishonest_silos=r.int("privacy.distributed.max-dishonest-silos", lo=0),
                     user_steps=r.int("privacy.distributed.user-steps", lo=0),
                     user_lr=r.float("privacy.distributed.user-lr", lo=0.0),
+                    user_l2=r.float("privacy.distributed.user-l2", lo=0.0),
                     lr=r.float("privacy.distributed.lr", lo=0.0, lo_open=True),
                     server_lr=r.float("privacy.distributed.server-lr", lo=0.0, lo_open=True),
                     server_momentum=r.float("privacy.distributed.server-momentum", lo=0.0, hi=1.0),
@@ -489,6 +492,7 @@ class AppConfig:
                     item_shrink=r.float("privacy.distributed.item-shrink", lo=0.0, hi=1.0),
                     item_step_kappa=r.float("privacy.distributed.item-step-kappa", lo=0.0),
                     top_items=r.int("privacy.distributed.top-items", lo=0),
+                    frozen_dims=r.int("privacy.distributed.frozen-dims", lo=0),
                     algorithm=r.choice("privacy.distributed.algorithm", ("fedavg", "als")),
                     als_max_items=r.int("privacy.distributed.als-max-items", lo=1),
                     als_row_clip=r.float("privacy.distributed.als-row-clip", lo=0.0, lo_open=True),
@@ -718,6 +722,16 @@ def _check_distributed(cfg: AppConfig) -> None:
         raise ConfigError(
             f"privacy.distributed.{bad}: shapes DP-FedAvg's server step; privacy.distributed.algorithm = \"als\" "
             f"solves the item rows from the released statistics instead (set {bad} = 0)"
+        )
+    if dist.frozen_dims >= cfg.model.dim:
+        raise ConfigError(
+            f"privacy.distributed.frozen-dims: {dist.frozen_dims} frozen columns leave none of model.dim = "
+            f"{cfg.model.dim} to learn; use frozen-dims < model.dim (0 = every column learns)"
+        )
+    if dist.frozen_dims > 0 and dist.algorithm == "als":
+        raise ConfigError(
+            "privacy.distributed.frozen-dims: DP-ALS solves whole item rows from the released statistics; "
+            "set frozen-dims = 0 with privacy.distributed.algorithm = \"als\""
         )
     if dist.top_items > 0 and not dist.popularity:
         raise ConfigError(

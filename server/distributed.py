@@ -445,6 +445,10 @@ class DistributedDP:
         if s.freeze_biases:  # the anchor stays: the noise on the bias coordinates is discarded
             frozen = {k: np.zeros(shapes[k]) for k in (ITEM_BIAS, GLOBAL_BIAS)}
             mean = vectors.flatten({**vectors.unflatten(mean, shapes), **frozen})
+        if s.frozen_dims:  # the item table's first K columns keep their public start: their noise is discarded
+            parts = vectors.unflatten(mean, shapes)
+            parts[ITEM_EMBEDDING][:, : s.frozen_dims] = 0.0
+            mean = vectors.flatten(parts)
         weights = np.ones(shapes[ITEM_BIAS][0])  # the server's step on each item's rows
         if self.trainable is not None:  # top-items: the other items' coordinates of the sum are discarded
             weights = weights * self.trainable
@@ -457,7 +461,7 @@ class DistributedDP:
                                             for k in (ITEM_EMBEDDING, ITEM_BIAS)}})  # fmt: skip
         base = vectors.flatten({k: v.numpy() for k, v in sent.items()})
         new = vectors.unflatten(base + self._step(mean), shapes)
-        new[ITEM_EMBEDDING] = new[ITEM_EMBEDDING] * (1.0 - s.item_shrink)
+        new[ITEM_EMBEDDING][:, s.frozen_dims :] *= 1.0 - s.item_shrink  # the frozen columns stay as they are
         out = ArrayRecord({k: Array(new[k].astype(sent[k].numpy().dtype)) for k in sent})
         self._save_state(server_round)
         return out, MetricRecord({records.TRAIN_SILOS: m.silos - missing})
