@@ -68,22 +68,28 @@ PRESETS: dict[str, dict[str, Any]] = {
             "eval.full-ranking": False,
         },
         # Chosen on validation at ε = 8 and at σ ≈ 0 among 10 short runs, then the anchor on the
-        # released DP histogram among ~20 runs at ε = 1, 2, 4, 8 (docs/secure-aggregation.md).
+        # released DP histogram among ~20 runs at ε = 1, 2, 4, 8, then the frozen content columns
+        # among ~25 (docs/secure-aggregation.md).
         "distributed": {
             "privacy.distributed.users-per-round": 943.0,
-            "privacy.distributed.clip": 1.0,
+            "privacy.distributed.clip": 0.5,
             "privacy.distributed.lr": 2.0,
             "train.local-epochs": 10,
-            "privacy.distributed.server-lr": 50.0,
+            "privacy.distributed.server-lr": 100.0,
             "privacy.distributed.server-momentum": 0.0,
-            "privacy.distributed.user-steps": 20,
+            "privacy.distributed.user-steps": 60,
             "privacy.distributed.user-lr": 0.1,
+            "privacy.distributed.user-l2": 0.1,
             "privacy.distributed.freeze-biases": True,
             "privacy.distributed.popularity-epsilon-fraction": 0.5,
+            "privacy.distributed.popularity-bias-scale": 0.7,
             "num-server-rounds": 8,
             # the item table starts from the catalogue's content (public: PCA of the titles' and
-            # genres' text embeddings), so every user's own row, fitted without noise in its silo,
-            # ranks by taste from round 1
+            # genres' text embeddings); its first 32 columns stay there (public, never noised) and
+            # only the last 8 learn under DP, so every user's own row, fitted without noise in its
+            # silo, ranks by taste on 32 content columns from round 1
+            "model.dim": 40,
+            "privacy.distributed.frozen-dims": 32,
             "model.item-init": "content",
             "model.item-init-std": 0.5,
         },
