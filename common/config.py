@@ -733,6 +733,11 @@ def _check_distributed(cfg: AppConfig) -> None:
             "privacy.distributed.frozen-dims: DP-ALS solves whole item rows from the released statistics; "
             "set frozen-dims = 0 with privacy.distributed.algorithm = \"als\""
         )
+    if dist.frozen_dims > 0 and dist.top_items > 0:
+        raise ConfigError(
+            "privacy.distributed.frozen-dims: top-items sets the other items' embeddings to 0, frozen columns "
+            "included; use one of frozen-dims and top-items (set the other to 0)"
+        )
     if dist.top_items > 0 and not dist.popularity:
         raise ConfigError(
             "privacy.distributed.top-items: picks the items that train by their released DP popularity counts; "

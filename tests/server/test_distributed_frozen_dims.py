@@ -81,6 +81,7 @@ def test_the_server_step_and_the_shrink_leave_the_frozen_columns_as_sent():
     [
         ({"privacy.distributed.frozen-dims": 8, "model.dim": 8}, "frozen-dims: 8 frozen columns leave none"),
         ({"privacy.distributed.frozen-dims": 2, "privacy.distributed.algorithm": "als"}, "frozen-dims: DP-ALS"),
+        ({"privacy.distributed.frozen-dims": 2, "privacy.distributed.top-items": 5}, "frozen-dims: top-items"),
     ],
 )
 def test_config_refuses_frozen_dims_it_cannot_honour(extra, match):
