@@ -225,7 +225,7 @@ def _full_ranking_sums(
     all_ranks: list[NDArray[np.int64]] = []
     all_arp: list[NDArray[np.float64]] = []
     exposure = np.zeros(split.num_items, dtype=np.int64)
-    # Train items of each user, as a CSR-like index for building exclusion masks.
+    # Train items of each user, as a CSR-like index for building exclusion masks (with the val item).
     order = np.argsort(split.train_user, kind="stable")
     starts = np.searchsorted(split.train_user[order], np.arange(split.num_users + 1))
     train_items = split.train_item[order]
@@ -239,6 +239,9 @@ def _full_ranking_sums(
         rows = np.repeat(np.arange(len(chunk)), lengths)
         cols = np.concatenate([train_items[starts[u] : starts[u + 1]] for u in chunk])
         exclude[rows, cols] = True
+        val = split.val_item[chunk]  # known to the silo like the train items: not a candidate for test
+        has_val = val != NO_ITEM
+        exclude[np.flatnonzero(has_val), val[has_val]] = True
         exclude[np.arange(len(chunk)), split.test_item[chunk]] = False
         ranks = metrics.full_ranking_ranks(scores, split.test_item[chunk], exclude)
         all_ranks.append(ranks)

@@ -66,3 +66,34 @@ def test_bad_budget_or_val_users_is_refused() -> None:
         EvalProtocol(memory_mb=0)
     with pytest.raises(ValueError, match="eval.val-users"):
         EvalProtocol(val_users=-1)
+
+
+def test_full_ranking_leaves_out_the_validation_item() -> None:
+    # Arrange: one user, 6 items scored 0..5 by hand (dim 1, user row 1, item row i). Train
+    # item 5 (the best), validation item 4 (the next), test item 1. Candidates for the test item
+    # are the items neither trained on nor the validation item: {0, 1, 2, 3}; items 3 and 2
+    # score above item 1, so its 0-based rank is 2.
+    from common.data.split import UserSplit
+
+    split = UserSplit(
+        num_items=6,
+        train_user=np.array([0], dtype=np.int64),
+        train_item=np.array([5], dtype=np.int64),
+        val_item=np.array([4], dtype=np.int64),
+        test_item=np.array([1], dtype=np.int64),
+        val_negatives=np.array([[0]], dtype=np.int64),
+        test_negatives=np.array([[0]], dtype=np.int64),
+        user_global_idx=np.array([0], dtype=np.int64),
+    )
+    model = build_model("mf", 1, 6, 1, (4,))  # type: ignore[arg-type]
+    with torch.no_grad():
+        model.user_embedding.weight.fill_(1.0)
+        model.item_embedding.weight.copy_(torch.arange(6.0)[:, None])
+    # Act
+    sums = evaluation_sums(model, split, EvalProtocol(k=3, full_ranking_k=2), np.ones(6), torch.device("cpu"))  # type: ignore[arg-type]
+    # Assert: rank 2 is a hit at K = 3 (DCG 1/log2(4) = 0.5) and a miss at K = 2; with the
+    # validation item among the candidates the rank would be 3, a miss at K = 3 too.
+    assert sums["test-full-recall@3"] == 1.0 and sums["test-full-ndcg@3"] == pytest.approx(0.5)
+    assert sums["test-full-recall@2"] == 0.0
+    # the top-3 list (exposure) skips the trained item 5 and the validation item 4
+    assert sums["exposure"] == [0.0, 1.0, 1.0, 1.0, 0.0, 0.0]
