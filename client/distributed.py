@@ -130,21 +130,6 @@ def trainable_items(session: Session) -> np.ndarray | None:
 
 
 # ---------------------------------------------------------------- DP-ALS (algorithm = "als")
-def refit_user_rows(session: Session) -> None:
-    """DP-FedAvg: refit every user's own rows against the item table being evaluated (and served).
-
-    The training message fits the rows against the table it received, one server step
-    before the table the evaluation gets; this refit (``user-steps`` more Adam steps, on the
-    user's own training data, negatives from their own stream) puts the rows on the table
-    the silo scores with. Never released: post-processing of the released table with the
-    silo's own data, no ε. The next training message starts its fit from these rows.
-    """
-    model = session.model
-    assert isinstance(model, MF)
-    fit_user_rows(model, session.data.split, session.cfg, session.partition_id, session.server_round, "evaluate")
-    state.save_user_params(session.context.state, model)
-
-
 def als_user_rows(session: Session) -> None:
     """Every user's exact ALS row against the received item table, into the model and the node state.
 
@@ -182,22 +167,17 @@ def _weights(split: UserSplit) -> np.ndarray:
     return 1.0 / counts[split.train_user]
 
 
-def fit_user_rows(
-    model: MF, split: UserSplit, cfg: AppConfig, partition_id: int, server_round: int, phase: str = "train"
-) -> float:
+def fit_user_rows(model: MF, split: UserSplit, cfg: AppConfig, partition_id: int, server_round: int) -> float:
     """``user-steps`` full-batch Adam steps on the user tables only (L2: ``user-l2``); the last step's mean loss.
 
     The loss is Σ_u (mean loss of u's interactions), negatives keyed per interaction, so each
     user's rows move on that user's data alone (Adam is element-wise): they are the user's
     own, never released, and a sampled user's delta depends on no other user's data.
-    ``phase`` ("train" or "evaluate") keys the negatives' stream, so the evaluation's refit
-    does not reuse the training message's negatives of the same round.
     """
     dist, settings = cfg.privacy.distributed, cfg.train
     if dist.user_steps == 0 or split.num_train == 0:
         return math.nan
-    stream = "distributed-negatives" if phase == "train" else f"distributed-negatives-{phase}"
-    rng = numpy_rng(cfg.seed, stream, partition_id, server_round)
+    rng = numpy_rng(cfg.seed, "distributed-negatives", partition_id, server_round)
     items = np.concatenate(
         [split.train_item[:, None], interaction_negatives(int(rng.integers(2**63)), split.train_user,
                                                           split.train_item, settings.num_negatives, split.num_items)],

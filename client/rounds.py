@@ -93,13 +93,10 @@ def train(session: Session, evaluate_config: ConfigRecord | None = None) -> Reco
 
 def evaluate(session: Session) -> RecordDict:
     """Evaluate the silo's own users; the reply holds sums the server can add up."""
-    if session.cfg.privacy.mode == "distributed":
-        from client import distributed  # each user's row against the model being evaluated
+    if session.cfg.privacy.mode == "distributed" and session.cfg.privacy.distributed.algorithm == "als":
+        from client import distributed  # ALS: each user's exact row against the model being evaluated
 
-        if session.cfg.privacy.distributed.algorithm == "als":
-            distributed.als_user_rows(session)  # ALS: the exact row
-        else:
-            distributed.refit_user_rows(session)  # DP-FedAvg: user-steps more Adam steps
+        distributed.als_user_rows(session)
         if session.store is not None:
             session.store.save_state(session.context.state)
     sums = silo.evaluate_users(session.model, session.cfg, session.data)
