@@ -225,7 +225,7 @@ def _full_ranking_sums(
     all_ranks: list[NDArray[np.int64]] = []
     all_arp: list[NDArray[np.float64]] = []
     exposure = np.zeros(split.num_items, dtype=np.int64)
-    # Train items of each user, as a CSR-like index for building exclusion masks (with the val item).
+    # Train items of each user, as a CSR-like index for building exclusion masks.
     order = np.argsort(split.train_user, kind="stable")
     starts = np.searchsorted(split.train_user[order], np.arange(split.num_users + 1))
     train_items = split.train_item[order]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from benchmarks.eval_memory import synthetic_split
+from common.data.split import UserSplit
 from common.evaluation import EvalProtocol, activation_bytes, evaluation_sums, score_users
 from common.models import build_model
 
@@ -73,8 +74,6 @@ def test_full_ranking_leaves_out_the_validation_item() -> None:
     # item 5 (the best), validation item 4 (the next), test item 1. Candidates for the test item
     # are the items neither trained on nor the validation item: {0, 1, 2, 3}; items 3 and 2
     # score above item 1, so its 0-based rank is 2.
-    from common.data.split import UserSplit
-
     split = UserSplit(
         num_items=6,
         train_user=np.array([0], dtype=np.int64),
