@@ -65,7 +65,10 @@ class ModelSettings:
     item's fixed text embedding (``[items]``; docs/cold-start.md). ``item_init``
     names a ``.npy`` file (I, dim) that replaces the initial shared item table
     (``""``: random), or ``"content"``: the top ``dim`` principal components of the
-    catalogue's text embeddings (public item content), scaled to std ``item_init_std``.
+    catalogue's text embeddings (public item content), scaled to std ``item_init_std``;
+    with ``item_init_genre_weight`` / ``item_init_year_weight`` > 0 the MovieLens genres
+    and release years join the embeddings before the components are taken
+    (:func:`common.content.content_item_table`).
     """
 
     name: Literal["mf", "neumf", "hybrid-mf"]
@@ -73,6 +76,8 @@ class ModelSettings:
     mlp_layers: tuple[int, ...]
     item_init: str
     item_init_std: float
+    item_init_genre_weight: float
+    item_init_year_weight: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,6 +398,8 @@ class AppConfig:
                 mlp_layers=r.int_list("model.mlp-layers"),
                 item_init=r.str("model.item-init"),
                 item_init_std=r.float("model.item-init-std", lo=0.0, lo_open=True),
+                item_init_genre_weight=r.float("model.item-init-genre-weight", lo=0.0),
+                item_init_year_weight=r.float("model.item-init-year-weight", lo=0.0),
             ),
             items=ItemSettings(
                 path=r.str("items.path"),
@@ -575,6 +582,13 @@ class AppConfig:
             raise ConfigError(
                 f"model.item-init: content needs item texts; data.dataset {d.dataset!r} has no item file of its "
                 "own, so name one with items.path (and items.id-col, items.text-cols)"
+            )
+        metadata = cfg.model.item_init_genre_weight > 0 or cfg.model.item_init_year_weight > 0
+        if metadata and (cfg.model.item_init != "content" or d.dataset not in ("ml-100k", "ml-1m")):
+            raise ConfigError(
+                "model.item-init-genre-weight, model.item-init-year-weight: the genres and release years come "
+                f"from the MovieLens item file and join the content table; they need model.item-init = \"content\" "
+                f"(is {cfg.model.item_init!r}) and data.dataset ml-100k or ml-1m (is {d.dataset!r})"
             )
         if cfg.model.name == "hybrid-mf" and cfg.audit.canaries:
             raise ConfigError(

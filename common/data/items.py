@@ -15,11 +15,15 @@ Sources, in order:
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from numpy.typing import NDArray
 
 from common.data.movielens import GENRES
 from common.data.text_table import data_line, integer_column, read_text_table, resolve_file
@@ -89,13 +93,34 @@ def _present(value: object) -> bool:
     return bool(str(value).strip())
 
 
-def read_movielens_items(dataset: str, path: Path) -> dict[str, str]:
-    """Item id -> ``"<title>. Genres: <g1>, <g2>"`` from ML-100K ``u.item`` or ML-1M ``movies.dat``.
+@dataclass(frozen=True, slots=True)
+class MovieLensCatalogue:
+    """The public item file of a MovieLens data set: ids, titles, genres, release years (NaN: none)."""
 
-    ``path`` is the data directory (or the ratings file in it).
+    item_ids: NDArray[np.int64]
+    titles: list[str]
+    genres: list[list[str]]
+    years: NDArray[np.float64]
+
+
+_YEAR = re.compile(r"(\d{4})")
+_TITLE_YEAR = re.compile(r"\((\d{4})\)\s*$")
+
+
+def _year(date: object, title: str) -> float:
+    """The release year: the 4-digit year of ``date`` (``"01-Jan-1995"``), else the title's ``(1995)``, else NaN."""
+    found = _YEAR.search(str(date)) if _present(date) else None
+    found = found or _TITLE_YEAR.search(title.strip())
+    return float(found.group(1)) if found else math.nan
+
+
+def read_movielens_catalogue(dataset: str, path: Path) -> MovieLensCatalogue:
+    """ML-100K ``u.item`` or ML-1M ``movies.dat``, parsed; ``path`` is the data directory or the ratings file in it.
 
     Raises
     ------
+    ConfigError
+        If ``dataset`` has no built-in item file.
     DataError
         If the item file is missing or malformed (file and line named).
     """
@@ -114,21 +139,39 @@ def read_movielens_items(dataset: str, path: Path) -> dict[str, str]:
             )
         genres = [[GENRES[j] for j in np.flatnonzero(r == "1")] for r in flags]
         titles = table.column("title").to_pylist()
+        dates = table.column("release_date").to_pylist()
     elif dataset == "ml-1m":
         file = resolve_file(base, "movies.dat")
         table = read_text_table(file, ["item_id", "title", "genres"], sep="::", encoding="latin-1")
         items = integer_column(file, table, "item_id", data_line)
         genres = [g.split("|") if g else [] for g in table.column("genres").to_pylist()]
         titles = table.column("title").to_pylist()
+        dates = [None] * len(titles)
     else:
         raise ConfigError(
             f"items.path: data.dataset {dataset!r} has no built-in item file; name an items file "
             "(items.path, items.id-col, items.text-cols)"
         )
+    titles = [str(t) if _present(t) else "" for t in titles]
+    years = np.array([_year(d, t) for d, t in zip(dates, titles, strict=True)], dtype=np.float64)
+    return MovieLensCatalogue(items.astype(np.int64), titles, genres, years)
+
+
+def read_movielens_items(dataset: str, path: Path) -> dict[str, str]:
+    """Item id -> ``"<title>. Genres: <g1>, <g2>"`` from ML-100K ``u.item`` or ML-1M ``movies.dat``.
+
+    ``path`` is the data directory (or the ratings file in it).
+
+    Raises
+    ------
+    DataError
+        If the item file is missing or malformed (file and line named).
+    """
+    cat = read_movielens_catalogue(dataset, path)
     texts = [
-        f"{t.strip()}. Genres: {', '.join(g)}" if g else t.strip() for t, g in zip(titles, genres, strict=True)
+        f"{t.strip()}. Genres: {', '.join(g)}" if g else t.strip() for t, g in zip(cat.titles, cat.genres, strict=True)
     ]
-    return dict(zip(items.astype(str).tolist(), texts, strict=True))
+    return dict(zip(cat.item_ids.astype(str).tolist(), texts, strict=True))
 
 
 def catalogue_texts(item_ids: Sequence[str] | np.ndarray, texts: Mapping[str, str]) -> tuple[list[str], int]:

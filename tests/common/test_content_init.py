@@ -32,6 +32,49 @@ def test_the_table_is_the_top_principal_components_scaled_to_the_std():
         content.content_item_table(torch.ones(3, 4), 2, 0.1)
 
 
+def test_genre_and_year_blocks_by_hand():
+    genres = content.genre_block([["Drama", "Action"], [], ["Drama"]])  # columns: Action, Drama
+    np.testing.assert_array_equal(genres, [[1, 1], [0, 0], [0, 1]])
+    # newest release 1998: ages 0, 2, 4, 40 and the unknown year gets the median 1995 (age 3)
+    block = content.year_block(np.array([1998.0, 1996.0, 1994.0, 1958.0, np.nan]))
+    np.testing.assert_allclose(block[:, 0], [0.0, -0.2, -0.4, -4.0, -0.3])
+    assert block[:, 1:].argmax(1).tolist() == [0, 1, 2, 7, 2] and (block[:, 1:].sum(1) == 1).all()
+    assert content.year_block(np.array([1900.0, 1998.0]))[0, 0] == -content.MAX_AGE / 10.0
+    with pytest.raises(DataError, match="no item of the catalogue has a release year"):
+        content.year_block(np.array([np.nan, np.nan]))
+
+
+def test_a_weighted_block_joins_the_embeddings_before_the_components():
+    # text varies on items 0, 1 only (columns' mean std 1/(2√2)); the block on items 2, 3 only
+    # (std 1/√2). Scaled, the text axis has ±2√2 and the block ±w·√2: the block's axis comes
+    # first once w > 2, and weight 0 leaves it out.
+    text = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    block = np.array([[0.0], [0.0], [1.0], [-1.0]])
+    plain = content.content_item_table(text, 1, 0.5).numpy()[:, 0]
+    np.testing.assert_allclose(content.content_item_table(text, 1, 0.5, [(block, 0.0)]).numpy()[:, 0], plain)
+    text_first = content.content_item_table(text, 1, 0.5, [(block, 1.0)]).numpy()[:, 0]
+    block_first = content.content_item_table(text, 1, 0.5, [(block, 3.0)]).numpy()[:, 0]
+    assert np.abs(text_first[:2]).min() > 0 and not text_first[2:].any()
+    assert np.abs(block_first[2:]).min() > 0 and not block_first[:2].any()
+    two = content.content_item_table(text, 2, 0.5, [(block, 3.0)]).numpy()  # both axes, block first: ratio w√2 / 2√2
+    assert abs(two[2, 0]) / abs(two[0, 1]) == pytest.approx(1.5, rel=1e-6)
+    with pytest.raises(DataError, match="same for every item"):
+        content.content_item_table(text, 1, 0.5, [(np.ones((4, 1)), 1.0)])
+    with pytest.raises(DataError, match="a content block has 3 rows, the catalogue 4"):
+        content.content_item_table(text, 1, 0.5, [(np.ones((3, 1)), 1.0)])
+
+
+def test_metadata_weights_need_the_content_table_of_a_movielens_catalogue(tmp_path):
+    ml = {**load_default_run_config(), "data.dataset": "ml-100k", "data.path": str(tmp_path)}
+    with pytest.raises(ConfigError, match=r"model.item-init-genre-weight.*item-init = \"content\" \(is ''\).*ml-100k"):
+        AppConfig.from_run_config({**ml, "model.item-init-year-weight": 1.0})
+    with pytest.raises(ConfigError, match=r"data.dataset ml-100k or ml-1m \(is 'csv'\)"):
+        AppConfig.from_run_config({**ml, "data.dataset": "csv", "items.path": str(tmp_path / "items.csv"),
+                                   "model.item-init": "content", "model.item-init-genre-weight": 1.0})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"model.item-init-year-weight: .*>= 0"):
+        AppConfig.from_run_config({**load_default_run_config(), "model.item-init-year-weight": -1.0})
+
+
 def test_content_init_needs_item_texts():
     with pytest.raises(ConfigError, match="model.item-init: content needs item texts.*items.path"):
         AppConfig.from_run_config({**load_default_run_config(), "model.item-init": "content"})  # synthetic
@@ -62,3 +105,28 @@ def test_the_server_starts_the_item_table_from_the_catalogues_texts(tmp_path, mo
     row = {str(item): k for k, item in enumerate(load_interactions(cfg.data, cfg.seed).item_ids)}
     assert torch.allclose(got[row["i0"]], got[row["i4"]]) and torch.allclose(got[row["i1"]], got[row["i17"]])
     assert not torch.allclose(got[row["i0"]], got[row["i1"]])
+
+
+def test_metadata_blocks_follow_the_catalogue_index(tmp_path):
+    none, drama, action = (["0"] * 19 for _ in range(3))
+    drama[8], action[1] = "1", "1"
+    (tmp_path / "u.item").write_text(  # listed 10, 20, 30; the log meets them as 30, 10, 20
+        f"10|A (1990)|01-Jan-1990||x|{'|'.join(drama)}\n20|B (1998)|01-Jan-1998||x|{'|'.join(action)}\n"
+        f"30|C|||x|{'|'.join(none)}\n"
+    )
+    rows = [(u, item, t) for u in range(1, 5) for t, item in enumerate((30, 10, 20))]
+    (tmp_path / "u.data").write_text("".join(f"{u}\t{i}\t5\t{100 * u + t}\n" for u, i, t in rows))
+    cfg = AppConfig.from_run_config({
+        **load_default_run_config(), "data.dataset": "ml-100k", "data.path": str(tmp_path), "model.item-init": "content",
+        "model.item-init-genre-weight": 1.0, "model.item-init-year-weight": 2.0,
+    })  # fmt: skip
+    ids = [str(i) for i in load_interactions(cfg.data, cfg.seed).item_ids]
+    (genres, wg), (years, wy) = content.metadata_blocks(cfg, len(ids) + 1)  # one item beyond: a canary
+    assert (wg, wy) == (1.0, 2.0) and genres.shape == (4, 2) and years.shape == (4, 9)
+    want_genres = {"10": [0, 1], "20": [1, 0], "30": [0, 0]}  # columns: Action, Drama
+    want_age = {"10": -0.8, "20": 0.0, "30": -0.4}  # unknown year: the median 1994
+    for k, item in enumerate(ids):
+        assert genres[k].tolist() == want_genres[item] and years[k, 0] == pytest.approx(want_age[item])
+    assert not genres[3].any() and years[3, 0] == pytest.approx(-0.4)
+    cfg_off = AppConfig.from_run_config({**load_default_run_config(), "data.dataset": "ml-100k", "data.path": str(tmp_path)})
+    assert content.metadata_blocks(cfg_off, 3) == []

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pandas as pd
 import pytest
 
-from common.data.items import catalogue_texts, read_items_file, read_movielens_items
+from common.data.items import catalogue_texts, read_items_file, read_movielens_catalogue, read_movielens_items
 from common.errors import ConfigError, DataError
 
 
@@ -68,6 +71,21 @@ def test_ml1m_movies_dat_and_missing_file(tmp_path) -> None:
         read_movielens_items("ml-100k", tmp_path)
     with pytest.raises(ConfigError, match=r"data.dataset 'csv' has no built-in item file"):
         read_movielens_items("csv", tmp_path)
+
+
+def test_release_years_from_the_date_else_the_title(tmp_path) -> None:
+    none = "|".join(["0"] * 19)
+    (tmp_path / "u.item").write_text(
+        f"1|Toy Story (1995)|01-Jan-1996||http://x|{none}\n"  # the date wins over the title
+        f"2|Heat (1995)|||http://x|{none}\n"  # no date: the title's year
+        f"3|unknown|||http://x|{none}\n"  # neither
+    )
+    years = read_movielens_catalogue("ml-100k", tmp_path).years
+    assert years[:2].tolist() == [1996.0, 1995.0] and math.isnan(years[2])
+    (tmp_path / "movies.dat").write_text("7::Se7en (1995)::Crime|Thriller\n8::No year::Drama\n")
+    cat = read_movielens_catalogue("ml-1m", tmp_path)
+    assert cat.item_ids.tolist() == [7, 8] and cat.genres == [["Crime", "Thriller"], ["Drama"]]
+    assert cat.years[0] == 1995.0 and np.isnan(cat.years[1])
 
 
 def test_catalogue_texts_follow_the_item_index() -> None:
