@@ -176,8 +176,8 @@ def metadata_blocks(cfg: AppConfig, num_items: int) -> list[tuple[NDArray[np.flo
     """The content table's genre and release-year blocks with their weights (``model.item-init-*-weight``).
 
     Read from the MovieLens item file beside the ratings and aligned with the catalogue's item
-    index; items beyond the catalogue (canaries) get no genre and the median year. Empty when
-    both weights are 0.
+    index; items beyond the catalogue (canaries) get no genre and the median year. Only the
+    blocks of weight > 0 (empty when both are 0).
     """
     genre_weight, year_weight = cfg.model.item_init_genre_weight, cfg.model.item_init_year_weight
     if genre_weight == 0 and year_weight == 0:
@@ -188,7 +188,8 @@ def metadata_blocks(cfg: AppConfig, num_items: int) -> list[tuple[NDArray[np.flo
     at = [row.get(i) for i in ids] + [None] * (num_items - len(ids))
     genres = [meta.genres[k] if k is not None else [] for k in at]
     years = np.array([meta.years[k] if k is not None else np.nan for k in at])
-    return [(genre_block(genres), genre_weight), (year_block(years), year_weight)]
+    blocks = [(genre_block(genres), genre_weight)] if genre_weight > 0 else []
+    return blocks + ([(year_block(years), year_weight)] if year_weight > 0 else [])
 
 
 def apply_item_init(cfg: AppConfig, model: Recommender) -> None:

@@ -130,3 +130,10 @@ def test_metadata_blocks_follow_the_catalogue_index(tmp_path):
     assert not genres[3].any() and years[3, 0] == pytest.approx(-0.4)
     cfg_off = AppConfig.from_run_config({**load_default_run_config(), "data.dataset": "ml-100k", "data.path": str(tmp_path)})
     assert content.metadata_blocks(cfg_off, 3) == []
+    (tmp_path / "u.item").write_text(  # no release years: the genre block alone is fine
+        f"10|A|||x|{'|'.join(drama)}\n20|B|||x|{'|'.join(action)}\n30|C|||x|{'|'.join(none)}\n"
+    )
+    cfg_genres = AppConfig.from_run_config({**load_default_run_config(), "data.dataset": "ml-100k", "data.path": str(tmp_path),
+                                            "model.item-init": "content", "model.item-init-genre-weight": 1.0})  # fmt: skip
+    [(only, weight)] = content.metadata_blocks(cfg_genres, 3)
+    assert weight == 1.0 and only.shape == (3, 2)
